@@ -1,0 +1,32 @@
+//! The command-line front end: argument definitions and dispatch. Each command family lives in
+//! its own file; this one only routes.
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Error;
+
+pub mod image;
+
+#[derive(Debug, Parser)]
+#[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
+pub struct Cli {
+    /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with LUKS container images in userspace (no root, no device-mapper).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+}
+
+/// Run one parsed command line.
+pub fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Image(cmd) => image::run(cmd),
+    }
+}

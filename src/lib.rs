@@ -1,0 +1,24 @@
+//! volcrypt: a per-host agent that turns volume attach events into dm-crypt mappings.
+//!
+//! The crate is laid out by concern, one obvious place for each:
+//!
+//! - [`secret`]: secret types and the OpenStack passphrase rule (raw vs lowercase hex).
+//! - [`crypto`]: the userspace engine's primitives: sector ciphers (fast AES-XTS, CBC with
+//!   plain/plain64/essiv IVs), KDFs with cost limits, the LUKS anti-forensic splitter.
+//! - [`luks`]: the LUKS1/LUKS2 on-disk formats: parse, validate, unlock, write.
+//! - [`image`]: whole-container operations on files (inspect, check-key, decrypt, encrypt),
+//!   streaming, parallel, with progress.
+//! - [`keys`]: key managers (local keystore, Barbican, Cinder fixed key).
+//! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
+//! - [`cli`]: the command-line front end.
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod cli;
+pub mod crypto;
+pub mod error;
+pub mod image;
+pub mod keys;
+pub mod luks;
+pub mod secret;
+
+pub use error::{Error, ExitStatus};
