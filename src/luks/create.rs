@@ -98,7 +98,10 @@ fn digest_iterations(kdf: &Kdf) -> u32 {
 
 fn check_params(p: &NewContainer) -> Result<(), Error> {
     if p.version != 1 && p.version != 2 {
-        return Err(Error::BadParameters(format!("LUKS version {} (1 or 2)", p.version)));
+        return Err(Error::BadParameters(format!(
+            "LUKS version {} (1 or 2)",
+            p.version
+        )));
     }
     p.cipher.check_key_len(p.key_bytes)?;
     if !(512..=4096).contains(&p.sector_size) || !p.sector_size.is_power_of_two() {
@@ -115,7 +118,9 @@ fn check_params(p: &NewContainer) -> Result<(), Error> {
     }
     if p.version == 1 {
         if p.sector_size != 512 {
-            return Err(Error::BadParameters("LUKS1 supports 512-byte sectors only".into()));
+            return Err(Error::BadParameters(
+                "LUKS1 supports 512-byte sectors only".into(),
+            ));
         }
         if p.label.is_some() {
             return Err(Error::BadParameters("LUKS1 has no label".into()));
@@ -135,7 +140,11 @@ fn check_params(p: &NewContainer) -> Result<(), Error> {
 
 /// Builds a complete header (binary + keyslot areas) with a fresh random volume key, UUID and
 /// salts, and parses it back as a self-check.
-pub fn create(params: &NewContainer, passphrase: &[u8], limits: &KdfLimits) -> Result<Created, Error> {
+pub fn create(
+    params: &NewContainer,
+    passphrase: &[u8],
+    limits: &KdfLimits,
+) -> Result<Created, Error> {
     check_params(params)?;
     let volume_key = SecretBytes::new(random_vec(params.key_bytes)?);
     let (header, data_offset) = if params.version == 1 {
@@ -173,8 +182,13 @@ fn create_luks1(
     let payload_offset: u32 = if p.detached_header {
         0
     } else {
-        u32::try_from(areas_end.max(u64::from(LUKS1_PAYLOAD_SECTORS)).div_ceil(2048) * 2048)
-            .map_err(|_| Error::BadParameters("payload offset too large".into()))?
+        u32::try_from(
+            areas_end
+                .max(u64::from(LUKS1_PAYLOAD_SECTORS))
+                .div_ceil(2048)
+                * 2048,
+        )
+        .map_err(|_| Error::BadParameters("payload offset too large".into()))?
     };
     let header_len = if p.detached_header {
         areas_end * 512
@@ -208,7 +222,13 @@ fn create_luks1(
     let mut digest_salt = [0u8; luks1::SALT_LEN];
     crypto::random_bytes(&mut digest_salt)?;
     let digest_iter = digest_iterations(&p.kdf);
-    let digest = keyslot::make_digest(p.hash, vk.expose(), &digest_salt, digest_iter, luks1::DIGEST_LEN);
+    let digest = keyslot::make_digest(
+        p.hash,
+        vk.expose(),
+        &digest_salt,
+        digest_iter,
+        luks1::DIGEST_LEN,
+    );
     let hdr = luks1::encode(
         &p.cipher,
         p.hash,
@@ -236,13 +256,20 @@ fn create_luks2(
 ) -> Result<(Zeroizing<Vec<u8>>, u64), Error> {
     let hdr_size = LUKS2_HDR_SIZE;
     let keyslots_size = LUKS2_DATA_OFFSET - 2 * hdr_size;
-    let data_offset = if p.detached_header { 0 } else { LUKS2_DATA_OFFSET };
+    let data_offset = if p.detached_header {
+        0
+    } else {
+        LUKS2_DATA_OFFSET
+    };
     let area_offset = 2 * hdr_size;
     let material_len = keyslot::material_len(p.key_bytes, json::STRIPES)
         .ok_or_else(|| Error::BadParameters("key too large".into()))?;
     let area_size = util::round_up(material_len, 4096).unwrap_or(u64::MAX);
     if area_size > keyslots_size {
-        return Err(Error::BadParameters(format!("key size {} bytes", p.key_bytes)));
+        return Err(Error::BadParameters(format!(
+            "key size {} bytes",
+            p.key_bytes
+        )));
     }
 
     let salt = random_vec(SALT_LEN)?;
@@ -260,14 +287,25 @@ fn create_luks2(
         Kdf::Pbkdf2 { hash, iterations } => json!({
             "type": "pbkdf2", "hash": hash.name(), "iterations": iterations, "salt": b64(&salt),
         }),
-        Kdf::Argon2 { variant, time, memory_kib, parallel } => json!({
+        Kdf::Argon2 {
+            variant,
+            time,
+            memory_kib,
+            parallel,
+        } => json!({
             "type": match variant { Argon2Variant::Argon2i => "argon2i", Argon2Variant::Argon2id => "argon2id" },
             "time": time, "memory": memory_kib, "cpus": parallel, "salt": b64(&salt),
         }),
     };
     let digest_salt = random_vec(SALT_LEN)?;
     let digest_iter = digest_iterations(&p.kdf);
-    let digest = keyslot::make_digest(p.hash, vk.expose(), &digest_salt, digest_iter, p.hash.output_len());
+    let digest = keyslot::make_digest(
+        p.hash,
+        vk.expose(),
+        &digest_salt,
+        digest_iter,
+        p.hash.output_len(),
+    );
     let cipher = p.cipher.to_string();
     let metadata = json!({
         "keyslots": { "0": {
@@ -293,7 +331,9 @@ fn create_luks2(
         .map_err(|e| Error::BadParameters(format!("JSON encoding: {e}")))?;
     let json_len = (hdr_size - 4096) as usize;
     if text.len() >= json_len {
-        return Err(Error::BadParameters("metadata does not fit in the JSON area".into()));
+        return Err(Error::BadParameters(
+            "metadata does not fit in the JSON area".into(),
+        ));
     }
     let mut json_area = vec![0u8; json_len];
     json_area[..text.len()].copy_from_slice(&text);

@@ -116,7 +116,11 @@ impl Header {
             ));
         }
         if cipher_name.is_empty() || cipher_mode.is_empty() {
-            return Err(Error::invalid(H, "cipher_name", "empty cipher name or mode"));
+            return Err(Error::invalid(
+                H,
+                "cipher_name",
+                "empty cipher name or mode",
+            ));
         }
         if uuid.is_empty() || !uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
             return Err(Error::invalid(
@@ -288,7 +292,9 @@ impl Header {
             return Err(Error::invalid(
                 H,
                 "key_material_offset",
-                format!("keyslot areas end at byte {end}, beyond the end of the header ({limit} bytes)"),
+                format!(
+                    "keyslot areas end at byte {end}, beyond the end of the header ({limit} bytes)"
+                ),
             ));
         }
         Ok(())
@@ -338,7 +344,9 @@ impl Header {
                 }
                 vec![i]
             }
-            None => (0..NUM_KEYSLOTS).filter(|&i| self.keyslots[i].active).collect(),
+            None => (0..NUM_KEYSLOTS)
+                .filter(|&i| self.keyslots[i].active)
+                .collect(),
         };
         let mut limit_error = None;
         for i in slots {
@@ -449,7 +457,11 @@ pub(crate) fn encode(
     b[..6].copy_from_slice(&LUKS_MAGIC);
     b[6..8].copy_from_slice(&1u16.to_be_bytes());
     let (name, mode) = cipher.luks1_names();
-    util::put_c_string(&mut b[OFF_CIPHER_NAME..OFF_CIPHER_MODE], &name, "cipher name")?;
+    util::put_c_string(
+        &mut b[OFF_CIPHER_NAME..OFF_CIPHER_MODE],
+        &name,
+        "cipher name",
+    )?;
     util::put_c_string(&mut b[OFF_CIPHER_MODE..OFF_HASH], &mode, "cipher mode")?;
     util::put_c_string(&mut b[OFF_HASH..OFF_PAYLOAD], hash.name(), "hash")?;
     b[OFF_PAYLOAD..OFF_PAYLOAD + 4].copy_from_slice(&payload_offset.to_be_bytes());

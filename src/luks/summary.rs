@@ -101,7 +101,10 @@ pub struct TokenSummary {
 }
 
 fn join<T: fmt::Display>(v: &[T]) -> String {
-    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl fmt::Display for Summary {
@@ -121,11 +124,19 @@ impl fmt::Display for Summary {
             writeln!(f, "Header copy:    {copy}")?;
         }
         writeln!(f, "UUID:           {}", self.uuid)?;
-        writeln!(f, "Label:          {}", self.label.as_deref().unwrap_or("(no label)"))?;
+        writeln!(
+            f,
+            "Label:          {}",
+            self.label.as_deref().unwrap_or("(no label)")
+        )?;
         if self.version == 2 {
             let sub = self.subsystem.as_deref().unwrap_or("(no subsystem)");
             writeln!(f, "Subsystem:      {sub}")?;
-            let flags = if self.flags.is_empty() { "(no flags)".to_string() } else { join(&self.flags) };
+            let flags = if self.flags.is_empty() {
+                "(no flags)".to_string()
+            } else {
+                join(&self.flags)
+            };
             writeln!(f, "Flags:          {flags}")?;
             let req = if self.requirements.is_empty() {
                 "(none)".to_string()

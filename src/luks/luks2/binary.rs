@@ -60,7 +60,11 @@ impl BinaryHeader {
         let copy = copy_name(primary, offset);
         let version = u16::from_be_bytes([b[6], b[7]]);
         if version != 2 {
-            return Err(Error::invalid(H, "version", format!("{copy}: {version} is not 2")));
+            return Err(Error::invalid(
+                H,
+                "version",
+                format!("{copy}: {version} is not 2"),
+            ));
         }
         let hdr_size = be64(b, OFF_HDR_SIZE);
         if !HDR_SIZES.contains(&hdr_size) {
@@ -110,15 +114,27 @@ impl BinaryHeader {
     /// Serialises this copy with the checksum over `json` (hdr_size - 4096 bytes).
     pub fn encode(&self, json: &[u8]) -> Result<Vec<u8>, Error> {
         let mut b = vec![0u8; BINARY_LEN];
-        b[..6].copy_from_slice(if self.primary { &LUKS_MAGIC } else { &SECONDARY_MAGIC });
+        b[..6].copy_from_slice(if self.primary {
+            &LUKS_MAGIC
+        } else {
+            &SECONDARY_MAGIC
+        });
         b[6..8].copy_from_slice(&2u16.to_be_bytes());
         b[OFF_HDR_SIZE..OFF_HDR_SIZE + 8].copy_from_slice(&self.hdr_size.to_be_bytes());
         b[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&self.seqid.to_be_bytes());
         util::put_c_string(&mut b[OFF_LABEL..OFF_CSUM_ALG], &self.label, "label")?;
-        util::put_c_string(&mut b[OFF_CSUM_ALG..OFF_SALT], &self.csum_alg, "checksum_alg")?;
+        util::put_c_string(
+            &mut b[OFF_CSUM_ALG..OFF_SALT],
+            &self.csum_alg,
+            "checksum_alg",
+        )?;
         b[OFF_SALT..OFF_SALT + 64].copy_from_slice(&self.salt);
         util::put_c_string(&mut b[OFF_UUID..OFF_SUBSYSTEM], &self.uuid, "uuid")?;
-        util::put_c_string(&mut b[OFF_SUBSYSTEM..OFF_HDR_OFFSET], &self.subsystem, "subsystem")?;
+        util::put_c_string(
+            &mut b[OFF_SUBSYSTEM..OFF_HDR_OFFSET],
+            &self.subsystem,
+            "subsystem",
+        )?;
         b[OFF_HDR_OFFSET..OFF_HDR_OFFSET + 8].copy_from_slice(&self.hdr_offset.to_be_bytes());
         let alg = HashAlg::from_name(&self.csum_alg)?;
         let sum = checksum(alg, &b, json);

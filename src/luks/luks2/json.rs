@@ -27,7 +27,11 @@ fn err(path: &str, reason: impl Into<String>) -> Error {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -47,7 +51,8 @@ fn as_obj<'a>(v: &'a Value, path: &str) -> Result<&'a Obj, Error> {
 }
 
 fn get<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a Value, Error> {
-    o.get(key).ok_or_else(|| err(&join(path, key), "is missing"))
+    o.get(key)
+        .ok_or_else(|| err(&join(path, key), "is missing"))
 }
 
 fn get_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a Obj, Error> {
@@ -56,8 +61,12 @@ fn get_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a Obj, Error> {
 
 fn get_str<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a str, Error> {
     let v = get(o, key, path)?;
-    v.as_str()
-        .ok_or_else(|| err(&join(path, key), format!("is {}, not a string", type_name(v))))
+    v.as_str().ok_or_else(|| {
+        err(
+            &join(path, key),
+            format!("is {}, not a string", type_name(v)),
+        )
+    })
 }
 
 /// A 64-bit value stored as a string of decimal digits (no sign, no overflow).
@@ -73,7 +82,10 @@ fn get_u64_str(o: &Obj, key: &str, path: &str) -> Result<u64, Error> {
     let p = join(path, key);
     let v = get(o, key, path)?;
     let s = v.as_str().ok_or_else(|| {
-        err(&p, format!("is {}, not a string holding a 64-bit number", type_name(v)))
+        err(
+            &p,
+            format!("is {}, not a string holding a 64-bit number", type_name(v)),
+        )
     })?;
     parse_u64_str(s, &p)
 }
@@ -118,7 +130,10 @@ fn string_list(v: &Value, path: &str) -> Result<Vec<String>, Error> {
         .as_array()
         .ok_or_else(|| err(path, format!("is {}, not an array", type_name(v))))?;
     if a.len() > MAX_LIST {
-        return Err(err(path, format!("has {} entries (at most {MAX_LIST})", a.len())));
+        return Err(err(
+            path,
+            format!("has {} entries (at most {MAX_LIST})", a.len()),
+        ));
     }
     a.iter()
         .enumerate()
@@ -146,8 +161,18 @@ fn id_list(o: &Obj, key: &str, path: &str, max: u32) -> Result<Vec<u32>, Error> 
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KdfDesc {
-    Pbkdf2 { hash: String, iterations: u32, salt: Vec<u8> },
-    Argon2 { id: bool, time: u32, memory: u32, cpus: u32, salt: Vec<u8> },
+    Pbkdf2 {
+        hash: String,
+        iterations: u32,
+        salt: Vec<u8>,
+    },
+    Argon2 {
+        id: bool,
+        time: u32,
+        memory: u32,
+        cpus: u32,
+        salt: Vec<u8>,
+    },
     /// Unknown KDF type: the header stays valid, the keyslot is unusable.
     Unknown(String),
 }
@@ -269,7 +294,11 @@ impl Metadata {
             if ks.kind != "luks2" {
                 continue;
             }
-            let n = self.digests.values().filter(|d| d.keyslots.contains(id)).count();
+            let n = self
+                .digests
+                .values()
+                .filter(|d| d.keyslots.contains(id))
+                .count();
             if n != 1 {
                 return Err(err(
                     &format!("keyslots.{id}"),
@@ -298,7 +327,10 @@ fn parse_config(o: &Obj, hdr_size: u64) -> Result<Config, Error> {
     if json_size != hdr_size - 4096 {
         return Err(err(
             "config.json_size",
-            format!("{json_size} does not match hdr_size - 4096 ({})", hdr_size - 4096),
+            format!(
+                "{json_size} does not match hdr_size - 4096 ({})",
+                hdr_size - 4096
+            ),
         ));
     }
     let keyslots_size = get_u64_str(o, "keyslots_size", "config")?;
@@ -309,7 +341,10 @@ fn parse_config(o: &Obj, hdr_size: u64) -> Result<Config, Error> {
         ));
     }
     if keyslots_size.checked_add(2 * hdr_size).is_none() {
-        return Err(err("config.keyslots_size", format!("{keyslots_size} is too large")));
+        return Err(err(
+            "config.keyslots_size",
+            format!("{keyslots_size} is too large"),
+        ));
     }
     let flags = match o.get("flags") {
         Some(v) => string_list(v, "config.flags")?,
@@ -401,7 +436,10 @@ fn parse_keyslots(o: &Obj) -> Result<BTreeMap<u32, Keyslot>, Error> {
             let af = get_obj(ks, "af", &path)?;
             let af_type = get_str(af, "type", &af_path)?;
             if af_type != "luks1" {
-                return Err(err(&format!("{af_path}.type"), format!("{af_type:?} is not \"luks1\"")));
+                return Err(err(
+                    &format!("{af_path}.type"),
+                    format!("{af_type:?} is not \"luks1\""),
+                ));
             }
             let af_stripes = get_int(af, "stripes", &af_path, STRIPES, STRIPES)?;
             let af_hash = get_str(af, "hash", &af_path)?.to_string();
@@ -442,7 +480,11 @@ fn parse_keyslots(o: &Obj) -> Result<BTreeMap<u32, Keyslot>, Error> {
 }
 
 /// Keyslot areas: non-empty, inside [2*hdr_size, 2*hdr_size + keyslots_size), no overlap.
-fn check_areas(keyslots: &BTreeMap<u32, Keyslot>, hdr_size: u64, keyslots_size: u64) -> Result<(), Error> {
+fn check_areas(
+    keyslots: &BTreeMap<u32, Keyslot>,
+    hdr_size: u64,
+    keyslots_size: u64,
+) -> Result<(), Error> {
     let start = 2 * hdr_size;
     let end = start + keyslots_size;
     let mut spans = Vec::new();
@@ -452,7 +494,10 @@ fn check_areas(keyslots: &BTreeMap<u32, Keyslot>, hdr_size: u64, keyslots_size: 
         if a.size == 0 {
             return Err(err(&format!("{path}.size"), "is 0"));
         }
-        let a_end = a.offset.checked_add(a.size).filter(|&e| a.offset >= start && e <= end);
+        let a_end = a
+            .offset
+            .checked_add(a.size)
+            .filter(|&e| a.offset >= start && e <= end);
         let Some(a_end) = a_end else {
             return Err(err(
                 &path,
@@ -485,14 +530,20 @@ fn parse_segments(o: &Obj) -> Result<BTreeMap<u32, Segment>, Error> {
         let kind = get_str(s, "type", &path)?.to_string();
         let offset = get_u64_str(s, "offset", &path)?;
         if offset % 512 != 0 {
-            return Err(err(&format!("{path}.offset"), format!("{offset} is not a multiple of 512")));
+            return Err(err(
+                &format!("{path}.offset"),
+                format!("{offset} is not a multiple of 512"),
+            ));
         }
         let size_path = format!("{path}.size");
         let size = match get(s, "size", &path)? {
             Value::String(t) if t == "dynamic" => None,
             Value::String(t) => Some(parse_u64_str(t, &size_path)?),
             other => {
-                return Err(err(&size_path, format!("is {}, not a string", type_name(other))));
+                return Err(err(
+                    &size_path,
+                    format!("is {}, not a string", type_name(other)),
+                ));
             }
         };
         if let Some(n) = size {
@@ -556,7 +607,10 @@ fn parse_segments(o: &Obj) -> Result<BTreeMap<u32, Segment>, Error> {
     // Keys run 0..n without gaps; only the last may be dynamic; no overlaps.
     for (i, id) in out.keys().enumerate() {
         if *id as usize != i {
-            return Err(err("segments", format!("gap before segment {id} (expected key {i})")));
+            return Err(err(
+                "segments",
+                format!("gap before segment {id} (expected key {i})"),
+            ));
         }
     }
     let last = out.keys().next_back().copied();
@@ -600,23 +654,35 @@ fn parse_digests(
         let d = as_obj(v, &path)?;
         let kind = get_str(d, "type", &path)?.to_string();
         if kind != "pbkdf2" {
-            return Err(err(&format!("{path}.type"), format!("unsupported digest type {kind:?}")));
+            return Err(err(
+                &format!("{path}.type"),
+                format!("unsupported digest type {kind:?}"),
+            ));
         }
         let ks = id_list(d, "keyslots", &path, MAX_KEYSLOTS)?;
         for k in &ks {
             if !keyslots.contains_key(k) {
-                return Err(err(&format!("{path}.keyslots"), format!("keyslot {k} does not exist")));
+                return Err(err(
+                    &format!("{path}.keyslots"),
+                    format!("keyslot {k} does not exist"),
+                ));
             }
         }
         let segs = id_list(d, "segments", &path, MAX_SEGMENTS)?;
         for s in &segs {
             if !segments.contains_key(s) {
-                return Err(err(&format!("{path}.segments"), format!("segment {s} does not exist")));
+                return Err(err(
+                    &format!("{path}.segments"),
+                    format!("segment {s} does not exist"),
+                ));
             }
         }
         let digest = get_b64(d, "digest", &path)?;
         if digest.is_empty() || digest.len() > 64 {
-            return Err(err(&format!("{path}.digest"), format!("{} bytes long", digest.len())));
+            return Err(err(
+                &format!("{path}.digest"),
+                format!("{} bytes long", digest.len()),
+            ));
         }
         out.insert(
             id,
@@ -644,7 +710,10 @@ fn parse_tokens(o: &Obj, keyslots: &BTreeMap<u32, Keyslot>) -> Result<BTreeMap<u
         let ks = id_list(t, "keyslots", &path, MAX_KEYSLOTS)?;
         for k in &ks {
             if !keyslots.contains_key(k) {
-                return Err(err(&format!("{path}.keyslots"), format!("keyslot {k} does not exist")));
+                return Err(err(
+                    &format!("{path}.keyslots"),
+                    format!("keyslot {k} does not exist"),
+                ));
             }
         }
         out.insert(

@@ -44,8 +44,22 @@ fn load_copy(
     let mut bin = vec![0u8; BINARY_LEN];
     let got = util::read_at_most(r, offset, &mut bin)?;
     if got < BINARY_LEN {
-        return if got >= 6 && bin[..6] == if primary { super::LUKS_MAGIC } else { binary::SECONDARY_MAGIC } {
-            Err(Error::invalid(H, "header", format!("{}: truncated binary header", binary::copy_name(primary, offset))))
+        return if got >= 6
+            && bin[..6]
+                == if primary {
+                    super::LUKS_MAGIC
+                } else {
+                    binary::SECONDARY_MAGIC
+                }
+        {
+            Err(Error::invalid(
+                H,
+                "header",
+                format!(
+                    "{}: truncated binary header",
+                    binary::copy_name(primary, offset)
+                ),
+            ))
         } else {
             Err(Error::NotLuks)
         };
@@ -65,10 +79,18 @@ fn load_copy(
     )?;
     binary::verify_checksum(&b, &bin, &area)?;
     let end = area.iter().position(|&c| c == 0).ok_or_else(|| {
-        Error::invalid(H, "JSON area", "not NUL-terminated (the JSON fills the whole area)")
+        Error::invalid(
+            H,
+            "JSON area",
+            "not NUL-terminated (the JSON fills the whole area)",
+        )
     })?;
     if area[end..].iter().any(|&c| c != 0) {
-        return Err(Error::invalid(H, "JSON area", "non-NUL bytes after the JSON text"));
+        return Err(Error::invalid(
+            H,
+            "JSON area",
+            "non-NUL bytes after the JSON text",
+        ));
     }
     if area.first() != Some(&b'{') {
         return Err(Error::invalid(H, "JSON area", "does not start with '{'"));
@@ -82,7 +104,11 @@ fn load_copy(
 
 fn annotate(e: Error, other: &Error) -> Error {
     match e {
-        Error::Invalid { header, field, reason } => Error::Invalid {
+        Error::Invalid {
+            header,
+            field,
+            reason,
+        } => Error::Invalid {
             header,
             field,
             reason: format!("{reason} (the other copy is unusable too: {other})"),
@@ -146,13 +172,22 @@ impl Header {
             .find(|(_, s)| s.crypt.is_some() && !s.flags.iter().any(|f| f.starts_with("backup-")))
             .map(|(id, s)| (*id, s))
             .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
-        let crypt = seg.crypt.as_ref().ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
+        let crypt = seg
+            .crypt
+            .as_ref()
+            .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
         let data_cipher = CipherSpec::parse(&crypt.encryption)?;
         let (digest_id, digest) = meta
             .digests
             .iter()
             .find(|(_, d)| d.segments.contains(&data_segment))
-            .ok_or_else(|| Error::invalid(H, format!("segments.{data_segment}"), "not assigned to any digest"))?;
+            .ok_or_else(|| {
+                Error::invalid(
+                    H,
+                    format!("segments.{data_segment}"),
+                    "not assigned to any digest",
+                )
+            })?;
         let volume_key_len = digest
             .keyslots
             .iter()
@@ -160,10 +195,18 @@ impl Header {
             .find(|k| k.kind == "luks2")
             .map(|k| k.key_size as usize)
             .ok_or_else(|| {
-                Error::invalid(H, format!("digests.{digest_id}.keyslots"), "the data segment's digest has no luks2 keyslot")
+                Error::invalid(
+                    H,
+                    format!("digests.{digest_id}.keyslots"),
+                    "the data segment's digest has no luks2 keyslot",
+                )
             })?;
         data_cipher.check_key_len(volume_key_len).map_err(|e| {
-            Error::invalid(H, format!("digests.{digest_id}.keyslots"), format!("volume key size: {e}"))
+            Error::invalid(
+                H,
+                format!("digests.{digest_id}.keyslots"),
+                format!("volume key size: {e}"),
+            )
         })?;
         let metadata_end = 2 * binary.hdr_size + meta.config.keyslots_size;
         if let Some(dev) = device_size {
@@ -179,7 +222,10 @@ impl Header {
                 return Err(Error::invalid(
                     H,
                     field,
-                    format!("data at byte {} overlaps the header and keyslots area (ends at {metadata_end})", seg.offset),
+                    format!(
+                        "data at byte {} overlaps the header and keyslots area (ends at {metadata_end})",
+                        seg.offset
+                    ),
                 ));
             }
             let end = seg.offset.saturating_add(seg.size.unwrap_or(0));
@@ -187,7 +233,10 @@ impl Header {
                 return Err(Error::invalid(
                     H,
                     field,
-                    format!("data (bytes {}..{end}) extends beyond the device end ({dev} bytes)", seg.offset),
+                    format!(
+                        "data (bytes {}..{end}) extends beyond the device end ({dev} bytes)",
+                        seg.offset
+                    ),
                 ));
             }
         }
@@ -235,7 +284,10 @@ impl Header {
     fn unusable_reason(&self, slot: u32) -> Option<String> {
         let ks = self.meta.keyslots.get(&slot)?;
         if ks.kind != "luks2" {
-            return Some(format!("keyslot type {:?} cannot unlock the volume key", ks.kind));
+            return Some(format!(
+                "keyslot type {:?} cannot unlock the volume key",
+                ks.kind
+            ));
         }
         if let Some(KdfDesc::Unknown(t)) = &ks.kdf {
             return Some(format!("unsupported KDF type {t:?}"));
@@ -248,14 +300,34 @@ impl Header {
 
     fn kdf_of<'a>(ks: &'a json::Keyslot, field: &str) -> Result<(Kdf, &'a [u8]), Error> {
         match &ks.kdf {
-            Some(KdfDesc::Pbkdf2 { hash, iterations, salt }) => {
+            Some(KdfDesc::Pbkdf2 {
+                hash,
+                iterations,
+                salt,
+            }) => {
                 let hash = HashAlg::from_name(hash)
                     .map_err(|e| Error::invalid(H, format!("{field}.kdf.hash"), e.to_string()))?;
-                Ok((Kdf::Pbkdf2 { hash, iterations: *iterations }, salt))
+                Ok((
+                    Kdf::Pbkdf2 {
+                        hash,
+                        iterations: *iterations,
+                    },
+                    salt,
+                ))
             }
-            Some(KdfDesc::Argon2 { id, time, memory, cpus, salt }) => Ok((
+            Some(KdfDesc::Argon2 {
+                id,
+                time,
+                memory,
+                cpus,
+                salt,
+            }) => Ok((
                 Kdf::Argon2 {
-                    variant: if *id { Argon2Variant::Argon2id } else { Argon2Variant::Argon2i },
+                    variant: if *id {
+                        Argon2Variant::Argon2id
+                    } else {
+                        Argon2Variant::Argon2i
+                    },
                     time: *time,
                     memory_kib: *memory,
                     parallel: *cpus,
@@ -299,7 +371,14 @@ impl Header {
         };
         let dhash = HashAlg::from_name(&digest.hash)
             .map_err(|e| Error::invalid(H, format!("digests.{did}.hash"), e.to_string()))?;
-        let ok = keyslot::digest_matches(dhash, key.expose(), &digest.salt, digest.iterations, &digest.digest, limits)?;
+        let ok = keyslot::digest_matches(
+            dhash,
+            key.expose(),
+            &digest.salt,
+            digest.iterations,
+            &digest.digest,
+            limits,
+        )?;
         Ok(ok.then_some(key))
     }
 
@@ -313,7 +392,10 @@ impl Header {
         let order: Vec<u32> = match slot {
             Some(s) => {
                 if !self.meta.keyslots.contains_key(&s) {
-                    return Err(Error::Keyslot { slot: s, reason: "is not active".into() });
+                    return Err(Error::Keyslot {
+                        slot: s,
+                        reason: "is not active".into(),
+                    });
                 }
                 if let Some(reason) = self.unusable_reason(s) {
                     return Err(Error::Keyslot { slot: s, reason });
@@ -356,7 +438,9 @@ impl Header {
             .iter()
             .map(|(id, ks)| {
                 let kdf = ks.kdf.as_ref().map(|k| match k {
-                    KdfDesc::Pbkdf2 { hash, iterations, .. } => KdfSummary {
+                    KdfDesc::Pbkdf2 {
+                        hash, iterations, ..
+                    } => KdfSummary {
                         kind: "pbkdf2".into(),
                         hash: Some(hash.clone()),
                         iterations: Some(*iterations),
@@ -364,7 +448,13 @@ impl Header {
                         memory_kib: None,
                         parallel: None,
                     },
-                    KdfDesc::Argon2 { id, time, memory, cpus, .. } => KdfSummary {
+                    KdfDesc::Argon2 {
+                        id,
+                        time,
+                        memory,
+                        cpus,
+                        ..
+                    } => KdfSummary {
                         kind: if *id { "argon2id" } else { "argon2i" }.into(),
                         hash: None,
                         iterations: None,
@@ -426,7 +516,14 @@ impl Header {
             hdr_size: Some(self.binary.hdr_size),
             seqid: Some(self.binary.seqid),
             checksum_alg: Some(self.binary.csum_alg.clone()),
-            header_copy: Some(if self.binary.primary { "primary" } else { "secondary" }.into()),
+            header_copy: Some(
+                if self.binary.primary {
+                    "primary"
+                } else {
+                    "secondary"
+                }
+                .into(),
+            ),
             keyslots_size: Some(m.config.keyslots_size),
             mk_digest_iterations: None,
             keyslots,
@@ -459,7 +556,11 @@ impl Header {
             tokens: m
                 .tokens
                 .iter()
-                .map(|(id, t)| TokenSummary { id: *id, kind: t.kind.clone(), keyslots: t.keyslots.clone() })
+                .map(|(id, t)| TokenSummary {
+                    id: *id,
+                    kind: t.kind.clone(),
+                    keyslots: t.keyslots.clone(),
+                })
                 .collect(),
             requirements: m.config.requirements.clone(),
             flags: m.config.flags.clone(),
