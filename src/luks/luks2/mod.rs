@@ -102,7 +102,11 @@ fn load_copy(
     Ok((b, bin, meta))
 }
 
+/// The primary copy's error, mentioning the secondary's when it differs.
 fn annotate(e: Error, other: &Error) -> Error {
+    if e.to_string() == other.to_string() {
+        return e;
+    }
     match e {
         Error::Invalid {
             header,
