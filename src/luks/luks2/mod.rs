@@ -271,10 +271,16 @@ impl Header {
     }
 
     pub fn check_activation_allowed(&self) -> Result<(), Error> {
-        match self.meta.config.requirements.first() {
-            Some(req) => Err(Error::UnsupportedRequirement(req.clone())),
-            None => Ok(()),
+        if let Some(req) = self.meta.config.requirements.first() {
+            return Err(Error::UnsupportedRequirement(req.clone()));
         }
+        if self.data_segment().integrity {
+            return Err(Error::UnsupportedFeature(format!(
+                "LUKS2 header: segments.{}.integrity (authenticated encryption with dm-integrity)",
+                self.data_segment
+            )));
+        }
+        Ok(())
     }
 
     /// Whether a keyslot's digest covers the data segment.
