@@ -152,19 +152,27 @@ pub mod x86 {
                     let a = _mm_aeskeygenassist_si128::<$rcon>(k1);
                     k0 = expand_assist(k0, _mm_shuffle_epi32::<0xff>(a));
                     store128(&mut out[$i], k0);
-                    if $i < 14 {
-                        let a = _mm_aeskeygenassist_si128::<0>(k0);
-                        k1 = expand_assist(k1, _mm_shuffle_epi32::<0xaa>(a));
-                        store128(&mut out[$i + 1], k1);
-                    }
+                };
+            }
+            macro_rules! step_odd {
+                ($i:expr) => {
+                    let a = _mm_aeskeygenassist_si128::<0>(k0);
+                    k1 = expand_assist(k1, _mm_shuffle_epi32::<0xaa>(a));
+                    store128(&mut out[$i], k1);
                 };
             }
             step!(2, 0x01);
+            step_odd!(3);
             step!(4, 0x02);
+            step_odd!(5);
             step!(6, 0x04);
+            step_odd!(7);
             step!(8, 0x08);
+            step_odd!(9);
             step!(10, 0x10);
+            step_odd!(11);
             step!(12, 0x20);
+            step_odd!(13);
             step!(14, 0x40);
         }
         b.zeroize();
