@@ -14,7 +14,10 @@ R=/newroot
 RES=/res
 P9='trans=virtio,version=9p2000.L,msize=262144'
 
-log() { echo "vm-init: $*"; }
+log() {
+    read -r up _ </proc/uptime
+    echo "vm-init[$up]: $*"
+}
 halt_now() {
     sync
     umount "$R/run/volcrypt-vm" 2>/dev/null
@@ -37,6 +40,7 @@ while read -r m; do
     insmod "/lib/modules/$m" || fail "insmod $m"
 done </modules.order
 
+log "boot modules loaded"
 mount -t 9p -o "$P9" vmres "$RES" || fail "cannot mount the results share"
 echo booted >"$RES/booted"
 # Written by run.sh: VM_KROOT, VM_RUNNER, VM_MODULES, VM_OPT_MODULES, VM_TMP_SIZE, VM_NET,
@@ -49,17 +53,24 @@ mount -t proc proc "$R/proc" || fail "mount proc"
 mount -t sysfs sysfs "$R/sys" || fail "mount sysfs"
 mount -t devtmpfs devtmpfs "$R/dev" || fail "mount devtmpfs"
 mkdir -p "$R/dev/pts" "$R/dev/shm"
+# What systemd would add to devtmpfs (bash process substitution needs /dev/fd).
+ln -sf /proc/self/fd "$R/dev/fd"
+ln -sf /proc/self/fd/0 "$R/dev/stdin"
+ln -sf /proc/self/fd/1 "$R/dev/stdout"
+ln -sf /proc/self/fd/2 "$R/dev/stderr"
+ln -sf /proc/kcore "$R/dev/core"
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts "$R/dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs "$R/dev/shm"
 
+log "host root mounted"
 # Modules come from the kernel tree on the host, before tmpfs could hide it.
-for m in $VM_MODULES; do
-    chroot "$R" /sbin/modprobe -d "$VM_KROOT" "$m" || fail "modprobe $m"
-done
-for m in $VM_OPT_MODULES; do
-    chroot "$R" /sbin/modprobe -q -d "$VM_KROOT" "$m" || log "optional module $m not loaded"
-done
-
+# One modprobe call per list: each exec of modprobe reads its indexes over 9p.
+# shellcheck disable=SC2086
+chroot "$R" /sbin/modprobe -a -d "$VM_KROOT" $VM_MODULES || fail "modprobe $VM_MODULES"
+# shellcheck disable=SC2086
+chroot "$R" /sbin/modprobe -a -q -d "$VM_KROOT" $VM_OPT_MODULES ||
+    log "not all of the optional modules loaded: $VM_OPT_MODULES"
+log "modules loaded"
 mount -t tmpfs -o mode=0755,size=256m tmpfs "$R/run" || fail "tmpfs /run"
 mount -t tmpfs -o "mode=1777,size=$VM_TMP_SIZE" tmpfs "$R/tmp" || fail "tmpfs /tmp"
 mount -t tmpfs -o mode=1777,size=256m tmpfs "$R/var/tmp" || fail "tmpfs /var/tmp"
