@@ -17,7 +17,7 @@ fails=0
 pass() { echo "selftest: PASS $*"; }
 failed() { echo "selftest: FAIL $*" >&2; fails=$((fails + 1)); }
 now() { date +%s.%N; }
-secs() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
+secs() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
 
 t=$(now)
 "$HERE/prepare.sh"
