@@ -98,7 +98,10 @@ impl Rest {
             .unwrap();
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     fn get(&self, path: &str, accept: &str) -> (u16, Vec<u8>) {
@@ -111,7 +114,10 @@ impl Rest {
             .header("Accept", accept)
             .call()
             .unwrap();
-        (resp.status().as_u16(), resp.body_mut().read_to_vec().unwrap())
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_to_vec().unwrap(),
+        )
     }
 
     /// POST /v1/secrets; returns the secret id (last segment of secret_ref).
@@ -166,10 +172,7 @@ fn cinder_volume_key_generated_by_an_order_matches_barbicans_payload() {
             "bit_length": 256, "mode": "cbc", "payload_content_type": "application/octet-stream"}}),
     );
     assert_eq!(status, 202, "{json}");
-    let order_path = format!(
-        "/v1/orders/{}",
-        id_of(json["order_ref"].as_str().unwrap())
-    );
+    let order_path = format!("/v1/orders/{}", id_of(json["order_ref"].as_str().unwrap()));
     let deadline = Instant::now() + Duration::from_secs(20);
     let secret_id = loop {
         let (s, body) = rest.get(&order_path, "application/json");
@@ -178,7 +181,10 @@ fn cinder_volume_key_generated_by_an_order_matches_barbicans_payload() {
         if order["status"] == "ACTIVE" {
             break id_of(order["secret_ref"].as_str().unwrap());
         }
-        assert!(Instant::now() < deadline, "order never became ACTIVE: {order}");
+        assert!(
+            Instant::now() < deadline,
+            "order never became ACTIVE: {order}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     // Reference: the payload as Barbican serves it to anyone asking directly.
@@ -260,10 +266,16 @@ fn unknown_secret_is_not_found_without_retries() {
     let t = Instant::now();
     let err = no_retry_config(&url, &project).get(id).unwrap_err();
     let elapsed = t.elapsed();
-    assert!(matches!(&err, Error::NotFound { key_id, .. } if key_id == id), "{err}");
+    assert!(
+        matches!(&err, Error::NotFound { key_id, .. } if key_id == id),
+        "{err}"
+    );
     assert!(err.to_string().contains(id), "{err}");
     assert_eq!(err.exit_status().code(), 2);
-    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}: retried a 404?");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "took {elapsed:?}: retried a 404?"
+    );
 }
 
 #[test]
@@ -278,8 +290,14 @@ fn another_projects_secret_is_forbidden_without_retries() {
     let t = Instant::now();
     let err = no_retry_config(&url, &new_project()).get(&id).unwrap_err();
     let elapsed = t.elapsed();
-    assert!(matches!(&err, Error::Forbidden { key_id, .. } if *key_id == id), "{err}");
-    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}: retried a 403?");
+    assert!(
+        matches!(&err, Error::Forbidden { key_id, .. } if *key_id == id),
+        "{err}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "took {elapsed:?}: retried a 403?"
+    );
     // The owner still reads it.
     assert!(client(&url, &owner).get(&id).is_ok());
 }

@@ -28,7 +28,10 @@ fn no_config_means_a_local_keystore_with_documented_defaults() {
         assert!(b.auth.is_none() && b.ca_file.is_none());
     }
     let d = Config::default();
-    assert_eq!(d.key_manager.keystore.dir, PathBuf::from(DEFAULT_KEYSTORE_DIR));
+    assert_eq!(
+        d.key_manager.keystore.dir,
+        PathBuf::from(DEFAULT_KEYSTORE_DIR)
+    );
 }
 
 const PASSWORD_CONFIG: &str = r#"
@@ -55,7 +58,10 @@ fn barbican_with_keystone_password() {
     let cfg = Config::from_toml(PASSWORD_CONFIG, "t").unwrap();
     let b = &cfg.key_manager.barbican;
     assert_eq!(cfg.key_manager.backend, KeyManagerBackend::Barbican);
-    assert_eq!(b.endpoint.as_deref(), Some("https://barbican.example:9311/"));
+    assert_eq!(
+        b.endpoint.as_deref(),
+        Some("https://barbican.example:9311/")
+    );
     assert_eq!(b.connect_timeout, 2.5);
     assert_eq!(b.read_timeout, 10.0);
     assert_eq!(b.retries, 5);
@@ -87,7 +93,11 @@ application_credential_secret = "s"
     ));
     let tok = "[key_manager.barbican.auth]\nmethod = \"token\"\ntoken = \"gAAAA\"\n";
     assert!(matches!(
-        Config::from_toml(tok, "t").unwrap().key_manager.barbican.auth,
+        Config::from_toml(tok, "t")
+            .unwrap()
+            .key_manager
+            .barbican
+            .auth,
         Some(BarbicanAuth::Token(_))
     ));
     let hdr = "[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"p1\"\n";
@@ -104,11 +114,17 @@ fn parse_errors_name_the_line_and_never_echo_secrets() {
     let err = Config::from_toml(typo, "/etc/volcrypt/volcrypt.toml").unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, ConfigError::Parse { line: 3, .. }), "{text}");
-    assert!(text.contains("fixed_kye") && text.contains("/etc/volcrypt/volcrypt.toml"), "{text}");
+    assert!(
+        text.contains("fixed_kye") && text.contains("/etc/volcrypt/volcrypt.toml"),
+        "{text}"
+    );
 
     let backend = "[key_manager]\nbackend = \"vault\"\n";
     let text = Config::from_toml(backend, "t").unwrap_err().to_string();
-    assert!(text.contains("vault") && text.contains("keystore"), "{text}");
+    assert!(
+        text.contains("vault") && text.contains("keystore"),
+        "{text}"
+    );
 
     let wrong_type = "[key_manager.barbican.auth]\nmethod = \"token\"\ntoken = 1234567\n";
     let text = Config::from_toml(wrong_type, "t").unwrap_err().to_string();
@@ -130,9 +146,8 @@ fn parse_errors_name_the_line_and_never_echo_secrets() {
 #[test]
 fn barbican_settings_are_validated_when_building_the_client() {
     let build = |extra: &str| {
-        let text = format!(
-            "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\n{extra}\n"
-        );
+        let text =
+            format!("[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\n{extra}\n");
         let cfg = Config::from_toml(&text, "t").unwrap();
         keys::from_config(&cfg.key_manager).map(|_| ())
     };
@@ -154,7 +169,11 @@ fn barbican_settings_are_validated_when_building_the_client() {
         field_of(build(&format!("endpoint = \"ftp://h\"\n{hdr}")).unwrap_err()),
         "key_manager.barbican.endpoint"
     );
-    for t in ["connect_timeout = 0", "read_timeout = -1", "backoff_max = 1e9"] {
+    for t in [
+        "connect_timeout = 0",
+        "read_timeout = -1",
+        "backoff_max = 1e9",
+    ] {
         let e = build(&format!("endpoint = \"http://h\"\n{t}\n{hdr}")).unwrap_err();
         assert!(field_of(e).ends_with(t.split(' ').next().unwrap()), "{t}");
     }
@@ -169,14 +188,23 @@ fn barbican_settings_are_validated_when_building_the_client() {
         "key_manager.barbican.auth.user"
     );
     let missing_ca = format!("endpoint = \"https://h\"\nca_file = \"/nonexistent/ca.pem\"\n{hdr}");
-    assert!(build(&missing_ca).unwrap_err().to_string().contains("/nonexistent/ca.pem"));
+    assert!(
+        build(&missing_ca)
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/ca.pem")
+    );
 }
 
 #[test]
 fn config_files_are_loaded_and_a_missing_explicit_file_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("volcrypt.toml");
-    std::fs::write(&p, "[key_manager.keystore]\ndir = \"/srv/keys\"\ncreate = false\n").unwrap();
+    std::fs::write(
+        &p,
+        "[key_manager.keystore]\ndir = \"/srv/keys\"\ncreate = false\n",
+    )
+    .unwrap();
     let cfg = Config::load(&p).unwrap();
     assert_eq!(cfg.key_manager.keystore.dir, PathBuf::from("/srv/keys"));
     assert!(!cfg.key_manager.keystore.create);
@@ -192,10 +220,19 @@ fn config_files_are_loaded_and_a_missing_explicit_file_is_an_error() {
 fn keystore_backend_from_config_creates_the_directory_or_refuses_a_missing_one() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("keys");
-    let text = format!("[key_manager.keystore]\ndir = {:?}\ncreate = false\n", dir.display().to_string());
+    let text = format!(
+        "[key_manager.keystore]\ndir = {:?}\ncreate = false\n",
+        dir.display().to_string()
+    );
     let cfg = Config::from_toml(&text, "t").unwrap();
-    assert!(matches!(keys::from_config(&cfg.key_manager), Err(Error::Io { .. })));
-    let text = format!("[key_manager.keystore]\ndir = {:?}\n", dir.display().to_string());
+    assert!(matches!(
+        keys::from_config(&cfg.key_manager),
+        Err(Error::Io { .. })
+    ));
+    let text = format!(
+        "[key_manager.keystore]\ndir = {:?}\n",
+        dir.display().to_string()
+    );
     let cfg = Config::from_toml(&text, "t").unwrap();
     let km = keys::from_config(&cfg.key_manager).unwrap();
     assert_eq!(km.kind(), "keystore");

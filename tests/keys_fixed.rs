@@ -29,7 +29,10 @@ fn all_zero_id_gives_the_fixed_key_as_a_symmetric_secret() {
     // Alone it knows nothing else (Cinder's ConfKeyManager).
     let err = km.get("3e1b2c4d-0000-4000-8000-000000000001").unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
-    assert!(err.to_string().contains("3e1b2c4d-0000-4000-8000-000000000001"));
+    assert!(
+        err.to_string()
+            .contains("3e1b2c4d-0000-4000-8000-000000000001")
+    );
 }
 
 #[test]
@@ -78,7 +81,10 @@ fn bad_fixed_keys_are_refused_without_echoing_them() {
         let cfg = Config::from_toml(&toml, "t").unwrap();
         let err = keys::from_config(&cfg.key_manager).err().unwrap();
         let text = err.to_string();
-        assert!(text.contains("key_manager.fixed_key") && text.contains(why), "{text}");
+        assert!(
+            text.contains("key_manager.fixed_key") && text.contains(why),
+            "{text}"
+        );
         if !bad.is_empty() {
             assert!(!text.contains(bad), "key echoed: {text}");
         }

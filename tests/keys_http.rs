@@ -46,12 +46,18 @@ fn unreachable_server_fails_after_the_retries_in_bounded_time() {
             attempts, key_id, ..
         } => {
             assert_eq!(*attempts, 4);
-            assert_eq!(key_id.as_deref(), Some("3e1b2c4d-0000-4000-8000-000000000001"));
+            assert_eq!(
+                key_id.as_deref(),
+                Some("3e1b2c4d-0000-4000-8000-000000000001")
+            );
         }
         other => panic!("expected Unreachable, got {other}"),
     }
     // Backoff 0.1 + 0.2 + 0.4 s between the four attempts.
-    assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}: no backoff?");
+    assert!(
+        elapsed >= Duration::from_millis(700),
+        "{elapsed:?}: no backoff?"
+    );
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     assert_eq!(err.exit_status().code(), 2);
     assert!(err.to_string().contains(&url), "{err}");
@@ -135,7 +141,14 @@ fn server_errors_are_retried_then_reported() {
     let b = Barbican::from_config(&cfg(&r.url, 2, 0.05)).unwrap();
     let err = b.get("k-503").unwrap_err();
     assert!(
-        matches!(err, Error::Server { status: 503, attempts: 3, .. }),
+        matches!(
+            err,
+            Error::Server {
+                status: 503,
+                attempts: 3,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(r.count.load(Ordering::SeqCst), 3);
@@ -145,7 +158,10 @@ fn server_errors_are_retried_then_reported() {
 #[test]
 fn client_errors_are_never_retried() {
     for (status, check) in [
-        (404u16, (|e: &Error| matches!(e, Error::NotFound { .. })) as fn(&Error) -> bool),
+        (
+            404u16,
+            (|e: &Error| matches!(e, Error::NotFound { .. })) as fn(&Error) -> bool,
+        ),
         (403, |e| matches!(e, Error::Forbidden { .. })),
         (401, |e| matches!(e, Error::Auth { .. })),
         (400, |e| matches!(e, Error::Protocol { .. })),
@@ -154,7 +170,11 @@ fn client_errors_are_never_retried() {
         let b = Barbican::from_config(&cfg(&r.url, 5, 0.05)).unwrap();
         let err = b.get("k-4xx").unwrap_err();
         assert!(check(&err), "HTTP {status}: {err}");
-        assert_eq!(r.count.load(Ordering::SeqCst), 1, "HTTP {status} was retried");
+        assert_eq!(
+            r.count.load(Ordering::SeqCst),
+            1,
+            "HTTP {status} was retried"
+        );
     }
 }
 
@@ -163,7 +183,12 @@ fn header_auth_sends_what_keystonemiddleware_would_set_and_static_tokens_are_sen
     let r = responder(404);
     let b = Barbican::from_config(&cfg(&r.url, 0, 0.05)).unwrap();
     let _ = b.get("k1");
-    let h = r.last_headers.lock().unwrap().join("\n").to_ascii_lowercase();
+    let h = r
+        .last_headers
+        .lock()
+        .unwrap()
+        .join("\n")
+        .to_ascii_lowercase();
     assert!(h.starts_with("get /v1/secrets/k1 http/1.1"), "{h}");
     assert!(h.contains("x-identity-status: confirmed"), "{h}");
     assert!(h.contains("x-project-id: p"), "{h}");
@@ -173,14 +198,22 @@ fn header_auth_sends_what_keystonemiddleware_would_set_and_static_tokens_are_sen
     let r = responder(401);
     let mut c = cfg(&r.url, 0, 0.05);
     c.auth = Some(BarbicanAuth::Token(StaticToken {
-        token: toml::from_str::<Tok>("token = \"gAAAAtok3n\"").unwrap().token,
+        token: toml::from_str::<Tok>("token = \"gAAAAtok3n\"")
+            .unwrap()
+            .token,
     }));
     let b = Barbican::from_config(&c).unwrap();
     let err = b.get("k2").unwrap_err();
     assert!(matches!(err, Error::Auth { .. }), "{err}");
-    assert!(!err.to_string().contains("gAAAAtok3n"), "token leaked: {err}");
+    assert!(
+        !err.to_string().contains("gAAAAtok3n"),
+        "token leaked: {err}"
+    );
     let h = r.last_headers.lock().unwrap().join("\n");
-    assert!(h.contains("X-Auth-Token: gAAAAtok3n") || h.contains("x-auth-token: gAAAAtok3n"), "{h}");
+    assert!(
+        h.contains("X-Auth-Token: gAAAAtok3n") || h.contains("x-auth-token: gAAAAtok3n"),
+        "{h}"
+    );
 }
 
 #[derive(serde::Deserialize)]

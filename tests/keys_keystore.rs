@@ -71,7 +71,8 @@ fn every_secret_type_round_trips_byte_for_byte() {
 #[test]
 fn the_file_format_is_a_header_line_then_raw_bytes() {
     let (_tmp, ks) = new_store();
-    ks.put("k", &secret(SecretType::Passphrase, b"pw\n")).unwrap();
+    ks.put("k", &secret(SecretType::Passphrase, b"pw\n"))
+        .unwrap();
     assert_eq!(
         fs::read(ks.dir().join("k")).unwrap(),
         b"volcrypt-secret 1 passphrase\npw\n"
@@ -87,7 +88,10 @@ fn the_file_format_is_a_header_line_then_raw_bytes() {
 fn missing_and_duplicate_secrets() {
     let (_tmp, ks) = new_store();
     let err = ks.get("nope").unwrap_err();
-    assert!(matches!(&err, Error::NotFound { key_id, .. } if key_id == "nope"), "{err}");
+    assert!(
+        matches!(&err, Error::NotFound { key_id, .. } if key_id == "nope"),
+        "{err}"
+    );
     assert_eq!(err.exit_status().code(), 2);
     assert!(matches!(ks.remove("nope"), Err(Error::NotFound { .. })));
     ks.add("k", &secret(SecretType::Opaque, b"1")).unwrap();
@@ -117,9 +121,15 @@ fn a_directory_open_to_group_or_others_is_refused() {
         assert!(text.contains(&ks.dir().display().to_string()), "{text}");
         assert!(text.contains(&format!("{m:04o}")), "{text}");
         // An already opened store re-checks on every operation.
-        assert!(matches!(ks.get("k"), Err(Error::InsecurePermissions { .. })));
+        assert!(matches!(
+            ks.get("k"),
+            Err(Error::InsecurePermissions { .. })
+        ));
         assert!(matches!(ks.list(), Err(Error::InsecurePermissions { .. })));
-        assert!(matches!(ks.health(), Err(Error::InsecurePermissions { .. })));
+        assert!(matches!(
+            ks.health(),
+            Err(Error::InsecurePermissions { .. })
+        ));
         assert!(matches!(
             ks.put("k2", &secret(SecretType::Opaque, b"y")),
             Err(Error::InsecurePermissions { .. })
@@ -211,9 +221,10 @@ fn symlinks_corrupt_and_oversized_files_are_refused() {
     fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
     assert!(ks.get("big").unwrap_err().to_string().contains("64 KiB"));
     // And put refuses to write one.
-    assert!(ks
-        .put("big2", &secret(SecretType::Opaque, &vec![0; 65 * 1024]))
-        .is_err());
+    assert!(
+        ks.put("big2", &secret(SecretType::Opaque, &vec![0; 65 * 1024]))
+            .is_err()
+    );
     assert!(!ks.dir().join("big2").exists());
 }
 
@@ -252,14 +263,21 @@ fn writes_are_atomic_and_leave_no_temporaries() {
     let reads = reader.join().unwrap();
     assert!(reads > 0);
     assert_eq!(ks.get("v").unwrap().payload.expose(), &a[..]);
-    assert_eq!(ks.list().unwrap(), vec![("v".to_string(), SecretType::Opaque)]);
+    assert_eq!(
+        ks.list().unwrap(),
+        vec![("v".to_string(), SecretType::Opaque)]
+    );
     let names: Vec<String> = fs::read_dir(ks.dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     let mut names = names;
     names.sort();
-    assert_eq!(names, vec![".tmp-v-1-0000000000000000", "v"], "leftover temporaries");
+    assert_eq!(
+        names,
+        vec![".tmp-v-1-0000000000000000", "v"],
+        "leftover temporaries"
+    );
 }
 
 #[test]
@@ -272,5 +290,10 @@ fn opening_a_missing_directory_names_it() {
     let file = tmp.path().join("file");
     fs::write(&file, b"").unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(Keystore::open(&file).unwrap_err().to_string().contains("not a directory"));
+    assert!(
+        Keystore::open(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory")
+    );
 }

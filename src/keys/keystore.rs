@@ -206,7 +206,11 @@ impl Keystore {
                 });
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(invalid(key_id, &path, "is a symlink (symlinks are refused)"));
+                return Err(invalid(
+                    key_id,
+                    &path,
+                    "is a symlink (symlinks are refused)",
+                ));
             }
             Err(e) => return Err(Error::io(path, e)),
         };
