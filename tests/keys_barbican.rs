@@ -369,3 +369,73 @@ fn fetch_rate_is_reasonable() {
     );
     assert!(per < Duration::from_secs(2), "{per:?} per fetch");
 }
+
+/// The HTTPS instance of the test server and its throw-away CA (both set by the script).
+fn barbican_tls() -> Option<(String, String)> {
+    let url = barbican_url()?;
+    match (
+        std::env::var("VOLCRYPT_TEST_BARBICAN_TLS_URL"),
+        std::env::var("VOLCRYPT_TEST_BARBICAN_CA"),
+    ) {
+        (Ok(tls), Ok(ca)) if !tls.is_empty() && !ca.is_empty() => {
+            let _ = url;
+            Some((tls, ca))
+        }
+        _ => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: VOLCRYPT_TEST_BARBICAN_TLS_URL/VOLCRYPT_TEST_BARBICAN_CA not set \
+                 (run scripts/barbican-test-server.sh)"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn https_with_the_configured_ca_file() {
+    let Some((tls_url, ca)) = barbican_tls() else {
+        return;
+    };
+    let Some(url) = barbican_url() else { return };
+    let project = new_project();
+    let key = random_bytes(32);
+    let id = Rest::new(&url, &project).store(serde_json::json!({
+        "secret_type": "symmetric", "algorithm": "aes", "bit_length": 256,
+        "payload": b64(&key), "payload_content_type": "application/octet-stream",
+        "payload_content_encoding": "base64",
+    }));
+    let mut cfg = config(&tls_url, &project);
+    cfg.ca_file = Some(ca.into());
+    let b = Barbican::from_config(&cfg).unwrap();
+    b.health().unwrap();
+    assert_eq!(
+        b.get(&id).unwrap().passphrase().expose(),
+        hex(&key).as_bytes()
+    );
+}
+
+#[test]
+fn https_with_an_untrusted_certificate_fails_fast_and_clearly() {
+    let Some((tls_url, _ca)) = barbican_tls() else {
+        return;
+    };
+    // System roots (the platform verifier) do not include the test CA.
+    let mut cfg = config(&tls_url, &new_project());
+    cfg.retries = 3;
+    cfg.backoff_initial = 3.0;
+    let b = Barbican::from_config(&cfg).unwrap();
+    let t = Instant::now();
+    let err = b.get("3e1b2c4d-0000-4000-8000-000000000001").unwrap_err();
+    let elapsed = t.elapsed();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::Unreachable { attempts: 1, .. }),
+        "{text}"
+    );
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "{elapsed:?}: a TLS trust failure was retried"
+    );
+}
