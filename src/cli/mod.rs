@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use crate::error::Error;
 
 pub mod image;
+pub mod keys;
 
 #[derive(Debug, Parser)]
 #[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
@@ -22,11 +23,14 @@ pub enum Command {
     /// Work with LUKS container images in userspace (no root, no device-mapper).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Manage the local keystore: add, list, remove secrets, show their metadata.
+    Keystore(keys::KeystoreArgs),
 }
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Keystore(args) => keys::run(args),
     }
 }
