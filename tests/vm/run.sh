@@ -104,6 +104,10 @@ KROOT=$(readlink -f "$VM_DIR/kernel")
 [[ $KROOT != /tmp/* && $KROOT != /var/tmp/* && $KROOT != /run/* && $KROOT != /var/lib/* ]] ||
     die "VOLCRYPT_VM_DIR must not be under /tmp, /var/tmp, /var/lib or /run (the guest hides them)"
 
+# Prefer the uncompressed kernel (PVH boot, see prepare.sh); VOLCRYPT_VM_BZIMAGE=1 forces the
+# bzImage.
+KERNEL_IMAGE=$VM_DIR/vmlinuz
+[[ -e $VM_DIR/vmlinux && -z ${VOLCRYPT_VM_BZIMAGE:-} ]] && KERNEL_IMAGE=$VM_DIR/vmlinux
 mkdir -p "$VM_DIR/runs"
 # Failed runs are kept for inspection; drop those older than a day.
 find "$VM_DIR/runs" -mindepth 1 -maxdepth 1 -name 'run.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
@@ -175,7 +179,7 @@ if [[ -n $NETDEV ]]; then NET=1; OPT_MODULES="virtio_net $OPT_MODULES"; fi
 QEMU=(qemu-system-x86_64
     -machine q35,accel=tcg -cpu max -m "$MEM" -smp 2
     -nodefaults -no-user-config -display none -monitor none -no-reboot
-    -kernel "$VM_DIR/vmlinuz" -initrd "$VM_DIR/initrd.img"
+    -kernel "$KERNEL_IMAGE" -initrd "$VM_DIR/initrd.img"
     -append "console=ttyS0 quiet panic=-1 loglevel=4"
     -serial "file:$RUN/serial.log"
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
