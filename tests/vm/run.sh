@@ -95,12 +95,16 @@ for m in "${EXTRA_MODULES[@]}"; do
 done
 
 CWD=$(pwd -P)
+cwd_shared=0
+for d in "${RW_DIRS[@]}"; do [[ $CWD/ == "$d"/* ]] && cwd_shared=1; done
 case $CWD/ in
-    /tmp/*|/var/tmp/*|/var/lib/*|/run/*) die "current directory $CWD is hidden by a tmpfs in the guest; run from elsewhere" ;;
+    /tmp/*|/var/tmp/*|/var/lib/*|/run/*)
+        ((cwd_shared)) || die "current directory $CWD is hidden by a tmpfs in the guest; run from elsewhere or --rw it" ;;
 esac
 
 VOLCRYPT_VM_QUIET=1 "$HERE/prepare.sh" || die "tests/vm/prepare.sh failed"
 VM_DIR=$(cd "$VOLCRYPT_VM_DIR" && pwd -P)
+[[ ! $VM_DIR =~ [,[:space:]] ]] || die "VOLCRYPT_VM_DIR '$VM_DIR' must not contain commas or spaces (QEMU option syntax)"
 KROOT=$(readlink -f "$VM_DIR/kernel")
 [[ $KROOT != /tmp/* && $KROOT != /var/tmp/* && $KROOT != /run/* && $KROOT != /var/lib/* ]] ||
     die "VOLCRYPT_VM_DIR must not be under /tmp, /var/tmp, /var/lib or /run (the guest hides them)"
