@@ -26,10 +26,10 @@ cargo build --all-targets
 cargo build --no-default-features --lib --bins
 
 stage "real Barbican on 127.0.0.1"
-url=$(scripts/barbican-test-server.sh start "$work/barbican")
 barbican_pid=started
-export VOLCRYPT_TEST_BARBICAN_URL="$url"
-echo "Barbican at $url"
+eval "$(scripts/barbican-test-server.sh start "$work/barbican")"
+export VOLCRYPT_TEST_BARBICAN_URL VOLCRYPT_TEST_BARBICAN_TLS_URL VOLCRYPT_TEST_BARBICAN_CA
+echo "Barbican at $VOLCRYPT_TEST_BARBICAN_URL and $VOLCRYPT_TEST_BARBICAN_TLS_URL"
 
 if [ "${VOLCRYPT_SKIP_NATIVE:-}" = 1 ]; then
   stage "native tests: skipped (VOLCRYPT_SKIP_NATIVE=1)"
