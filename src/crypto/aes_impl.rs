@@ -292,12 +292,6 @@ pub mod x86 {
             let red = _mm_clmulepi64_si128::<0x01>(c, poly);
             _mm_xor_si128(_mm_xor_si128(s, up), red)
         }
-        #[inline]
-        pub fn lane0(v: V) -> u128 {
-            let mut b = [0u8; 16];
-            super::store128(&mut b, v);
-            u128::from_le_bytes(b)
-        }
     }
 
     mod w256 {
@@ -361,11 +355,6 @@ pub mod x86 {
             let up = _mm256_bslli_epi128::<8>(c);
             let red = _mm256_clmulepi64_epi128::<0x01>(c, poly);
             _mm256_xor_si256(_mm256_xor_si256(s, up), red)
-        }
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        pub fn lane0(v: V) -> u128 {
-            super::w128::lane0(_mm256_castsi256_si128(v))
         }
     }
 
@@ -431,11 +420,6 @@ pub mod x86 {
             let red = _mm512_clmulepi64_epi128::<0x01>(c, poly);
             _mm512_xor_si512(_mm512_xor_si512(s, up), red)
         }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        pub fn lane0(v: V) -> u128 {
-            super::w128::lane0(_mm512_castsi512_si128(v))
-        }
     }
 
     /// Vectors in flight per kernel iteration.
@@ -469,6 +453,7 @@ pub mod x86 {
                     *tj = v::load(ij);
                 }
                 let (chunks, rest) = sector.as_chunks_mut::<{ v::BYTES }>();
+                let chunks_len = chunks.len();
                 let mut groups = chunks.chunks_exact_mut(W);
                 for g in &mut groups {
                     let mut x = [v::zero(); W];
@@ -495,11 +480,18 @@ pub mod x86 {
                     }
                 }
                 // Fewer than W vectors left (sector sizes that are not a multiple of the
-                // step): one block at a time, continuing from lane 0 of the next tweaks.
-                let mut t = v::lane0(tw[0]);
+                // step): one block at a time. The tweak is recomputed from T0 rather than
+                // read from the vectors, which keeps the main loop free of lane extraction.
+                let done = (chunks_len / W) * W * (v::BYTES / 16);
                 let left = groups.into_remainder();
                 let (blocks, _) = left.as_flattened_mut().as_chunks_mut::<16>();
                 let (rest_blocks, _) = rest.as_chunks_mut::<16>();
+                let mut t = t0;
+                if !blocks.is_empty() || !rest_blocks.is_empty() {
+                    for _ in 0..done {
+                        t = mul_alpha(t);
+                    }
+                }
                 for b in blocks.iter_mut().chain(rest_blocks.iter_mut()) {
                     xts_one_block::<ENC, ROUNDS>(keys, b, t);
                     t = mul_alpha(t);
