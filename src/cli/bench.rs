@@ -377,3 +377,39 @@ pub mod openssl_side {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measure_reports_a_rate_for_every_contender() {
+        let mut n = 0u64;
+        let mut m = 0u64;
+        let mut cs = vec![
+            Contender::new("a", 1.0, || n += 1),
+            Contender::new("b", 2.0, || m += 1),
+        ];
+        let rates = measure(&mut cs, 2, Duration::from_millis(5));
+        assert_eq!(rates.len(), 2);
+        assert!(rates.iter().all(|r| *r > 0.0 && r.is_finite()), "{rates:?}");
+    }
+
+    #[test]
+    fn xts_contenders_cover_engine_every_implementation_and_baseline() {
+        let cs = volcrypt_xts_contenders(true);
+        assert_eq!(cs.len(), 2 + Implementation::available().len());
+        assert!(cs[0].name.starts_with("volcrypt"));
+        assert!(cs.last().is_some_and(|c| c.name.contains("baseline")));
+    }
+
+    #[test]
+    fn thread_cpu_time_advances_with_work() {
+        let before = thread_cpu_time();
+        let mut x = 0u64;
+        while thread_cpu_time() - before < Duration::from_millis(2) {
+            x = black_box(x.wrapping_add(1));
+        }
+        assert!(x > 0);
+    }
+}

@@ -497,6 +497,8 @@ pub mod x86 {
                     xts_one_block::<ENC, ROUNDS>(keys, b, t);
                     t = mul_alpha(t);
                 }
+                // The tweaks derive from the tweak key: do not leave them on the stack.
+                init.zeroize();
             }
         };
     }
