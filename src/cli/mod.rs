@@ -9,11 +9,7 @@ pub mod bench;
 pub mod image;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "volcrypt",
-    version,
-    about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace"
-)]
+#[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
 pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
