@@ -282,6 +282,23 @@ pub mod x86 {
         pub fn declast(a: V, k: V) -> V {
             _mm_aesdeclast_si128(a, k)
         }
+        /// The first tweak vector: lane l = t·α^l.
+        #[inline]
+        #[target_feature(enable = "sse2")]
+        pub fn first(t: u128) -> V {
+            _mm_set_epi64x((t >> 64) as i64, t as i64)
+        }
+        /// Each lane × α^(lanes): the next vector of consecutive tweaks.
+        #[inline]
+        #[target_feature(enable = "pclmulqdq")]
+        pub fn step(x: V) -> V {
+            let poly = _mm_set_epi64x(0, 0x87);
+            let s = _mm_slli_epi64::<1>(x);
+            let c = _mm_srli_epi64::<63>(x);
+            let up = _mm_slli_si128::<8>(c);
+            let red = _mm_clmulepi64_si128::<0x01>(c, poly);
+            _mm_xor_si128(_mm_xor_si128(s, up), red)
+        }
         /// Each lane × α^8 (8 blocks in flight).
         #[inline]
         #[target_feature(enable = "pclmulqdq")]
@@ -345,6 +362,24 @@ pub mod x86 {
         #[target_feature(enable = "avx2,vaes")]
         pub fn declast(a: V, k: V) -> V {
             _mm256_aesdeclast_epi128(a, k)
+        }
+        /// The first tweak vector: lane l = t·α^l.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn first(t: u128) -> V {
+            let t1 = crate::crypto::xts::mul_alpha(t);
+            _mm256_set_epi64x((t1 >> 64) as i64, t1 as i64, (t >> 64) as i64, t as i64)
+        }
+        /// Each lane × α^(lanes): the next vector of consecutive tweaks.
+        #[inline]
+        #[target_feature(enable = "avx2,vpclmulqdq")]
+        pub fn step(x: V) -> V {
+            let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+            let s = _mm256_slli_epi64::<2>(x);
+            let c = _mm256_srli_epi64::<62>(x);
+            let up = _mm256_bslli_epi128::<8>(c);
+            let red = _mm256_clmulepi64_epi128::<0x01>(c, poly);
+            _mm256_xor_si256(_mm256_xor_si256(s, up), red)
         }
         /// Each lane × α^16 (16 blocks in flight).
         #[inline]
@@ -410,6 +445,36 @@ pub mod x86 {
         pub fn declast(a: V, k: V) -> V {
             _mm512_aesdeclast_epi128(a, k)
         }
+        /// The first tweak vector: lane l = t·α^l.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub fn first(t: u128) -> V {
+            use crate::crypto::xts::mul_alpha;
+            let t1 = mul_alpha(t);
+            let t2 = mul_alpha(t1);
+            let t3 = mul_alpha(t2);
+            _mm512_set_epi64(
+                (t3 >> 64) as i64,
+                t3 as i64,
+                (t2 >> 64) as i64,
+                t2 as i64,
+                (t1 >> 64) as i64,
+                t1 as i64,
+                (t >> 64) as i64,
+                t as i64,
+            )
+        }
+        /// Each lane × α^(lanes): the next vector of consecutive tweaks.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+        pub fn step(x: V) -> V {
+            let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
+            let s = _mm512_slli_epi64::<4>(x);
+            let c = _mm512_srli_epi64::<60>(x);
+            let up = _mm512_bslli_epi128::<8>(c);
+            let red = _mm512_clmulepi64_epi128::<0x01>(c, poly);
+            _mm512_xor_si512(_mm512_xor_si512(s, up), red)
+        }
         /// Each lane × α^32 (32 blocks in flight).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
@@ -440,18 +505,12 @@ pub mod x86 {
                 for (r, k) in rk.iter_mut().zip(keys.iter()).take(ROUNDS + 1) {
                     *r = v::bcast(k);
                 }
-                // Lane l of vector j holds T0·α^(j·LANES + l).
-                let mut init = [[0u8; v::BYTES]; W];
-                let mut t = t0;
-                for vec in init.iter_mut() {
-                    for lane in vec.chunks_exact_mut(16) {
-                        lane.copy_from_slice(&t.to_le_bytes());
-                        t = mul_alpha(t);
-                    }
-                }
+                // Lane l of vector j holds T0·α^(j·lanes + l), built in registers: the first
+                // vector from T0, each next one by one vector multiply by α^lanes.
                 let mut tw = [v::zero(); W];
-                for (tj, ij) in tw.iter_mut().zip(init.iter()) {
-                    *tj = v::load(ij);
+                tw[0] = v::first(t0);
+                for j in 1..W {
+                    tw[j] = v::step(tw[j - 1]);
                 }
                 let (chunks, rest) = sector.as_chunks_mut::<{ v::BYTES }>();
                 let chunks_len = chunks.len();
@@ -497,8 +556,6 @@ pub mod x86 {
                     xts_one_block::<ENC, ROUNDS>(keys, b, t);
                     t = mul_alpha(t);
                 }
-                // The tweaks derive from the tweak key: do not leave them on the stack.
-                init.zeroize();
             }
         };
     }
