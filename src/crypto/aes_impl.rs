@@ -5,8 +5,9 @@
 //! Why this is fast:
 //! - 8 vectors in flight (8, 16 or 32 blocks): the AES instructions' latency (several cycles)
 //!   is hidden behind independent blocks, so the AES units issue every cycle;
-//! - tweaks are multiplied in bulk: each vector lane is advanced by α^(blocks in flight) with
-//!   one carry-less multiply per vector instead of one α step per block;
+//! - tweaks are multiplied in bulk and stay in registers: each vector lane is advanced by
+//!   α^(blocks in flight) with one carry-less multiply per vector instead of one α step per
+//!   block, and a sector's first tweak vectors are derived from T0 the same way;
 //! - the per-sector initial tweaks AES_{K2}(IV) of up to 8 sectors are encrypted together.
 //!
 //! Everything is checked against the portable path, the IEEE 1619 vectors and OpenSSL
