@@ -492,70 +492,75 @@ pub mod x86 {
     /// Vectors in flight per kernel iteration.
     const W: usize = 8;
 
-    /// One XTS sector: `W` vectors (W × LANES blocks) per iteration, then single blocks.
+    /// A run of XTS sectors (sector i with initial tweak `t0s[i]`), round keys broadcast once:
+    /// per sector `W` vectors (W × lanes blocks) per iteration, then single blocks.
     macro_rules! xts_kernel {
         ($name:ident, $w:ident, $feat:literal) => {
             #[target_feature(enable = $feat)]
             fn $name<const ENC: bool, const ROUNDS: usize>(
                 keys: &[[u8; 16]; 15],
-                sector: &mut [u8],
-                t0: u128,
+                run: &mut [u8],
+                sector_size: usize,
+                t0s: &[[u8; 16]],
             ) {
                 use $w as v;
                 let mut rk = [v::zero(); 15];
                 for (r, k) in rk.iter_mut().zip(keys.iter()).take(ROUNDS + 1) {
                     *r = v::bcast(k);
                 }
-                // Lane l of vector j holds T0·α^(j·lanes + l), built in registers: the first
-                // vector from T0, each next one by one vector multiply by α^lanes.
-                let mut tw = [v::zero(); W];
-                tw[0] = v::first(t0);
-                for j in 1..W {
-                    tw[j] = v::step(tw[j - 1]);
-                }
-                let (chunks, rest) = sector.as_chunks_mut::<{ v::BYTES }>();
-                let chunks_len = chunks.len();
-                let mut groups = chunks.chunks_exact_mut(W);
-                for g in &mut groups {
-                    let mut x = [v::zero(); W];
-                    for j in 0..W {
-                        x[j] = v::xor(v::xor(v::load(&g[j]), tw[j]), rk[0]);
+                for (sector, t0) in run.chunks_exact_mut(sector_size).zip(t0s.iter()) {
+                    let t0 = u128::from_le_bytes(*t0);
+                    // Lane l of vector j holds T0·α^(j·lanes + l), built in registers: the first
+                    // vector from T0, each next one by one vector multiply by α^lanes.
+                    let mut tw = [v::zero(); W];
+                    tw[0] = v::first(t0);
+                    for j in 1..W {
+                        tw[j] = v::step(tw[j - 1]);
                     }
-                    for k in rk.iter().take(ROUNDS).skip(1) {
-                        for xj in x.iter_mut() {
-                            *xj = if ENC {
-                                v::enc(*xj, *k)
+                    let (chunks, rest) = sector.as_chunks_mut::<{ v::BYTES }>();
+                    let chunks_len = chunks.len();
+                    let mut groups = chunks.chunks_exact_mut(W);
+                    for g in &mut groups {
+                        let mut x = [v::zero(); W];
+                        for j in 0..W {
+                            x[j] = v::xor(v::xor(v::load(&g[j]), tw[j]), rk[0]);
+                        }
+                        for k in rk.iter().take(ROUNDS).skip(1) {
+                            for xj in x.iter_mut() {
+                                *xj = if ENC {
+                                    v::enc(*xj, *k)
+                                } else {
+                                    v::dec(*xj, *k)
+                                };
+                            }
+                        }
+                        for j in 0..W {
+                            let y = if ENC {
+                                v::enclast(x[j], rk[ROUNDS])
                             } else {
-                                v::dec(*xj, *k)
+                                v::declast(x[j], rk[ROUNDS])
                             };
+                            v::store(&mut g[j], v::xor(y, tw[j]));
+                            tw[j] = v::next(tw[j]);
                         }
                     }
-                    for j in 0..W {
-                        let y = if ENC {
-                            v::enclast(x[j], rk[ROUNDS])
-                        } else {
-                            v::declast(x[j], rk[ROUNDS])
-                        };
-                        v::store(&mut g[j], v::xor(y, tw[j]));
-                        tw[j] = v::next(tw[j]);
+                    // Fewer than W vectors left (sector sizes that are not a multiple of the
+                    // step): one block at a time. The tweak is recomputed from T0 rather than
+                    // read from the vectors, which keeps the main loop free of lane extraction.
+                    let done = (chunks_len / W) * W * (v::BYTES / 16);
+                    let left = groups.into_remainder();
+                    let (blocks, _) = left.as_flattened_mut().as_chunks_mut::<16>();
+                    let (rest_blocks, _) = rest.as_chunks_mut::<16>();
+                    let mut t = t0;
+                    if !blocks.is_empty() || !rest_blocks.is_empty() {
+                        for _ in 0..done {
+                            t = mul_alpha(t);
+                        }
                     }
-                }
-                // Fewer than W vectors left (sector sizes that are not a multiple of the
-                // step): one block at a time. The tweak is recomputed from T0 rather than
-                // read from the vectors, which keeps the main loop free of lane extraction.
-                let done = (chunks_len / W) * W * (v::BYTES / 16);
-                let left = groups.into_remainder();
-                let (blocks, _) = left.as_flattened_mut().as_chunks_mut::<16>();
-                let (rest_blocks, _) = rest.as_chunks_mut::<16>();
-                let mut t = t0;
-                if !blocks.is_empty() || !rest_blocks.is_empty() {
-                    for _ in 0..done {
+                    for b in blocks.iter_mut().chain(rest_blocks.iter_mut()) {
+                        xts_one_block::<ENC, ROUNDS>(keys, b, t);
                         t = mul_alpha(t);
                     }
-                }
-                for b in blocks.iter_mut().chain(rest_blocks.iter_mut()) {
-                    xts_one_block::<ENC, ROUNDS>(keys, b, t);
-                    t = mul_alpha(t);
                 }
             }
         };
@@ -593,23 +598,21 @@ pub mod x86 {
                     encrypt_blocks_8::<14>(&k.tweak, t0);
                 }
             }
-            for (sector, t) in run.chunks_exact_mut(sector_size).zip(t0.iter()) {
-                let t = u128::from_le_bytes(*t);
-                unsafe {
-                    match (level, encrypt, k.rounds == 10) {
-                        (Level::AesNi, true, true) => xts_w128::<true, 10>(keys, sector, t),
-                        (Level::AesNi, true, false) => xts_w128::<true, 14>(keys, sector, t),
-                        (Level::AesNi, false, true) => xts_w128::<false, 10>(keys, sector, t),
-                        (Level::AesNi, false, false) => xts_w128::<false, 14>(keys, sector, t),
-                        (Level::Vaes256, true, true) => xts_w256::<true, 10>(keys, sector, t),
-                        (Level::Vaes256, true, false) => xts_w256::<true, 14>(keys, sector, t),
-                        (Level::Vaes256, false, true) => xts_w256::<false, 10>(keys, sector, t),
-                        (Level::Vaes256, false, false) => xts_w256::<false, 14>(keys, sector, t),
-                        (Level::Vaes512, true, true) => xts_w512::<true, 10>(keys, sector, t),
-                        (Level::Vaes512, true, false) => xts_w512::<true, 14>(keys, sector, t),
-                        (Level::Vaes512, false, true) => xts_w512::<false, 10>(keys, sector, t),
-                        (Level::Vaes512, false, false) => xts_w512::<false, 14>(keys, sector, t),
-                    }
+            let ss = sector_size;
+            unsafe {
+                match (level, encrypt, k.rounds == 10) {
+                    (Level::AesNi, true, true) => xts_w128::<true, 10>(keys, run, ss, t0),
+                    (Level::AesNi, true, false) => xts_w128::<true, 14>(keys, run, ss, t0),
+                    (Level::AesNi, false, true) => xts_w128::<false, 10>(keys, run, ss, t0),
+                    (Level::AesNi, false, false) => xts_w128::<false, 14>(keys, run, ss, t0),
+                    (Level::Vaes256, true, true) => xts_w256::<true, 10>(keys, run, ss, t0),
+                    (Level::Vaes256, true, false) => xts_w256::<true, 14>(keys, run, ss, t0),
+                    (Level::Vaes256, false, true) => xts_w256::<false, 10>(keys, run, ss, t0),
+                    (Level::Vaes256, false, false) => xts_w256::<false, 14>(keys, run, ss, t0),
+                    (Level::Vaes512, true, true) => xts_w512::<true, 10>(keys, run, ss, t0),
+                    (Level::Vaes512, true, false) => xts_w512::<true, 14>(keys, run, ss, t0),
+                    (Level::Vaes512, false, true) => xts_w512::<false, 10>(keys, run, ss, t0),
+                    (Level::Vaes512, false, false) => xts_w512::<false, 14>(keys, run, ss, t0),
                 }
             }
             t0_buf.zeroize();
