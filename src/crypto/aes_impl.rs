@@ -289,27 +289,36 @@ pub mod x86 {
         pub fn first(t: u128) -> V {
             _mm_set_epi64x((t >> 64) as i64, t as i64)
         }
-        /// Each lane × α^(lanes): the next vector of consecutive tweaks.
+        /// Each lane × α^S (R = 64 − S): shift both 64-bit halves, carry the low half's top
+        /// bits into the high half, and fold the high half's top bits back with the XTS
+        /// polynomial (a carry-less multiply by 0x87).
         #[inline]
         #[target_feature(enable = "pclmulqdq")]
-        pub fn step(x: V) -> V {
+        pub fn mul<const S: i32, const R: i32>(x: V) -> V {
             let poly = _mm_set_epi64x(0, 0x87);
-            let s = _mm_slli_epi64::<1>(x);
-            let c = _mm_srli_epi64::<63>(x);
+            let s = _mm_slli_epi64::<S>(x);
+            let c = _mm_srli_epi64::<R>(x);
             let up = _mm_slli_si128::<8>(c);
             let red = _mm_clmulepi64_si128::<0x01>(c, poly);
             _mm_xor_si128(_mm_xor_si128(s, up), red)
+        }
+        /// Tweak vectors 1..W from vector 0 (lanes = 1), with a dependency chain of depth 3.
+        #[inline]
+        #[target_feature(enable = "pclmulqdq")]
+        pub fn ahead(t: &mut [V; super::W]) {
+            t[1] = mul::<1, 63>(t[0]);
+            t[2] = mul::<2, 62>(t[0]);
+            t[3] = mul::<2, 62>(t[1]);
+            t[4] = mul::<4, 60>(t[0]);
+            t[5] = mul::<4, 60>(t[1]);
+            t[6] = mul::<4, 60>(t[2]);
+            t[7] = mul::<4, 60>(t[3]);
         }
         /// Each lane × α^8 (8 blocks in flight).
         #[inline]
         #[target_feature(enable = "pclmulqdq")]
         pub fn next(x: V) -> V {
-            let poly = _mm_set_epi64x(0, 0x87);
-            let s = _mm_slli_epi64::<8>(x);
-            let c = _mm_srli_epi64::<56>(x);
-            let up = _mm_slli_si128::<8>(c);
-            let red = _mm_clmulepi64_si128::<0x01>(c, poly);
-            _mm_xor_si128(_mm_xor_si128(s, up), red)
+            mul::<8, 56>(x)
         }
     }
 
@@ -371,27 +380,36 @@ pub mod x86 {
             let t1 = crate::crypto::xts::mul_alpha(t);
             _mm256_set_epi64x((t1 >> 64) as i64, t1 as i64, (t >> 64) as i64, t as i64)
         }
-        /// Each lane × α^(lanes): the next vector of consecutive tweaks.
+        /// Each lane × α^S (R = 64 − S): shift both 64-bit halves, carry the low half's top
+        /// bits into the high half, and fold the high half's top bits back with the XTS
+        /// polynomial (a carry-less multiply by 0x87).
         #[inline]
         #[target_feature(enable = "avx2,vpclmulqdq")]
-        pub fn step(x: V) -> V {
+        pub fn mul<const S: i32, const R: i32>(x: V) -> V {
             let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
-            let s = _mm256_slli_epi64::<2>(x);
-            let c = _mm256_srli_epi64::<62>(x);
+            let s = _mm256_slli_epi64::<S>(x);
+            let c = _mm256_srli_epi64::<R>(x);
             let up = _mm256_bslli_epi128::<8>(c);
             let red = _mm256_clmulepi64_epi128::<0x01>(c, poly);
             _mm256_xor_si256(_mm256_xor_si256(s, up), red)
+        }
+        /// Tweak vectors 1..W from vector 0 (lanes = 2), with a dependency chain of depth 3.
+        #[inline]
+        #[target_feature(enable = "avx2,vpclmulqdq")]
+        pub fn ahead(t: &mut [V; super::W]) {
+            t[1] = mul::<2, 62>(t[0]);
+            t[2] = mul::<4, 60>(t[0]);
+            t[3] = mul::<4, 60>(t[1]);
+            t[4] = mul::<8, 56>(t[0]);
+            t[5] = mul::<8, 56>(t[1]);
+            t[6] = mul::<8, 56>(t[2]);
+            t[7] = mul::<8, 56>(t[3]);
         }
         /// Each lane × α^16 (16 blocks in flight).
         #[inline]
         #[target_feature(enable = "avx2,vpclmulqdq")]
         pub fn next(x: V) -> V {
-            let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
-            let s = _mm256_slli_epi64::<16>(x);
-            let c = _mm256_srli_epi64::<48>(x);
-            let up = _mm256_bslli_epi128::<8>(c);
-            let red = _mm256_clmulepi64_epi128::<0x01>(c, poly);
-            _mm256_xor_si256(_mm256_xor_si256(s, up), red)
+            mul::<16, 48>(x)
         }
     }
 
@@ -465,27 +483,36 @@ pub mod x86 {
                 t as i64,
             )
         }
-        /// Each lane × α^(lanes): the next vector of consecutive tweaks.
+        /// Each lane × α^S (R = 64 − S): shift both 64-bit halves, carry the low half's top
+        /// bits into the high half, and fold the high half's top bits back with the XTS
+        /// polynomial (a carry-less multiply by 0x87).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-        pub fn step(x: V) -> V {
+        pub fn mul<const S: u32, const R: u32>(x: V) -> V {
             let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
-            let s = _mm512_slli_epi64::<4>(x);
-            let c = _mm512_srli_epi64::<60>(x);
+            let s = _mm512_slli_epi64::<S>(x);
+            let c = _mm512_srli_epi64::<R>(x);
             let up = _mm512_bslli_epi128::<8>(c);
             let red = _mm512_clmulepi64_epi128::<0x01>(c, poly);
             _mm512_xor_si512(_mm512_xor_si512(s, up), red)
+        }
+        /// Tweak vectors 1..W from vector 0 (lanes = 4), with a dependency chain of depth 3.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+        pub fn ahead(t: &mut [V; super::W]) {
+            t[1] = mul::<4, 60>(t[0]);
+            t[2] = mul::<8, 56>(t[0]);
+            t[3] = mul::<8, 56>(t[1]);
+            t[4] = mul::<16, 48>(t[0]);
+            t[5] = mul::<16, 48>(t[1]);
+            t[6] = mul::<16, 48>(t[2]);
+            t[7] = mul::<16, 48>(t[3]);
         }
         /// Each lane × α^32 (32 blocks in flight).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
         pub fn next(x: V) -> V {
-            let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
-            let s = _mm512_slli_epi64::<32>(x);
-            let c = _mm512_srli_epi64::<32>(x);
-            let up = _mm512_bslli_epi128::<8>(c);
-            let red = _mm512_clmulepi64_epi128::<0x01>(c, poly);
-            _mm512_xor_si512(_mm512_xor_si512(s, up), red)
+            mul::<32, 32>(x)
         }
     }
 
@@ -511,12 +538,10 @@ pub mod x86 {
                 for (sector, t0) in run.chunks_exact_mut(sector_size).zip(t0s.iter()) {
                     let t0 = u128::from_le_bytes(*t0);
                     // Lane l of vector j holds T0·α^(j·lanes + l), built in registers: the first
-                    // vector from T0, each next one by one vector multiply by α^lanes.
+                    // vector from T0, the others from it by vector multiplies (depth 3).
                     let mut tw = [v::zero(); W];
                     tw[0] = v::first(t0);
-                    for j in 1..W {
-                        tw[j] = v::step(tw[j - 1]);
-                    }
+                    v::ahead(&mut tw);
                     let (chunks, rest) = sector.as_chunks_mut::<{ v::BYTES }>();
                     let chunks_len = chunks.len();
                     let mut groups = chunks.chunks_exact_mut(W);
