@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 use crate::error::Error;
 
+pub mod bench;
 pub mod image;
 pub mod keys;
 
@@ -25,6 +26,9 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Manage the local keystore: add, list, remove secrets, show their metadata.
     Keystore(keys::KeystoreArgs),
+    /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
+    /// with `--features bench-openssl`.
+    Bench(bench::BenchArgs),
 }
 
 /// Run one parsed command line.
@@ -32,5 +36,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Keystore(args) => keys::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
