@@ -11,6 +11,7 @@
 //! size is not a multiple of the sector size (naming the size and the nearest valid sizes)
 //! rather than silently padding it, because a padded image would not decrypt to the same bytes.
 
+pub mod bench;
 pub mod params;
 pub mod stream;
 
@@ -264,36 +265,50 @@ impl OpenedImage {
             .map_err(header_err(path))
     }
 
-    /// Decrypts the payload into `out`. Refuses data the header forbids activating (unknown
-    /// mandatory requirements) before touching the key.
-    pub fn decrypt_into<W: Write + Send>(
+    /// Checks that the data may be activated (no unknown mandatory requirements), that the
+    /// payload fits the image, and unlocks a keyslot: everything that can fail before any
+    /// output is created.
+    pub fn unlock_payload(
         &mut self,
         passphrase: &SecretBytes,
         slot: Option<u32>,
         limits: &KdfLimits,
-        out: W,
-        out_name: &str,
-        opts: &StreamOptions,
-    ) -> Result<DecryptReport, Error> {
+    ) -> Result<UnlockedPayload, Error> {
         self.header
             .check_activation_allowed()
             .map_err(header_err(&self.image_path))?;
         let (offset, len) = self.payload_extent()?;
         let (slot, key) = self.unlock(passphrase, slot, limits)?;
+        // The key now lives only inside the cipher's zeroizing key schedule.
         let cipher = SectorCipher::new(self.header.cipher(), key.expose())?;
         drop(key);
+        Ok(UnlockedPayload {
+            slot,
+            cipher,
+            offset,
+            len,
+        })
+    }
+
+    /// Decrypts the unlocked payload into `out` (named `out_name` in errors).
+    pub fn decrypt_into<W: Write + Send>(
+        &mut self,
+        unlocked: &UnlockedPayload,
+        out: W,
+        out_name: &str,
+        opts: &StreamOptions,
+    ) -> Result<DecryptReport, Error> {
         let path = self.image_path.clone();
         self.image
-            .seek(SeekFrom::Start(offset))
+            .seek(SeekFrom::Start(unlocked.offset))
             .map_err(io_err(&path))?;
-        let reader = (&mut self.image).take(len);
-        let sector_size = self.header.sector_size() as usize;
+        let reader = (&mut self.image).take(unlocked.len);
         let written = decrypt_to(
             reader,
             out,
-            &cipher,
-            len,
-            sector_size,
+            &unlocked.cipher,
+            unlocked.len,
+            self.header.sector_size() as usize,
             self.header.iv_tweak(),
             opts,
         )
@@ -305,10 +320,18 @@ impl OpenedImage {
             source,
         })?;
         Ok(DecryptReport {
-            slot,
+            slot: unlocked.slot,
             bytes: written,
         })
     }
+}
+
+/// A payload ready to decrypt: the slot that opened it, its cipher, and where it lies.
+pub struct UnlockedPayload {
+    pub slot: u32,
+    pub cipher: SectorCipher,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// What `decrypt` did.
@@ -402,15 +425,9 @@ pub fn decrypt(
         }
     }
     let mut opened = open(image, header)?;
+    let unlocked = opened.unlock_payload(passphrase, slot, limits)?;
     match output {
-        Output::Stdout => opened.decrypt_into(
-            passphrase,
-            slot,
-            limits,
-            io::stdout(),
-            "standard output",
-            opts,
-        ),
+        Output::Stdout => opened.decrypt_into(&unlocked, io::stdout(), "standard output", opts),
         Output::File(out) => {
             let existed = out.exists();
             let f = OpenOptions::new()
@@ -419,14 +436,7 @@ pub fn decrypt(
                 .truncate(true)
                 .open(out)
                 .map_err(open_err(out))?;
-            let result = opened.decrypt_into(
-                passphrase,
-                slot,
-                limits,
-                f,
-                &out.display().to_string(),
-                opts,
-            );
+            let result = opened.decrypt_into(&unlocked, f, &out.display().to_string(), opts);
             if result.is_err() && !existed {
                 let _ = std::fs::remove_file(out);
             }
