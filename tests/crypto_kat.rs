@@ -11,7 +11,7 @@ use volcrypt::crypto::{CipherSpec, HashAlg, Kdf, SectorCipher, pbkdf2};
 
 fn hex(s: &str) -> Vec<u8> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    assert!(s.len() % 2 == 0, "odd hex length");
+    assert!(s.len().is_multiple_of(2), "odd hex length");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
@@ -289,6 +289,7 @@ fn ieee1619_vectors() -> Vec<XtsVector> {
 #[test]
 fn ieee1619_xts_vectors_every_implementation() {
     let imps = Implementation::available();
+    eprintln!("XTS implementations on this CPU: {imps:?}");
     for v in ieee1619_vectors() {
         let mut key = hex(v.key1);
         key.extend(hex(v.key2));
