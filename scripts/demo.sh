@@ -10,9 +10,13 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "build the release binary"
-cargo build --release --bin volcrypt
-bin=${CARGO_TARGET_DIR:-target}/release/volcrypt
+if [ -n "${VOLCRYPT_BIN:-}" ]; then
+  bin=$VOLCRYPT_BIN # an already built binary (e.g. from CI)
+else
+  step "build the release binary"
+  cargo build --release --bin volcrypt
+  bin=${CARGO_TARGET_DIR:-target}/release/volcrypt
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/volcrypt-demo.XXXXXX")
 trap 'rm -rf "$work"' EXIT
