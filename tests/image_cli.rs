@@ -274,6 +274,41 @@ fn inspect_reports_what_cryptsetup_reports() {
     assert!(json_has_string(&json, uuid), "UUID {uuid} missing: {json}");
     assert!(json_has_string(&json, "my-volume"), "label missing: {json}");
     assert!(json_has_number(&json, 2048), "sector size missing: {json}");
+    // The documented top-level fields.
+    assert_eq!(json["version"], 2, "{json}");
+    assert_eq!(json["uuid"], uuid, "{json}");
+    assert_eq!(json["label"], "my-volume", "{json}");
+    assert_eq!(json["cipher"], "aes-xts-plain64", "{json}");
+    assert_eq!(json["volume_key_bits"], 512, "{json}");
+    assert_eq!(json["sector_size"], 2048, "{json}");
+    assert_eq!(
+        json["data_size"],
+        serde_json::Value::Null,
+        "dynamic segment: {json}"
+    );
+    let offset = json["data_offset"].as_u64().expect("data_offset");
+    assert_eq!(
+        offset + (1 << 20),
+        std::fs::metadata(&img).expect("img").len(),
+        "payload fills the image after data_offset"
+    );
+    let slots = json["keyslots"].as_array().expect("keyslots array");
+    assert_eq!(slots.len(), 1, "{json}");
+    assert!(slots[0].to_string().contains("argon2id"), "{json}");
+    assert!(
+        json["digests"].as_array().is_some_and(|d| d.len() == 1),
+        "{json}"
+    );
+    assert!(
+        json["tokens"].as_array().is_some_and(|t| t.is_empty()),
+        "{json}"
+    );
+    assert!(
+        json["requirements"]
+            .as_array()
+            .is_some_and(|r| r.is_empty()),
+        "{json}"
+    );
 
     let text = stdout(&check(vc(&["image", "inspect", arg(&img)])));
     for want in [uuid, "my-volume", "aes-xts-plain64", "2048", "argon2id"] {

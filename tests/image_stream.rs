@@ -69,3 +69,32 @@ fn chunked_parallel_streams_equal_a_single_pass_and_round_trip() {
         }
     }
 }
+
+/// Whole-image decrypt throughput, all cores vs one (issue 2 §6). A benchmark, not a timed
+/// test: run it with `cargo test --release --test image_stream -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run explicitly in release mode"]
+fn whole_image_decrypt_throughput_all_cores_vs_one() {
+    use volcrypt::image::bench::decrypt_throughput;
+    let spec = CipherSpec::parse("aes-xts-plain64").expect("spec");
+    let key = random_bytes(64, 7);
+    let total = 1u64 << 30;
+    // Warm up (page-faulting buffers, spinning up the pool).
+    decrypt_throughput(&spec, &key, 64 << 20, 4096, None).expect("warm-up");
+    let one = decrypt_throughput(&spec, &key, total, 4096, Some(1)).expect("one core");
+    let all = decrypt_throughput(&spec, &key, total, 4096, None).expect("all cores");
+    for t in [one, all] {
+        println!(
+            "whole-image decrypt, AES-256-XTS, 4 KiB sectors, {} thread(s): {:.2} GB/s",
+            t.threads,
+            t.bytes_per_second() / 1e9
+        );
+    }
+    println!(
+        "all cores ({}) vs one: {:.2}x",
+        all.threads,
+        all.bytes_per_second() / one.bytes_per_second()
+    );
+    assert_eq!(one.bytes, total);
+    assert_eq!(all.bytes, total);
+}

@@ -130,17 +130,18 @@ pub fn read_key_file(path: &Path) -> Result<SecretBytes, Error> {
     let mut buf = zeroize::Zeroizing::new(Vec::new());
     let limit = MAX_KEY_FILE_SIZE + 1;
     if path == Path::new("-") {
+        buf.reserve(4096);
         io::stdin()
             .lock()
             .take(limit)
             .read_to_end(&mut buf)
             .map_err(io_err(path))?;
     } else {
-        File::open(path)
-            .map_err(open_err(path))?
-            .take(limit)
-            .read_to_end(&mut buf)
-            .map_err(io_err(path))?;
+        let f = File::open(path).map_err(open_err(path))?;
+        // Reserve up front so growing the buffer leaves no unzeroized copies behind.
+        let hint = f.metadata().map_or(0, |m| m.len().min(MAX_KEY_FILE_SIZE));
+        buf.reserve(usize::try_from(hint).unwrap_or(0) + 1);
+        f.take(limit).read_to_end(&mut buf).map_err(io_err(path))?;
     }
     if buf.len() as u64 > MAX_KEY_FILE_SIZE {
         return Err(Error::KeyFile {
@@ -596,5 +597,62 @@ impl Drop for Cleanup {
                 let _ = std::fs::remove_file(p);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(bytes).expect("write");
+        f
+    }
+
+    #[test]
+    fn key_files_are_read_whole_keeping_newlines() {
+        let f = temp_file(b"pass\n\0word\r\n");
+        let k = read_key_file(f.path()).expect("read");
+        assert_eq!(k.expose(), b"pass\n\0word\r\n");
+    }
+
+    #[test]
+    fn empty_and_oversized_key_files_are_refused_naming_the_file() {
+        let f = temp_file(b"");
+        let e = read_key_file(f.path()).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        assert!(
+            e.to_string().contains(&f.path().display().to_string()),
+            "{e}"
+        );
+        assert_eq!(e.exit_status(), ExitStatus::Invalid);
+
+        let big = tempfile::NamedTempFile::new().expect("temp");
+        big.as_file()
+            .set_len(MAX_KEY_FILE_SIZE + 1)
+            .expect("set_len");
+        let e = read_key_file(big.path()).unwrap_err();
+        assert!(e.to_string().contains("maximum"), "{e}");
+
+        let e = read_key_file(Path::new("/nonexistent/key")).unwrap_err();
+        assert_eq!(e.exit_status(), ExitStatus::WrongDevice);
+    }
+
+    #[test]
+    fn same_file_is_detected_through_other_names() {
+        let f = temp_file(b"x");
+        let dir = f.path().parent().expect("parent");
+        let dotted = dir.join(".").join(f.path().file_name().expect("name"));
+        let e = refuse_same_file("overwrite the input", f.path(), &dotted).unwrap_err();
+        assert!(e.to_string().contains("same file"), "{e}");
+        let g = temp_file(b"y");
+        refuse_same_file("overwrite the input", f.path(), g.path()).expect("different files");
+        refuse_same_file(
+            "overwrite the input",
+            f.path(),
+            Path::new("/nonexistent/out"),
+        )
+        .expect("a new output");
     }
 }

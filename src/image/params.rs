@@ -244,3 +244,149 @@ fn half_physical_memory_kib() -> u32 {
         })
         .map_or(u32::MAX, |kib| u32::try_from(kib / 2).unwrap_or(u32::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> KdfLimits {
+        KdfLimits::default()
+    }
+
+    fn pbkdf2(iterations: u32) -> EncryptOptions {
+        EncryptOptions {
+            pbkdf: Some(PbkdfType::Pbkdf2),
+            iterations: Some(iterations),
+            ..EncryptOptions::default()
+        }
+    }
+
+    #[test]
+    fn luks2_defaults_follow_cryptsetup() {
+        let o = EncryptOptions {
+            iterations: Some(4),
+            memory_kib: Some(64),
+            ..EncryptOptions::default()
+        };
+        let p = o.resolve(1 << 20, false, &limits()).expect("resolve");
+        assert_eq!(p.version, 2);
+        assert_eq!(p.cipher.to_string(), "aes-xts-plain64");
+        assert_eq!(p.key_bytes, 64);
+        assert_eq!(p.sector_size, 4096);
+        assert_eq!(p.hash, HashAlg::Sha256);
+        match p.kdf {
+            Kdf::Argon2 {
+                variant,
+                time,
+                memory_kib,
+                parallel,
+            } => {
+                assert_eq!(variant, Argon2Variant::Argon2id);
+                assert_eq!((time, memory_kib), (4, 64));
+                assert!((1..=4).contains(&parallel));
+            }
+            other => panic!("expected argon2id, got {other:?}"),
+        }
+        // Not a multiple of 4096: 512-byte sectors.
+        let p = o
+            .resolve((1 << 20) + 512, false, &limits())
+            .expect("resolve");
+        assert_eq!(p.sector_size, 512);
+    }
+
+    #[test]
+    fn luks1_defaults_and_refusals() {
+        let o = EncryptOptions {
+            version: Some(1),
+            ..pbkdf2(1000)
+        };
+        let p = o.resolve(1 << 20, false, &limits()).expect("resolve");
+        assert_eq!((p.version, p.sector_size, p.key_bytes), (1, 512, 64));
+        assert_eq!(
+            p.kdf,
+            Kdf::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 1000
+            }
+        );
+
+        for bad in [
+            EncryptOptions {
+                sector_size: Some(4096),
+                ..o.clone()
+            },
+            EncryptOptions {
+                label: Some("x".into()),
+                ..o.clone()
+            },
+            EncryptOptions {
+                version: Some(1),
+                pbkdf: Some(PbkdfType::Argon2id),
+                ..EncryptOptions::default()
+            },
+        ] {
+            let e = bad.resolve(1 << 20, false, &limits()).unwrap_err();
+            assert!(e.to_string().contains("LUKS1"), "{e}");
+        }
+    }
+
+    #[test]
+    fn cbc_defaults_to_a_256_bit_key_and_bad_values_are_named() {
+        let o = EncryptOptions {
+            cipher: Some("aes-cbc-essiv:sha256".into()),
+            ..pbkdf2(1000)
+        };
+        assert_eq!(
+            o.resolve(4096, false, &limits())
+                .expect("resolve")
+                .key_bytes,
+            32
+        );
+        let cases = [
+            (
+                EncryptOptions {
+                    key_size_bits: Some(300),
+                    ..pbkdf2(1000)
+                },
+                "300",
+            ),
+            (
+                EncryptOptions {
+                    sector_size: Some(1536),
+                    ..pbkdf2(1000)
+                },
+                "1536",
+            ),
+            (pbkdf2(999), "999"),
+            (
+                EncryptOptions {
+                    pbkdf: Some(PbkdfType::Argon2i),
+                    iterations: Some(3),
+                    ..EncryptOptions::default()
+                },
+                "3",
+            ),
+            (
+                EncryptOptions {
+                    pbkdf: Some(PbkdfType::Argon2i),
+                    iterations: Some(4),
+                    memory_kib: Some(8),
+                    ..EncryptOptions::default()
+                },
+                "8",
+            ),
+            (
+                EncryptOptions {
+                    label: Some("x".repeat(48)),
+                    ..pbkdf2(1000)
+                },
+                "48",
+            ),
+        ];
+        for (o, needle) in cases {
+            let e = o.resolve(1 << 20, false, &limits()).unwrap_err();
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+            assert_eq!(e.exit_status(), crate::error::ExitStatus::Invalid);
+        }
+    }
+}
