@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 use crate::error::Error;
 
+pub mod bench;
 pub mod image;
 
 #[derive(Debug, Parser)]
@@ -22,11 +23,15 @@ pub enum Command {
     /// Work with LUKS container images in userspace (no root, no device-mapper).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
+    /// with `--features bench-openssl`.
+    Bench(bench::BenchArgs),
 }
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Bench(args) => bench::run(args),
     }
 }

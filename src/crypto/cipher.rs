@@ -352,6 +352,12 @@ mod tests {
     }
 
     #[test]
+    fn sector_cipher_is_send_and_sync() {
+        fn shared_across_threads<T: Send + Sync>() {}
+        shared_across_threads::<SectorCipher>();
+    }
+
+    #[test]
     fn debug_output_hides_the_key() {
         let c = SectorCipher::new(&CipherSpec::AES_XTS_PLAIN64, &[0xab; 64]).unwrap();
         let shown = format!("{c:?}");

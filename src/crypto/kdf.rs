@@ -214,7 +214,12 @@ pub fn argon2_raw(
     parallel: u32,
     out: &mut [u8],
 ) -> Result<(), Error> {
-    let bad = |e: argon2::Error| Error::InvalidKdfParameters(format!("{}: {e}", variant.name()));
+    let bad = |e: argon2::Error| match e {
+        argon2::Error::OutOfMemory => {
+            Error::OutOfMemory(format!("{} needs {memory_kib} KiB", variant.name()))
+        }
+        e => Error::InvalidKdfParameters(format!("{}: {e}", variant.name())),
+    };
     let mut builder = argon2::ParamsBuilder::new();
     builder
         .m_cost(memory_kib)

@@ -53,17 +53,20 @@ pub enum Error {
     /// Anti-forensic splitter parameters that do not fit together.
     #[error("invalid anti-forensic split parameters: {0}")]
     InvalidAfParameters(String),
+    /// Memory for a KDF (Argon2) could not be allocated.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// The operating system's random number generator failed.
     #[error("the OS random number generator failed: {0}")]
     Rng(String),
 }
 
 impl Error {
-    /// Maps onto cryptsetup's exit codes: a KDF cost above the limit is "out of memory" (3),
-    /// everything else is "wrong parameters or invalid data" (1).
+    /// Maps onto cryptsetup's exit codes: a KDF cost above the limit or a failed allocation is
+    /// "out of memory" (3), everything else is "wrong parameters or invalid data" (1).
     pub fn exit_status(&self) -> ExitStatus {
         match self {
-            Error::KdfLimitExceeded { .. } => ExitStatus::OutOfMemory,
+            Error::KdfLimitExceeded { .. } | Error::OutOfMemory(_) => ExitStatus::OutOfMemory,
             _ => ExitStatus::Invalid,
         }
     }

@@ -49,7 +49,7 @@ impl Implementation {
         }
     }
 
-    /// The implementations this CPU can run, fastest first.
+    /// The implementations this CPU can run, preferred (fastest) first.
     pub fn available() -> Vec<Implementation> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
@@ -63,7 +63,8 @@ impl Implementation {
 
 impl Xts {
     /// A key of 32 bytes (AES-128-XTS) or 64 bytes (AES-256-XTS): data key first, tweak key
-    /// second, as dm-crypt and IEEE 1619 order them. Uses the fastest implementation available.
+    /// second, as dm-crypt and IEEE 1619 order them. Uses the preferred (fastest)
+    /// implementation available.
     pub fn new(key: &[u8]) -> Result<Self, Error> {
         let best = Implementation::available()
             .first()
@@ -107,10 +108,12 @@ impl Xts {
 
     /// Encrypts consecutive sectors of `sector_size` bytes in place, sector i with IV block
     /// `ivs[i]`. `data.len()` must be `ivs.len() * sector_size` and `sector_size` a non-zero
-    /// multiple of 16 (checked by the caller, [`super::SectorCipher`]).
+    /// multiple of 16 ([`super::SectorCipher`] guarantees both).
+    ///
+    /// # Panics
+    /// If the layout is violated: processing only part of the data would be wrong output.
     pub fn encrypt_sectors(&self, data: &mut [u8], sector_size: usize, ivs: &[[u8; 16]]) {
-        debug_assert!(sector_size.is_multiple_of(16) && sector_size > 0);
-        debug_assert_eq!(data.len(), ivs.len() * sector_size);
+        check_layout(data.len(), sector_size, ivs.len());
         match &self.backend {
             Backend::Portable(k) => {
                 for (sector, iv) in data.chunks_exact_mut(sector_size).zip(ivs) {
@@ -123,9 +126,11 @@ impl Xts {
     }
 
     /// Decrypts, as [`Xts::encrypt_sectors`].
+    ///
+    /// # Panics
+    /// As [`Xts::encrypt_sectors`].
     pub fn decrypt_sectors(&self, data: &mut [u8], sector_size: usize, ivs: &[[u8; 16]]) {
-        debug_assert!(sector_size.is_multiple_of(16) && sector_size > 0);
-        debug_assert_eq!(data.len(), ivs.len() * sector_size);
+        check_layout(data.len(), sector_size, ivs.len());
         match &self.backend {
             Backend::Portable(k) => {
                 for (sector, iv) in data.chunks_exact_mut(sector_size).zip(ivs) {
@@ -136,6 +141,15 @@ impl Xts {
             Backend::X86(k, level) => x86::xts_sectors(k, *level, data, sector_size, ivs, false),
         }
     }
+}
+
+fn check_layout(data_len: usize, sector_size: usize, sectors: usize) {
+    assert!(
+        sector_size > 0
+            && sector_size.is_multiple_of(16)
+            && sector_size.checked_mul(sectors) == Some(data_len),
+        "XTS: {data_len} bytes are not {sectors} sectors of {sector_size} bytes (whole 16-byte blocks)"
+    );
 }
 
 /// Multiplies a tweak by α (x) in GF(2^128) with the XTS (little-endian) bit order.
