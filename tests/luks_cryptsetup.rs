@@ -551,3 +551,64 @@ fn volcrypt_containers_pass_cryptsetup() {
         assert_eq!(&uuid[14..15], "4", "UUID v4: {uuid}");
     }
 }
+
+#[test]
+fn detached_headers_from_cryptsetup() {
+    for t in ["luks1", "luks2"] {
+        let i = img(MIB);
+        let pass = keyfile(&i.dir, "pass", b"detached");
+        let hdr = i.dir.join("hdr.img");
+        let mut args = vec!["--type", t, "--header", hdr.to_str().unwrap()];
+        if t == "luks2" {
+            args.extend_from_slice(&FAST_ARGON);
+        } else {
+            args.extend_from_slice(&["--pbkdf-force-iterations", "1000"]);
+        }
+        format(&i, &pass, &args);
+        let h = read(&hdr, false);
+        assert_eq!(h.data_offset(), 0, "{t}");
+        assert_eq!(
+            unlock(&hdr, &h, b"detached", None).unwrap().1,
+            dumped_key(&hdr, &pass),
+            "{t}"
+        );
+        // The detached layout is refused when presented as if it sat on the data device.
+        let bytes = fs::read(&hdr).unwrap();
+        let e = Header::read(&mut Cursor::new(&bytes), Some(bytes.len() as u64)).unwrap_err();
+        assert!(e.to_string().contains("detached"), "{t}: {e}");
+    }
+}
+
+#[test]
+fn luks1_from_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.luks");
+    let out = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,data=qemu-pw",
+            "-o",
+            "key-secret=s,iter-time=10,cipher-alg=aes-256,cipher-mode=xts,hash-alg=sha256",
+        ])
+        .arg(&path)
+        .arg("1M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = read(&path, true);
+    assert_eq!(h.version(), 1);
+    assert_eq!(h.cipher().to_string(), "aes-xts-plain64");
+    let pass = keyfile(dir.path(), "pass", b"qemu-pw");
+    assert_eq!(
+        unlock(&path, &h, b"qemu-pw", None).unwrap().1,
+        dumped_key(&path, &pass)
+    );
+}

@@ -275,7 +275,8 @@ fn luks2_64_bit_strings() {
 
 #[test]
 fn luks2_bad_json_types() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "keyslots.0.key_size",
             Box::new(|v| v["keyslots"]["0"]["key_size"] = json!("64")),

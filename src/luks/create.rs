@@ -110,7 +110,7 @@ fn check_params(p: &NewContainer) -> Result<(), Error> {
             p.sector_size
         )));
     }
-    if p.payload_size % u64::from(p.sector_size) != 0 {
+    if !p.payload_size.is_multiple_of(u64::from(p.sector_size)) {
         return Err(Error::BadParameters(format!(
             "payload size {} is not a multiple of the sector size {}",
             p.payload_size, p.sector_size
@@ -205,7 +205,6 @@ fn create_luks1(
         &salt,
         passphrase,
         &p.cipher,
-        luks1::STRIPES,
         p.hash,
         limits,
     )?;
@@ -279,7 +278,6 @@ fn create_luks2(
         &salt,
         passphrase,
         &p.cipher,
-        json::STRIPES,
         p.hash,
         limits,
     )?;

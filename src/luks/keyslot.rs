@@ -32,6 +32,9 @@ pub(crate) struct SlotParams<'a> {
     pub area_len: u64,
 }
 
+/// Anti-forensic stripes of every keyslot volcrypt writes (and LUKS1 requires).
+pub(crate) const STRIPES: u32 = 4000;
+
 /// Bytes of AF-split key material, rounded up to whole 512-byte sectors.
 pub(crate) fn material_len(key_size: usize, stripes: u32) -> Option<u64> {
     (key_size as u64)
@@ -107,18 +110,19 @@ pub(crate) fn make_digest(
     out
 }
 
-/// Encrypts AF-split key material for a new keyslot: returns the sector-padded ciphertext.
+/// Encrypts AF-split key material (4000 stripes, as both LUKS versions use) for a new keyslot:
+/// returns the sector-padded ciphertext.
 pub(crate) fn seal_key(
     volume_key: &[u8],
     kdf: &Kdf,
     salt: &[u8],
     passphrase: &[u8],
     cipher: &CipherSpec,
-    stripes: u32,
     af_hash: HashAlg,
     limits: &KdfLimits,
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
     let derived = kdf.derive(passphrase, salt, volume_key.len(), limits)?;
+    let stripes = STRIPES;
     let split = af::af_split(volume_key, stripes, af_hash)?;
     let len = material_len(volume_key.len(), stripes)
         .and_then(|n| usize::try_from(n).ok())

@@ -48,6 +48,9 @@ pub enum Error {
          refusing to activate, decrypt or write the data (inspect is still possible)"
     )]
     UnsupportedRequirement(String),
+    /// A header feature volcrypt cannot process for data (e.g. a dm-integrity segment).
+    #[error("{0}: not supported by volcrypt, refusing to activate, decrypt or write the data")]
+    UnsupportedFeature(String),
     /// The selected keyslot cannot be used (inactive, unbound, unknown KDF or type).
     #[error("keyslot {slot}: {reason}")]
     Keyslot { slot: u32, reason: String },
@@ -69,6 +72,7 @@ impl Error {
             Error::NotLuks
             | Error::Invalid { .. }
             | Error::UnsupportedRequirement(_)
+            | Error::UnsupportedFeature(_)
             | Error::Keyslot { .. }
             | Error::BadParameters(_) => ExitStatus::Invalid,
         }

@@ -32,6 +32,9 @@ pub struct Header {
     /// Cipher of the data segment.
     pub data_cipher: CipherSpec,
     data_segment: u32,
+    /// Copies of the data segment and its crypt parameters (taken from `meta`).
+    data_entry: Segment,
+    data_crypt: CryptParams,
     volume_key_len: usize,
 }
 
@@ -174,11 +177,11 @@ impl Header {
             .segments
             .iter()
             .find(|(_, s)| s.crypt.is_some() && !s.flags.iter().any(|f| f.starts_with("backup-")))
-            .map(|(id, s)| (*id, s))
+            .map(|(id, s)| (*id, s.clone()))
             .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
         let crypt = seg
             .crypt
-            .as_ref()
+            .clone()
             .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
         let data_cipher = CipherSpec::parse(&crypt.encryption)?;
         let (digest_id, digest) = meta
@@ -250,6 +253,8 @@ impl Header {
             meta,
             data_cipher,
             data_segment,
+            data_entry: seg,
+            data_crypt: crypt,
             volume_key_len,
         })
     }
@@ -258,23 +263,26 @@ impl Header {
         self.volume_key_len
     }
 
+    /// The segment holding the data (the first crypt segment that is not a backup).
     pub fn data_segment_entry(&self) -> &Segment {
-        // The id was taken from this map when the header was built.
-        &self.meta.segments[&self.data_segment]
+        &self.data_entry
     }
 
     pub fn data_segment(&self) -> &CryptParams {
-        match &self.data_segment_entry().crypt {
-            Some(c) => c,
-            None => unreachable!("data segment is a crypt segment by construction"),
-        }
+        &self.data_crypt
     }
 
     pub fn check_activation_allowed(&self) -> Result<(), Error> {
-        match self.meta.config.requirements.first() {
-            Some(req) => Err(Error::UnsupportedRequirement(req.clone())),
-            None => Ok(()),
+        if let Some(req) = self.meta.config.requirements.first() {
+            return Err(Error::UnsupportedRequirement(req.clone()));
         }
+        if self.data_segment().integrity {
+            return Err(Error::UnsupportedFeature(format!(
+                "LUKS2 header: segments.{}.integrity (authenticated encryption with dm-integrity)",
+                self.data_segment
+            )));
+        }
+        Ok(())
     }
 
     /// Whether a keyslot's digest covers the data segment.
@@ -350,7 +358,14 @@ impl Header {
         limits: &KdfLimits,
     ) -> Result<Option<SecretBytes>, Error> {
         let field = format!("keyslots.{slot}");
-        let ks = &self.meta.keyslots[&slot];
+        let ks = self
+            .meta
+            .keyslots
+            .get(&slot)
+            .ok_or_else(|| Error::Keyslot {
+                slot,
+                reason: "is not active".into(),
+            })?;
         let (kdf, salt) = Self::kdf_of(ks, &field)?;
         let encryption = ks.area.encryption.as_deref().unwrap_or_default();
         let cipher = CipherSpec::parse(encryption)?;
