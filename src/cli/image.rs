@@ -27,6 +27,7 @@ pub enum ImageCommand {
     },
     /// Check a key against the keyslots; report the slot that accepts it (exit 2 if none).
     CheckKey {
+        /// LUKS image or block device (only the payload when --header is given).
         image: PathBuf,
         #[command(flatten)]
         header: HeaderArg,
@@ -39,78 +40,85 @@ pub enum ImageCommand {
         limits: LimitArgs,
     },
     /// Write the decrypted payload (byte-exact) to a file or to standard output.
-    Decrypt {
-        image: PathBuf,
-        #[command(flatten)]
-        header: HeaderArg,
-        #[command(flatten)]
-        key: KeyArgs,
-        /// Try only this keyslot.
-        #[arg(long, value_name = "N")]
-        key_slot: Option<u32>,
-        /// Output file, or `-` for standard output. Never the image itself.
-        #[arg(long, short = 'o', value_name = "FILE|-")]
-        output: PathBuf,
-        #[command(flatten)]
-        limits: LimitArgs,
-        #[command(flatten)]
-        threads: ThreadArgs,
-    },
+    Decrypt(Box<DecryptArgs>),
     /// Write a LUKS container holding INPUT (whose size must be whole sectors). Defaults are
     /// cryptsetup 2.6's: LUKS2, aes-xts-plain64, 512-bit key, argon2id, 2000 ms, 4096-byte
     /// sectors when the size allows.
-    Encrypt {
-        /// Plaintext image (e.g. raw disk image). Its size must be a multiple of the sector size.
-        input: PathBuf,
-        /// The container to write (with --header: the encrypted payload only, at offset 0).
-        #[arg(long, short = 'o', value_name = "FILE")]
-        output: PathBuf,
-        #[command(flatten)]
-        key: KeyArgs,
-        /// Write a detached header to FILE.
-        #[arg(long, value_name = "FILE")]
-        header: Option<PathBuf>,
-        #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
-        luks_type: Option<LuksType>,
-        /// Cipher specification, e.g. aes-xts-plain64, aes-cbc-essiv:sha256.
-        #[arg(long, short = 'c', value_name = "SPEC")]
-        cipher: Option<String>,
-        /// Volume key size in bits (aes-xts: 256 or 512).
-        #[arg(long, short = 's', value_name = "BITS")]
-        key_size: Option<u32>,
-        /// Encryption sector size (LUKS2: 512, 1024, 2048, 4096).
-        #[arg(long, value_name = "BYTES")]
-        sector_size: Option<u32>,
-        /// Hash for PBKDF2, the AF splitter and the key digest.
-        #[arg(long, value_name = "HASH")]
-        hash: Option<String>,
-        #[arg(long, value_enum)]
-        pbkdf: Option<PbkdfType>,
-        /// Benchmark the KDF cost so that unlocking takes about MS milliseconds.
-        #[arg(
-            long,
-            short = 'i',
-            value_name = "MS",
-            conflicts_with = "pbkdf_iterations"
-        )]
-        iter_time: Option<u64>,
-        /// Fixed KDF cost: PBKDF2 iterations or Argon2 time cost (no benchmark).
-        #[arg(long, value_name = "N", alias = "pbkdf-force-iterations")]
-        pbkdf_iterations: Option<u32>,
-        /// Argon2 memory cost in KiB.
-        #[arg(long, value_name = "KIB")]
-        pbkdf_memory: Option<u32>,
-        /// Argon2 parallel threads.
-        #[arg(long, value_name = "N")]
-        pbkdf_parallel: Option<u32>,
-        /// LUKS2 label.
-        #[arg(long)]
-        label: Option<String>,
-        #[command(flatten)]
-        limits: LimitArgs,
-        #[command(flatten)]
-        threads: ThreadArgs,
-    },
+    Encrypt(Box<EncryptArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// LUKS image or block device (only the payload when --header is given).
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub header: HeaderArg,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Try only this keyslot.
+    #[arg(long, value_name = "N")]
+    pub key_slot: Option<u32>,
+    /// Output file, or `-` for standard output. Never the image itself.
+    #[arg(long, short = 'o', value_name = "FILE|-")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Plaintext image (e.g. raw disk image). Its size must be a multiple of the sector size.
+    pub input: PathBuf,
+    /// The container to write (with --header: the encrypted payload only, at offset 0).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Write a detached header to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub header: Option<PathBuf>,
+    #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
+    pub luks_type: Option<LuksType>,
+    /// Cipher specification, e.g. aes-xts-plain64, aes-cbc-essiv:sha256.
+    #[arg(long, short = 'c', value_name = "SPEC")]
+    pub cipher: Option<String>,
+    /// Volume key size in bits (aes-xts: 256 or 512).
+    #[arg(long, short = 's', value_name = "BITS")]
+    pub key_size: Option<u32>,
+    /// Encryption sector size (LUKS2: 512, 1024, 2048, 4096).
+    #[arg(long, value_name = "BYTES")]
+    pub sector_size: Option<u32>,
+    /// Hash for PBKDF2, the AF splitter and the key digest.
+    #[arg(long, value_name = "HASH")]
+    pub hash: Option<String>,
+    #[arg(long, value_enum)]
+    pub pbkdf: Option<PbkdfType>,
+    /// Benchmark the KDF cost so that unlocking takes about MS milliseconds.
+    #[arg(
+        long,
+        short = 'i',
+        value_name = "MS",
+        conflicts_with = "pbkdf_iterations"
+    )]
+    pub iter_time: Option<u64>,
+    /// Fixed KDF cost: PBKDF2 iterations or Argon2 time cost (no benchmark).
+    #[arg(long, value_name = "N", alias = "pbkdf-force-iterations")]
+    pub pbkdf_iterations: Option<u32>,
+    /// Argon2 memory cost in KiB.
+    #[arg(long, value_name = "KIB")]
+    pub pbkdf_memory: Option<u32>,
+    /// Argon2 parallel threads.
+    #[arg(long, value_name = "N")]
+    pub pbkdf_parallel: Option<u32>,
+    /// LUKS2 label.
+    #[arg(long)]
+    pub label: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -212,15 +220,16 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             println!("Key slot {slot} unlocked.");
             Ok(())
         }
-        ImageCommand::Decrypt {
-            image,
-            header,
-            key,
-            key_slot,
-            output,
-            limits,
-            threads,
-        } => {
+        ImageCommand::Decrypt(args) => {
+            let DecryptArgs {
+                image,
+                header,
+                key,
+                key_slot,
+                output,
+                limits,
+                threads,
+            } = *args;
             let opts = stream_options(&threads)?;
             let passphrase = key.passphrase()?;
             let out = if output == Path::new("-") {
@@ -248,25 +257,26 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             }
             Ok(())
         }
-        ImageCommand::Encrypt {
-            input,
-            output,
-            key,
-            header,
-            luks_type,
-            cipher,
-            key_size,
-            sector_size,
-            hash,
-            pbkdf,
-            iter_time,
-            pbkdf_iterations,
-            pbkdf_memory,
-            pbkdf_parallel,
-            label,
-            limits,
-            threads,
-        } => {
+        ImageCommand::Encrypt(args) => {
+            let EncryptArgs {
+                input,
+                output,
+                key,
+                header,
+                luks_type,
+                cipher,
+                key_size,
+                sector_size,
+                hash,
+                pbkdf,
+                iter_time,
+                pbkdf_iterations,
+                pbkdf_memory,
+                pbkdf_parallel,
+                label,
+                limits,
+                threads,
+            } = *args;
             let opts = stream_options(&threads)?;
             let passphrase = key.passphrase()?;
             let options = EncryptOptions {
