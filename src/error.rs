@@ -42,6 +42,8 @@ pub enum Error {
     Image(#[from] crate::image::Error),
     #[error(transparent)]
     Keys(#[from] crate::keys::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
     #[error("{0}")]
     Usage(String),
@@ -54,6 +56,7 @@ impl Error {
             Error::Luks(e) => e.exit_status(),
             Error::Image(e) => e.exit_status(),
             Error::Keys(e) => e.exit_status(),
+            Error::Config(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }
     }

@@ -9,11 +9,13 @@
 //! - [`image`]: whole-container operations on files (inspect, check-key, decrypt, encrypt),
 //!   streaming, parallel, with progress.
 //! - [`keys`]: key managers (local keystore, Barbican, Cinder fixed key).
+//! - [`config`]: the TOML configuration file and its defaults.
 //! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
 //! - [`cli`]: the command-line front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
+pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod image;

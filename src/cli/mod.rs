@@ -7,6 +7,7 @@ use crate::error::Error;
 
 pub mod bench;
 pub mod image;
+pub mod keys;
 
 #[derive(Debug, Parser)]
 #[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
@@ -26,6 +27,8 @@ pub enum Command {
     /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
     /// with `--features bench-openssl`.
     Bench(bench::BenchArgs),
+    /// Manage the local keystore: add, list, remove secrets, show their metadata.
+    Keystore(keys::KeystoreArgs),
 }
 
 /// Run one parsed command line.
@@ -33,5 +36,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Keystore(args) => keys::run(args),
     }
 }
