@@ -184,6 +184,19 @@ pub fn volcrypt_xts_contenders(encrypt: bool) -> Vec<Contender<'static>> {
     out
 }
 
+/// volcrypt's engine (as LUKS uses it) on `sector`-byte sectors of a `BUF` buffer.
+pub fn volcrypt_engine_contender(encrypt: bool, sector: usize) -> Option<Contender<'static>> {
+    let cipher = SectorCipher::new(&CipherSpec::AES_XTS_PLAIN64, &bench_key()).ok()?;
+    let mut data = test_data(BUF);
+    Some(Contender::new("volcrypt", BUF as f64, move || {
+        if encrypt {
+            cipher.encrypt(black_box(&mut data[..]), sector, 0);
+        } else {
+            cipher.decrypt(black_box(&mut data[..]), sector, 0);
+        }
+    }))
+}
+
 /// PBKDF2-HMAC-SHA256 with volcrypt: a contender doing `iterations` per call.
 pub fn volcrypt_pbkdf2_contender<'a>(iterations: u32) -> Contender<'a> {
     Contender::new("volcrypt", f64::from(iterations), move || {
@@ -237,6 +250,29 @@ fn bench_xts(
                 ours / rates[pos]
             );
         }
+    }
+    Ok(())
+}
+
+/// LUKS1 images (and qemu-img's) use 512-byte sectors: the per-sector overhead shows here.
+fn bench_xts_small_sectors(
+    args: &BenchArgs,
+    extra: &mut dyn FnMut(bool, usize) -> Vec<Contender<'static>>,
+) -> Result<(), Error> {
+    let rep_time = Duration::from_secs_f64(args.seconds / f64::from(args.repetitions.max(1)));
+    for encrypt in [true, false] {
+        let dir = if encrypt { "encrypt" } else { "decrypt" };
+        let mut contenders: Vec<Contender<'static>> = volcrypt_engine_contender(encrypt, 512)
+            .into_iter()
+            .collect();
+        contenders.extend(extra(encrypt, 512));
+        let rates = measure(&mut contenders, args.repetitions, rep_time);
+        let ours = rates.first().copied().unwrap_or(0.0);
+        print!("aes-256-xts {dir} 512B: volcrypt {}", gbps(ours));
+        for (c, r) in contenders.iter().zip(&rates).skip(1) {
+            print!(", {} {}, ratio {:.2}x", c.name, gbps(*r), ours / r);
+        }
+        println!();
     }
     Ok(())
 }
@@ -307,6 +343,9 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
     #[cfg(feature = "bench-openssl")]
     {
         bench_xts(&args, &mut |enc| vec![openssl_side::xts_contender(enc)])?;
+        bench_xts_small_sectors(&args, &mut |enc, sector| {
+            vec![openssl_side::xts_contender_sized(enc, sector)]
+        })?;
         bench_pbkdf2(&args, &mut |n| vec![openssl_side::pbkdf2_contender(n)])?;
     }
     #[cfg(not(feature = "bench-openssl"))]
@@ -315,6 +354,7 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
             "(OpenSSL comparison needs a build with `--features bench-openssl`; absolute numbers only)"
         );
         bench_xts(&args, &mut |_| Vec::new())?;
+        bench_xts_small_sectors(&args, &mut |_, _| Vec::new())?;
         bench_pbkdf2(&args, &mut |_| Vec::new())?;
     }
     bench_argon2()?;
@@ -331,8 +371,14 @@ pub mod openssl_side {
 
     use super::{BUF, Contender, SECTOR, bench_key, test_data};
 
-    /// OpenSSL EVP aes-256-xts, key set once, IV set per 4 KiB sector (as cryptsetup does).
+    /// OpenSSL EVP aes-256-xts on 4 KiB sectors.
     pub fn xts_contender(encrypt: bool) -> Contender<'static> {
+        xts_contender_sized(encrypt, SECTOR)
+    }
+
+    /// OpenSSL EVP aes-256-xts, key set once, IV set per `sector`-byte sector (as cryptsetup
+    /// does).
+    pub fn xts_contender_sized(encrypt: bool, sector: usize) -> Contender<'static> {
         let key = bench_key();
         let mut data = test_data(BUF);
         let mut ctx = CipherCtx::new().ok();
@@ -348,16 +394,17 @@ pub mod openssl_side {
         }
         Contender::new("openssl", BUF as f64, move || {
             let Some(c) = ctx.as_mut() else { return };
-            for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
+            let step = (sector / 512) as u64;
+            for (i, s) in data.chunks_exact_mut(sector).enumerate() {
                 let mut iv = [0u8; 16];
-                iv[..8].copy_from_slice(&(i as u64 * 8).to_le_bytes());
+                iv[..8].copy_from_slice(&(i as u64 * step).to_le_bytes());
                 let ok = if encrypt {
                     c.encrypt_init(None, None, Some(&iv))
                 } else {
                     c.decrypt_init(None, None, Some(&iv))
                 };
                 if ok.is_ok() {
-                    let _ = c.cipher_update_inplace(black_box(s), SECTOR);
+                    let _ = c.cipher_update_inplace(black_box(s), sector);
                 }
             }
         })

@@ -94,7 +94,7 @@ impl Xts {
         }
         let _ = imp;
         Ok(Xts {
-            backend: Backend::Portable(Box::new(PortableXts::new(key))),
+            backend: Backend::Portable(Box::new(PortableXts::new(key)?)),
         })
     }
 
@@ -218,14 +218,19 @@ struct PortableXts {
 const PORTABLE_RUN: usize = 64;
 
 impl PortableXts {
-    fn new(key: &[u8]) -> Self {
+    /// A 32- or 64-byte key: two AES-128 or two AES-256 keys.
+    fn new(key: &[u8]) -> Result<Self, Error> {
         let half = key.len() / 2;
-        // Xts::with_implementation checked the length (32 or 64), so both halves are valid.
-        let (Some(data), Some(tweak)) = (AesAny::new(&key[..half]), AesAny::new(&key[half..]))
-        else {
-            unreachable!("XTS key length was checked to be 32 or 64 bytes")
-        };
-        PortableXts { data, tweak }
+        match (AesAny::new(&key[..half]), AesAny::new(&key[half..])) {
+            (Some(data), Some(tweak)) if key.len() == 32 || key.len() == 64 => {
+                Ok(PortableXts { data, tweak })
+            }
+            _ => Err(Error::InvalidKeyLength {
+                spec: "aes-xts".into(),
+                got: key.len(),
+                expected: "32 or 64 bytes",
+            }),
+        }
     }
 
     fn crypt_sector(&self, sector: &mut [u8], iv: &[u8; 16], encrypt: bool) {
@@ -268,14 +273,7 @@ pub struct ReferenceXts {
 impl ReferenceXts {
     /// 32- or 64-byte key.
     pub fn new(key: &[u8]) -> Result<Self, Error> {
-        if key.len() != 32 && key.len() != 64 {
-            return Err(Error::InvalidKeyLength {
-                spec: "aes-xts".into(),
-                got: key.len(),
-                expected: "32 or 64 bytes",
-            });
-        }
-        let p = PortableXts::new(key);
+        let p = PortableXts::new(key)?;
         Ok(ReferenceXts {
             data: p.data,
             tweak: p.tweak,
