@@ -357,7 +357,8 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
         bench_xts_small_sectors(&args, &mut |_, _| Vec::new())?;
         bench_pbkdf2(&args, &mut |_| Vec::new())?;
     }
-    bench_argon2()
+    bench_argon2()?;
+    crate::image::bench::print_whole_image_comparison()
 }
 
 /// The OpenSSL side of the comparisons, linked only with `--features bench-openssl`.

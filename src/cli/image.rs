@@ -1,24 +1,334 @@
-//! `volcrypt image …`: userspace LUKS container commands.
+//! `volcrypt image …`: userspace LUKS container commands (no root, no device-mapper).
 //!
-//! (Skeleton: filled in by the image work.)
+//! Option names follow cryptsetup's where the meaning is the same, so operators can carry
+//! their habits over; exit codes are cryptsetup's (see `crate::error`).
 
-use clap::Subcommand;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::crypto::kdf::KdfLimits;
 use crate::error::Error;
+use crate::image::{self, EncryptOptions, Output, StreamOptions, params::PbkdfType};
+use crate::secret::{self, SecretBytes, SecretType};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Detect and validate a LUKS header and print what it holds.
+    /// Detect and validate a LUKS1/LUKS2 header and print what it holds (exit 1 if invalid).
     Inspect {
-        image: std::path::PathBuf,
+        /// The image (or device) holding the header, or the payload when --header is given.
+        image: PathBuf,
+        #[command(flatten)]
+        header: HeaderArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
+    /// Check a key against the keyslots; report the slot that accepts it (exit 2 if none).
+    CheckKey {
+        /// LUKS image or block device (only the payload when --header is given).
+        image: PathBuf,
+        #[command(flatten)]
+        header: HeaderArg,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Try only this keyslot.
+        #[arg(long, value_name = "N")]
+        key_slot: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Write the decrypted payload (byte-exact) to a file or to standard output.
+    Decrypt(Box<DecryptArgs>),
+    /// Write a LUKS container holding INPUT (whose size must be whole sectors). Defaults are
+    /// cryptsetup 2.6's: LUKS2, aes-xts-plain64, 512-bit key, argon2id, 2000 ms, 4096-byte
+    /// sectors when the size allows.
+    Encrypt(Box<EncryptArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// LUKS image or block device (only the payload when --header is given).
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub header: HeaderArg,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Try only this keyslot.
+    #[arg(long, value_name = "N")]
+    pub key_slot: Option<u32>,
+    /// Output file, or `-` for standard output. Never the image itself.
+    #[arg(long, short = 'o', value_name = "FILE|-")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Plaintext image (e.g. raw disk image). Its size must be a multiple of the sector size.
+    pub input: PathBuf,
+    /// The container to write (with --header: the encrypted payload only, at offset 0).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Write a detached header to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub header: Option<PathBuf>,
+    #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
+    pub luks_type: Option<LuksType>,
+    /// Cipher specification, e.g. aes-xts-plain64, aes-cbc-essiv:sha256.
+    #[arg(long, short = 'c', value_name = "SPEC")]
+    pub cipher: Option<String>,
+    /// Volume key size in bits (aes-xts: 256 or 512).
+    #[arg(long, short = 's', value_name = "BITS")]
+    pub key_size: Option<u32>,
+    /// Encryption sector size (LUKS2: 512, 1024, 2048, 4096).
+    #[arg(long, value_name = "BYTES")]
+    pub sector_size: Option<u32>,
+    /// Hash for PBKDF2, the AF splitter and the key digest.
+    #[arg(long, value_name = "HASH")]
+    pub hash: Option<String>,
+    #[arg(long, value_enum)]
+    pub pbkdf: Option<PbkdfType>,
+    /// Benchmark the KDF cost so that unlocking takes about MS milliseconds.
+    #[arg(
+        long,
+        short = 'i',
+        value_name = "MS",
+        conflicts_with = "pbkdf_iterations"
+    )]
+    pub iter_time: Option<u64>,
+    /// Fixed KDF cost: PBKDF2 iterations or Argon2 time cost (no benchmark).
+    #[arg(long, value_name = "N", alias = "pbkdf-force-iterations")]
+    pub pbkdf_iterations: Option<u32>,
+    /// Argon2 memory cost in KiB.
+    #[arg(long, value_name = "KIB")]
+    pub pbkdf_memory: Option<u32>,
+    /// Argon2 parallel threads.
+    #[arg(long, value_name = "N")]
+    pub pbkdf_parallel: Option<u32>,
+    /// LUKS2 label.
+    #[arg(long)]
+    pub label: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LuksType {
+    Luks1,
+    Luks2,
+}
+
+#[derive(Debug, Args)]
+pub struct HeaderArg {
+    /// Detached header file (the image then holds only the payload).
+    #[arg(long, value_name = "FILE")]
+    pub header: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// Key file, read whole (no newline stripping, as cryptsetup); `-` for standard input.
+    #[arg(long, short = 'd', value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// Key-manager secret type of the key file: passphrase = bytes verbatim;
+    /// symmetric/opaque/… = their lowercase hex (the OpenStack os-brick rule).
+    #[arg(long, value_name = "TYPE", default_value = "passphrase")]
+    pub secret_type: SecretType,
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Refuse (exit 3) Argon2 memory above KIB.
+    #[arg(long, value_name = "KIB")]
+    pub max_pbkdf_memory: Option<u32>,
+    /// Refuse (exit 3) PBKDF2 iterations above N.
+    #[arg(long, value_name = "N")]
+    pub max_pbkdf_iterations: Option<u32>,
+    /// Refuse (exit 3) an Argon2 time cost above N.
+    #[arg(long, value_name = "N")]
+    pub max_argon2_time: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ThreadArgs {
+    /// Cipher worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> KdfLimits {
+        let mut l = KdfLimits::default();
+        if let Some(m) = self.max_pbkdf_memory {
+            l.max_argon2_memory_kib = m;
+        }
+        if let Some(n) = self.max_pbkdf_iterations {
+            l.max_pbkdf2_iterations = n;
+        }
+        if let Some(t) = self.max_argon2_time {
+            l.max_argon2_time = t;
+        }
+        l
+    }
+}
+
+impl KeyArgs {
+    /// The passphrase LUKS sees: the key file's bytes after the secret-type rule.
+    fn passphrase(&self) -> Result<SecretBytes, Error> {
+        let payload = image::read_key_file(&self.key_file)?;
+        Ok(secret::derive_passphrase(&self.secret_type, &payload))
+    }
+}
+
+fn stream_options(threads: &ThreadArgs) -> Result<StreamOptions, Error> {
+    if threads.threads == Some(0) {
+        return Err(Error::Usage("--threads 0: need at least one thread".into()));
+    }
+    Ok(StreamOptions {
+        threads: threads.threads,
+        progress: std::io::stderr().is_terminal(),
+        ..StreamOptions::default()
+    })
 }
 
 pub fn run(cmd: ImageCommand) -> Result<(), Error> {
     match cmd {
-        ImageCommand::Inspect { image } => Err(Error::Usage(format!(
-            "{}: inspect is not implemented yet",
-            image.display()
-        ))),
+        ImageCommand::Inspect {
+            image,
+            header,
+            json,
+        } => inspect(&image, header.header.as_deref(), json),
+        ImageCommand::CheckKey {
+            image,
+            header,
+            key,
+            key_slot,
+            limits,
+        } => {
+            let passphrase = key.passphrase()?;
+            let mut opened = image::open(&image, header.header.as_deref())?;
+            let (slot, _key) = opened.unlock(&passphrase, key_slot, &limits.limits())?;
+            println!("Key slot {slot} unlocked.");
+            Ok(())
+        }
+        ImageCommand::Decrypt(args) => {
+            let DecryptArgs {
+                image,
+                header,
+                key,
+                key_slot,
+                output,
+                limits,
+                threads,
+            } = *args;
+            let opts = stream_options(&threads)?;
+            let passphrase = key.passphrase()?;
+            let out = if output == Path::new("-") {
+                Output::Stdout
+            } else {
+                Output::File(&output)
+            };
+            let report = image::decrypt(
+                &image,
+                header.header.as_deref(),
+                &passphrase,
+                key_slot,
+                &limits.limits(),
+                out,
+                &opts,
+            )?;
+            tracing::info!(slot = report.slot, bytes = report.bytes, "decrypted");
+            if output != Path::new("-") {
+                eprintln!(
+                    "Key slot {} unlocked; wrote {} bytes of plaintext to {}.",
+                    report.slot,
+                    report.bytes,
+                    output.display()
+                );
+            }
+            Ok(())
+        }
+        ImageCommand::Encrypt(args) => {
+            let EncryptArgs {
+                input,
+                output,
+                key,
+                header,
+                luks_type,
+                cipher,
+                key_size,
+                sector_size,
+                hash,
+                pbkdf,
+                iter_time,
+                pbkdf_iterations,
+                pbkdf_memory,
+                pbkdf_parallel,
+                label,
+                limits,
+                threads,
+            } = *args;
+            let opts = stream_options(&threads)?;
+            let passphrase = key.passphrase()?;
+            let options = EncryptOptions {
+                version: luks_type.map(|t| match t {
+                    LuksType::Luks1 => 1,
+                    LuksType::Luks2 => 2,
+                }),
+                cipher,
+                key_size_bits: key_size,
+                sector_size,
+                hash,
+                pbkdf,
+                iter_time_ms: iter_time,
+                iterations: pbkdf_iterations,
+                memory_kib: pbkdf_memory,
+                parallel: pbkdf_parallel,
+                label,
+            };
+            let report = image::encrypt(
+                &input,
+                &output,
+                header.as_deref(),
+                &passphrase,
+                &options,
+                &limits.limits(),
+                &opts,
+            )?;
+            eprintln!(
+                "Wrote {} bytes of payload ({}-byte sectors) to {} at offset {}{}.",
+                report.payload_bytes,
+                report.sector_size,
+                output.display(),
+                report.data_offset,
+                match &header {
+                    Some(h) => format!(", detached header in {}", h.display()),
+                    None => String::new(),
+                }
+            );
+            Ok(())
+        }
     }
+}
+
+fn inspect(image_path: &Path, header: Option<&Path>, json: bool) -> Result<(), Error> {
+    let opened = image::open(image_path, header)?;
+    let summary = opened.header.summary();
+    if json {
+        let text = serde_json::to_string_pretty(&summary)
+            .map_err(|e| Error::Usage(format!("cannot encode the summary as JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{summary}");
+    }
+    Ok(())
 }

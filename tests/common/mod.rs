@@ -1,0 +1,187 @@
+//! Helpers shared by the image and cross-implementation tests: running the real volcrypt
+//! binary, cryptsetup and qemu-img, known random plaintext, temporary files.
+//!
+//! The reference tools are required, not optional: a missing tool fails the test with the
+//! package to install, so a machine without them can never report a silent pass.
+#![allow(dead_code)]
+
+use std::borrow::BorrowMut;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const VOLCRYPT: &str = env!("CARGO_BIN_EXE_volcrypt");
+
+/// Fails the test unless `tool` is on PATH (or in /sbin, /usr/sbin), naming the package.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    for d in dirs {
+        let p = d.join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{tool} is not installed: this cross-implementation test needs it. Install the Debian/Ubuntu \
+         package `{package}` (apt-get install {package}; scripts/install-deps.sh does it)"
+    );
+}
+
+pub fn cryptsetup() -> PathBuf {
+    require_tool("cryptsetup", "cryptsetup-bin")
+}
+
+pub fn qemu_img() -> PathBuf {
+    require_tool("qemu-img", "qemu-utils")
+}
+
+/// A scratch directory, removed at the end of the test.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("volcrypt-test-")
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+/// `len` bytes of reproducible pseudo-random plaintext (xorshift64*), different per seed.
+/// The seed is printed so a failure can be reproduced.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    if x == 0 {
+        x = 1;
+    }
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A fresh random seed (from the OS), printed for reproduction.
+pub fn fresh_seed(what: &str) -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("OS RNG");
+    let seed = u64::from_le_bytes(b);
+    eprintln!("{what}: plaintext seed {seed:#x}");
+    seed
+}
+
+pub fn write_file(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Lowercase hex, the OpenStack rule for non-passphrase secrets.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs a command, returning its output; panics only if it cannot be started.
+pub fn run(mut cmd: impl BorrowMut<Command>) -> Output {
+    let cmd = cmd.borrow_mut();
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command with `stdin` bytes.
+pub fn run_with_stdin(mut cmd: impl BorrowMut<Command>, stdin: &[u8]) -> Output {
+    let cmd = cmd.borrow_mut();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+/// Panics with the command, status, stdout and stderr unless it exited 0.
+pub fn check(mut cmd: impl BorrowMut<Command>) -> Output {
+    let cmd = cmd.borrow_mut();
+    let out = run(&mut *cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The volcrypt binary with the given arguments (progress bars are off: stderr is a pipe).
+pub fn volcrypt<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = Command::new(VOLCRYPT);
+    c.args(args);
+    c
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Cheap KDF options for volcrypt encrypt, so the matrix runs in seconds.
+pub fn cheap_kdf(pbkdf: &str) -> Vec<String> {
+    match pbkdf {
+        "pbkdf2" => vec!["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"],
+        other => vec![
+            "--pbkdf",
+            other,
+            "--pbkdf-iterations",
+            "4",
+            "--pbkdf-memory",
+            "64",
+            "--pbkdf-parallel",
+            "1",
+        ],
+    }
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+/// Asserts two byte strings are equal without dumping megabytes on failure.
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: plaintext differs: got {} bytes, want {} bytes, first difference at byte {first}",
+        got.len(),
+        want.len()
+    );
+}
