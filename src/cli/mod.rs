@@ -24,31 +24,18 @@ pub enum Command {
     /// Work with LUKS container images in userspace (no root, no device-mapper).
     #[command(subcommand)]
     Image(image::ImageCommand),
-<<<<<<< HEAD
     /// Manage the local keystore: add, list, remove secrets, show their metadata.
     Keystore(keys::KeystoreArgs),
     /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
     /// with `--features bench-openssl`.
     Bench(bench::BenchArgs),
-=======
-    /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
-    /// with `--features bench-openssl`.
-    Bench(bench::BenchArgs),
-    /// Manage the local keystore: add, list, remove secrets, show their metadata.
-    Keystore(keys::KeystoreArgs),
->>>>>>> image
 }
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
-<<<<<<< HEAD
         Command::Keystore(args) => keys::run(args),
         Command::Bench(args) => bench::run(args),
-=======
-        Command::Bench(args) => bench::run(args),
-        Command::Keystore(args) => keys::run(args),
->>>>>>> image
     }
 }
