@@ -194,7 +194,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
                 });
             }
             tracing::warn!(mapping = %name, backing = %held_by, "replacing stale mapping whose backing device is gone");
-            if crypt::close(&name)? == Closed::Busy {
+            if !dm.remove(&name)? {
                 return Err(Error::StaleBusy {
                     name,
                     backing: held_by,
@@ -535,8 +535,23 @@ pub fn detach(
     let start = Instant::now();
     let deadline = start + ctx.config.detach_timeout();
     let mut delay = Duration::from_millis(50);
+    // A stale mapping (backing device gone) is removed through device-mapper directly:
+    // libcryptsetup cannot load it properly without its device.
+    let stale = dm
+        .info(&name)?
+        .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| !d.exists()));
+    let close = |name: &str| -> Result<Closed, Error> {
+        if stale {
+            return Ok(match dm.info(name)? {
+                None => Closed::NotActive,
+                Some(_) if dm.remove(name)? => Closed::Closed,
+                Some(_) => Closed::Busy,
+            });
+        }
+        crypt::close(name)
+    };
     let was_active = loop {
-        match crypt::close(&name)? {
+        match close(&name)? {
             Closed::Closed => break true,
             Closed::NotActive => break false,
             Closed::Busy => {
@@ -645,7 +660,14 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
     let mut out = Vec::new();
     for r in records {
         let info = dm.info(&r.mapping_name)?;
-        let active = crypt::active_info(&r.mapping_name)?;
+        let deps_present = info
+            .as_ref()
+            .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| d.exists()));
+        let active = if deps_present {
+            crypt::active_info(&r.mapping_name)?
+        } else {
+            None
+        };
         let mapper = links::mapper_path(&r.mapping_name);
         let backing_present = r.backing_devno.exists();
         let stable_link_ok = r
@@ -661,7 +683,7 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
             backing_device: r.backing_device.clone(),
             backing_devno: r.backing_devno,
             backing_present,
-            stale: info.is_some() && !backing_present,
+            stale: info.is_some() && !deps_present,
             format: r.format,
             kind: active.as_ref().map(|a| a.kind.clone()),
             cipher: active.as_ref().map(|a| a.cipher.clone()),
