@@ -47,6 +47,8 @@ pub enum Error {
     #[cfg(feature = "system")]
     #[error(transparent)]
     Volume(#[from] crate::volume::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
     #[error("{0}")]
     Usage(String),
@@ -62,6 +64,7 @@ impl Error {
             Error::Request(e) => e.exit_status(),
             #[cfg(feature = "system")]
             Error::Volume(e) => e.exit_status(),
+            Error::Config(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }
     }

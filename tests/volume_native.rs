@@ -7,28 +7,17 @@ use std::process::{Command, Stdio};
 
 use volcrypt::error::ExitStatus;
 use volcrypt::request::AttachRequest;
-use volcrypt::secret::{Derivation, SecretBytes};
-use volcrypt::volume::{self, Context, KeySource, VolumeConfig};
-
-struct NoKeys;
-
-impl KeySource for NoKeys {
-    fn kind(&self) -> String {
-        "none".into()
-    }
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
-        Err(volcrypt::keys::Error::NotFound(key_id.to_owned()))
-    }
-}
+use volcrypt::keys::Keystore;
+use volcrypt::volume::{self, Context, VolumeConfig};
 
 fn dm_missing() -> bool {
     !std::path::Path::new("/dev/mapper/control").exists()
         || !std::path::Path::new("/sys/module/dm_mod").exists()
 }
 
-fn ctx(dir: &std::path::Path) -> Context<'static> {
+fn ctx<'a>(dir: &std::path::Path, keys: &'a Keystore) -> Context<'a> {
     Context {
-        keys: &NoKeys,
+        keys,
         config: VolumeConfig {
             state_dir: dir.join("state"),
             by_id_dir: dir.join("by-id"),
@@ -40,7 +29,8 @@ fn ctx(dir: &std::path::Path) -> Context<'static> {
 #[test]
 fn back_end_and_noop_volumes_attach_raw_without_touching_anything() {
     let dir = tempfile::tempdir().unwrap();
-    let c = ctx(dir.path());
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let c = ctx(dir.path(), &ks);
     for enc in [
         r#"{"provider":"luks","control_location":"back-end","encryption_key_id":"k"}"#,
         r#"{"provider":"nova.volume.encryptors.nop.NoOpEncryptor","control_location":"front-end"}"#,
@@ -64,7 +54,8 @@ fn missing_device_mapper_is_one_clear_error() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let c = ctx(dir.path());
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let c = ctx(dir.path(), &ks);
     let req = AttachRequest::from_json(
         br#"{"volume_id":"v1","device_path":"/dev/sdz","encryption":{"provider":"luks","control_location":"front-end","encryption_key_id":"k"}}"#,
     )

@@ -12,8 +12,10 @@ use std::process::{Command, Stdio};
 
 use volcrypt::error::ExitStatus;
 use volcrypt::request::AttachRequest;
-use volcrypt::secret::{Derivation, SecretBytes, SecretType, derive_passphrase};
-use volcrypt::volume::{self, Context, KeySource, PbkdfConfig, VolumeConfig};
+use volcrypt::config::Config;
+use volcrypt::keys::{KeyManager, Keystore, Secret};
+use volcrypt::secret::{SecretBytes, SecretType};
+use volcrypt::volume::{self, Context, PbkdfConfig, VolumeConfig};
 
 /// True (after printing the skip notice) when this host cannot run dm-crypt tests.
 fn skip() -> bool {
@@ -30,41 +32,105 @@ fn skip() -> bool {
     false
 }
 
-/// Key source for the controller tests: secrets of each type, with os-brick's derivation.
-struct TestKeys(HashMap<String, (SecretType, Vec<u8>)>);
+/// The secrets the tests use: one of each type Cinder, castellan and users create.
+fn secrets() -> Vec<(&'static str, SecretType, Vec<u8>)> {
+    vec![
+        ("sym-1", SecretType::Symmetric, (0u8..32).collect()),
+        ("sym-2", SecretType::Symmetric, vec![0x07; 32]),
+        ("pass-1", SecretType::Passphrase, b"correct horse\n".to_vec()),
+        ("opaque-1", SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]),
+    ]
+}
 
-impl KeySource for TestKeys {
-    fn kind(&self) -> String {
-        "test".into()
-    }
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
-        let (t, payload) = self
-            .0
-            .get(key_id)
-            .ok_or_else(|| volcrypt::keys::Error::NotFound(key_id.to_owned()))?;
-        Ok((
-            derive_passphrase(t, &SecretBytes::new(payload.clone())),
-            t.derivation(),
-        ))
+/// A key manager holding [`secrets`], and the ids it gave them.
+struct Keys {
+    km: Box<dyn KeyManager>,
+    ids: HashMap<String, String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Keys {
+    /// The real id of a logical test secret (`sym-1` → a Barbican UUID, say).
+    fn id(&self, logical: &str) -> String {
+        self.ids.get(logical).cloned().unwrap_or_else(|| logical.to_owned())
     }
 }
 
-fn keys() -> TestKeys {
-    let mut m = HashMap::new();
-    m.insert(
-        "sym-1".to_owned(),
-        (SecretType::Symmetric, (0u8..32).collect::<Vec<u8>>()),
+/// The local keystore (the embedded default), filled through its public API.
+fn keys() -> Keys {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let mut ids = HashMap::new();
+    for (id, t, payload) in secrets() {
+        ks.put(id, &Secret::new(t, SecretBytes::new(payload))).unwrap();
+        ids.insert(id.to_owned(), id.to_owned());
+    }
+    Keys {
+        km: Box::new(ks),
+        ids,
+        _dir: Some(dir),
+    }
+}
+
+const BARBICAN_PROJECT: &str = "volcrypt-vm-tests";
+
+/// A real Barbican (VOLCRYPT_TEST_BARBICAN_URL, reached from the VM through the harness's
+/// forward), with the secrets created the way Cinder and users do; `None` when not configured.
+fn barbican_keys() -> Option<Keys> {
+    let url = std::env::var("VOLCRYPT_TEST_BARBICAN_URL").ok().filter(|u| !u.is_empty())?;
+    let url = url.trim_end_matches('/').to_owned();
+    let cfg = Config::from_toml(
+        &format!(
+            "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"{url}\"\n\
+             retries = 1\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"{BARBICAN_PROJECT}\"\n"
+        ),
+        "<test>",
+    )
+    .unwrap();
+    let km = volcrypt::keys::from_config(&cfg.key_manager).unwrap();
+    let mut ids = HashMap::new();
+    for (name, t, payload) in secrets() {
+        ids.insert(name.to_owned(), barbican_create(&url, &t, &payload));
+    }
+    Some(Keys { km, ids, _dir: None })
+}
+
+/// POST a secret to Barbican (octet-stream/base64, so every byte round-trips); its UUID.
+fn barbican_create(url: &str, t: &SecretType, payload: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut body = serde_json::json!({
+        "name": "volcrypt-vm-test",
+        "secret_type": t.as_str(),
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+        "payload_content_type": "application/octet-stream",
+        "payload_content_encoding": "base64",
+    });
+    if *t == SecretType::Symmetric {
+        body["algorithm"] = "aes".into();
+        body["bit_length"] = (payload.len() * 8).into();
+        body["mode"] = "xts".into();
+    }
+    let o = sh_in(
+        &format!(
+            "curl -sS --fail-with-body -X POST {url}/v1/secrets -H 'Content-Type: application/json' \
+             -H 'X-Identity-Status: Confirmed' -H 'X-Project-Id: {BARBICAN_PROJECT}' -H 'X-Roles: member' -d @-"
+        ),
+        body.to_string().as_bytes(),
     );
-    m.insert("sym-2".to_owned(), (SecretType::Symmetric, vec![0x07; 32]));
-    m.insert(
-        "pass-1".to_owned(),
-        (SecretType::Passphrase, b"correct horse\n".to_vec()),
-    );
-    m.insert(
-        "opaque-1".to_owned(),
-        (SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]),
-    );
-    TestKeys(m)
+    assert!(o.status.success(), "Barbican POST: {}", String::from_utf8_lossy(&o.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = v["secret_ref"].as_str().unwrap();
+    r.rsplit('/').next().unwrap().to_owned()
+}
+
+/// Every key manager available here: the keystore always, Barbican when configured.
+fn backends() -> Vec<(&'static str, Keys)> {
+    let mut v = vec![("keystore", keys())];
+    match barbican_keys() {
+        Some(b) => v.push(("barbican", b)),
+        None => notice("skipped: Barbican part (VOLCRYPT_TEST_BARBICAN_URL not set)"),
+    }
+    v
 }
 
 /// Run a command, return stdout, panic with stderr on failure.
@@ -128,9 +194,9 @@ impl Vol {
         }
     }
 
-    fn ctx<'a>(&self, keys: &'a dyn KeySource) -> Context<'a> {
+    fn ctx<'a>(&self, keys: &'a Keys) -> Context<'a> {
         Context {
-            keys,
+            keys: keys.km.as_ref(),
             config: VolumeConfig {
                 state_dir: self.dir.path().join("state"),
                 by_id_dir: self.dir.path().join("by-id"),
@@ -275,10 +341,17 @@ fn hex(b: &[u8]) -> String {
 
 /// First attach formats (LUKS) or creates (plain), data goes through the mapping, detach, and
 /// a second attach of the same volume opens the existing header and reads the data back.
-fn round_trip(provider: &str, key_id: &str, tag: &str, expect_luks: Option<&str>) {
+fn round_trip(provider: &str, logical_key: &str, tag: &str, expect_luks: Option<&str>) {
+    for (backend, k) in backends() {
+        round_trip_with(&k, provider, logical_key, &format!("{tag}{}", &backend[..1]), expect_luks);
+    }
+}
+
+fn round_trip_with(k: &Keys, provider: &str, logical_key: &str, tag: &str, expect_luks: Option<&str>) {
     let v = Vol::new(tag, 32);
-    let k = keys();
-    let ctx = v.ctx(&k);
+    let ctx = v.ctx(k);
+    let key_id = k.id(logical_key);
+    let key_id = key_id.as_str();
     let req = v.request(
         provider,
         key_id,
@@ -296,7 +369,7 @@ fn round_trip(provider: &str, key_id: &str, tag: &str, expect_luks: Option<&str>
         "device_path not replaced"
     );
     assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
-    let derivation = if key_id.starts_with("pass") {
+    let derivation = if logical_key.starts_with("pass") {
         "raw"
     } else {
         "lowercase-hex"
@@ -317,8 +390,7 @@ fn round_trip(provider: &str, key_id: &str, tag: &str, expect_luks: Option<&str>
             "{dump}"
         );
         // The same passphrase opens it with cryptsetup itself.
-        let (t, payload) = k.0.get(key_id).unwrap().clone();
-        let p = derive_passphrase(&t, &SecretBytes::new(payload));
+        let p = k.km.get(key_id).unwrap().passphrase();
         let o = sh_in(
             &format!(
                 "cryptsetup open --test-passphrase --key-file=- {}",
@@ -685,6 +757,33 @@ fn unknown_key_id_leaves_nothing() {
         read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
         "formatted without a key"
     );
+    v.assert_nothing_left();
+}
+
+#[test]
+fn unreachable_barbican_is_exit_2_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("nobarb", 32);
+    // Nothing listens on port 9 of the loopback: connection refused, fast.
+    let cfg = Config::from_toml(
+        "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"http://127.0.0.1:9\"\n\
+         retries = 1\nbackoff_initial = 0.05\nconnect_timeout = 1.0\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"p\"\n",
+        "<test>",
+    )
+    .unwrap();
+    let k = Keys {
+        km: volcrypt::keys::from_config(&cfg.key_manager).unwrap(),
+        ids: HashMap::new(),
+        _dir: None,
+    };
+    let ctx = v.ctx(&k);
+    let err = volume::attach(&ctx, &v.request("luks2", "3e1b0f0a-0000-4000-8000-000000000001", "", "")).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("unreachable") && msg.contains("3e1b0f0a"), "{msg}");
+    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert!(read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0), "formatted without a key");
     v.assert_nothing_left();
 }
 

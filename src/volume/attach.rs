@@ -220,13 +220,13 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         tracing::debug!(device = %real.display(), dm_name = %other, "backing device is a dm device");
     }
 
-    let (passphrase, derivation) =
-        ctx.keys
-            .passphrase(&plan.key_id)
-            .map_err(|source| Error::Key {
-                key_id: plan.key_id.clone(),
-                source,
-            })?;
+    let secret = ctx.keys.get(&plan.key_id).map_err(|source| Error::Key {
+        key_id: plan.key_id.clone(),
+        source,
+    })?;
+    let derivation = secret.secret_type.derivation();
+    let passphrase = secret.passphrase();
+    drop(secret);
     let flags = PerfFlags::resolve(&ctx.config, &v.options);
     let formatted = open_mapping(
         ctx,
@@ -262,7 +262,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
             format: plan.format,
             cipher: plan.cipher.clone(),
             key_size: plan.key_size,
-            key_manager: ctx.keys.kind(),
+            key_manager: ctx.keys.kind().to_owned(),
             key_id: plan.key_id.clone(),
             derivation: derivation.to_string(),
             flags,
@@ -465,7 +465,7 @@ fn finish_existing(
             format: plan.format,
             cipher: plan.cipher.clone(),
             key_size: plan.key_size,
-            key_manager: ctx.keys.kind(),
+            key_manager: ctx.keys.kind().to_owned(),
             key_id: plan.key_id.clone(),
             derivation: "unknown (opened before volcrypt managed it)".into(),
             flags,
@@ -635,12 +635,12 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
         crate::secret::SecretBytes::new(Vec::new())
     } else {
         ctx.keys
-            .passphrase(&record.key_id)
+            .get(&record.key_id)
             .map_err(|source| Error::Key {
                 key_id: record.key_id.clone(),
                 source,
             })?
-            .0
+            .passphrase()
     };
     crypt::resize(name, passphrase.expose(), &record.key_id)?;
     let new = info.devno.size_bytes().unwrap_or(0);
