@@ -6,8 +6,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use volcrypt::error::ExitStatus;
-use volcrypt::request::AttachRequest;
 use volcrypt::keys::Keystore;
+use volcrypt::request::AttachRequest;
 use volcrypt::volume::{self, Context, VolumeConfig};
 
 fn dm_missing() -> bool {

@@ -10,10 +10,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use volcrypt::error::ExitStatus;
-use volcrypt::request::AttachRequest;
 use volcrypt::config::Config;
+use volcrypt::error::ExitStatus;
 use volcrypt::keys::{KeyManager, Keystore, Secret};
+use volcrypt::request::AttachRequest;
 use volcrypt::secret::{SecretBytes, SecretType};
 use volcrypt::volume::{self, Context, PbkdfConfig, VolumeConfig};
 
@@ -37,7 +37,11 @@ fn secrets() -> Vec<(&'static str, SecretType, Vec<u8>)> {
     vec![
         ("sym-1", SecretType::Symmetric, (0u8..32).collect()),
         ("sym-2", SecretType::Symmetric, vec![0x07; 32]),
-        ("pass-1", SecretType::Passphrase, b"correct horse\n".to_vec()),
+        (
+            "pass-1",
+            SecretType::Passphrase,
+            b"correct horse\n".to_vec(),
+        ),
         ("opaque-1", SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]),
     ]
 }
@@ -52,7 +56,10 @@ struct Keys {
 impl Keys {
     /// The real id of a logical test secret (`sym-1` → a Barbican UUID, say).
     fn id(&self, logical: &str) -> String {
-        self.ids.get(logical).cloned().unwrap_or_else(|| logical.to_owned())
+        self.ids
+            .get(logical)
+            .cloned()
+            .unwrap_or_else(|| logical.to_owned())
     }
 }
 
@@ -62,7 +69,8 @@ fn keys() -> Keys {
     let ks = Keystore::create(dir.path().join("keys")).unwrap();
     let mut ids = HashMap::new();
     for (id, t, payload) in secrets() {
-        ks.put(id, &Secret::new(t, SecretBytes::new(payload))).unwrap();
+        ks.put(id, &Secret::new(t, SecretBytes::new(payload)))
+            .unwrap();
         ids.insert(id.to_owned(), id.to_owned());
     }
     Keys {
@@ -77,7 +85,9 @@ const BARBICAN_PROJECT: &str = "volcrypt-vm-tests";
 /// A real Barbican (VOLCRYPT_TEST_BARBICAN_URL, reached from the VM through the harness's
 /// forward), with the secrets created the way Cinder and users do; `None` when not configured.
 fn barbican_keys() -> Option<Keys> {
-    let url = std::env::var("VOLCRYPT_TEST_BARBICAN_URL").ok().filter(|u| !u.is_empty())?;
+    let url = std::env::var("VOLCRYPT_TEST_BARBICAN_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
     let url = url.trim_end_matches('/').to_owned();
     let cfg = Config::from_toml(
         &format!(
@@ -92,7 +102,11 @@ fn barbican_keys() -> Option<Keys> {
     for (name, t, payload) in secrets() {
         ids.insert(name.to_owned(), barbican_create(&url, &t, &payload));
     }
-    Some(Keys { km, ids, _dir: None })
+    Some(Keys {
+        km,
+        ids,
+        _dir: None,
+    })
 }
 
 /// POST a secret to Barbican (octet-stream/base64, so every byte round-trips); its UUID.
@@ -117,7 +131,11 @@ fn barbican_create(url: &str, t: &SecretType, payload: &[u8]) -> String {
         ),
         body.to_string().as_bytes(),
     );
-    assert!(o.status.success(), "Barbican POST: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "Barbican POST: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let r = v["secret_ref"].as_str().unwrap();
     r.rsplit('/').next().unwrap().to_owned()
@@ -343,11 +361,23 @@ fn hex(b: &[u8]) -> String {
 /// a second attach of the same volume opens the existing header and reads the data back.
 fn round_trip(provider: &str, logical_key: &str, tag: &str, expect_luks: Option<&str>) {
     for (backend, k) in backends() {
-        round_trip_with(&k, provider, logical_key, &format!("{tag}{}", &backend[..1]), expect_luks);
+        round_trip_with(
+            &k,
+            provider,
+            logical_key,
+            &format!("{tag}{}", &backend[..1]),
+            expect_luks,
+        );
     }
 }
 
-fn round_trip_with(k: &Keys, provider: &str, logical_key: &str, tag: &str, expect_luks: Option<&str>) {
+fn round_trip_with(
+    k: &Keys,
+    provider: &str,
+    logical_key: &str,
+    tag: &str,
+    expect_luks: Option<&str>,
+) {
     let v = Vol::new(tag, 32);
     let ctx = v.ctx(k);
     let key_id = k.id(logical_key);
@@ -779,11 +809,21 @@ fn unreachable_barbican_is_exit_2_and_leaves_nothing() {
         _dir: None,
     };
     let ctx = v.ctx(&k);
-    let err = volume::attach(&ctx, &v.request("luks2", "3e1b0f0a-0000-4000-8000-000000000001", "", "")).unwrap_err();
+    let err = volume::attach(
+        &ctx,
+        &v.request("luks2", "3e1b0f0a-0000-4000-8000-000000000001", "", ""),
+    )
+    .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("unreachable") && msg.contains("3e1b0f0a"), "{msg}");
+    assert!(
+        msg.contains("unreachable") && msg.contains("3e1b0f0a"),
+        "{msg}"
+    );
     assert_eq!(err.exit_status(), ExitStatus::NoKey);
-    assert!(read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0), "formatted without a key");
+    assert!(
+        read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "formatted without a key"
+    );
     v.assert_nothing_left();
 }
 
@@ -871,8 +911,19 @@ fn cli_malformed_request_changes_nothing() {
 /// is what an iSCSI logout or a path failure does to a real volume.
 fn scsi_debug_disk() -> Option<PathBuf> {
     let drv = Path::new("/sys/bus/pseudo/drivers/scsi_debug");
+    // sd_mod turns the SCSI disk into /dev/sdX; udev's own modprobe cannot load it in the VM.
+    let mut sd = Command::new("modprobe");
+    if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
+        sd.arg("-d").arg(root);
+    }
+    let _ = sd.arg("sd_mod").status();
     if !drv.exists() {
-        let ok = Command::new("modprobe")
+        // The harness exports where the guest kernel's modules are.
+        let mut cmd = Command::new("modprobe");
+        if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
+            cmd.arg("-d").arg(root);
+        }
+        let ok = cmd
             .args(["scsi_debug", "add_host=0", "dev_size_mb=32"])
             .status()
             .map(|s| s.success())
@@ -927,7 +978,7 @@ fn stale_mapping_is_reported_and_replaced_only_when_unused() {
     let ctx = v.ctx(&k);
     // scsi_debug disks share one store: zero its start so it probes blank.
     write_at(&disk, 0, &vec![0u8; 1 << 20]);
-    volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
     let base = disk.file_name().unwrap().to_string_lossy().into_owned();
     std::fs::write(format!("/sys/block/{base}/device/delete"), "1").unwrap();
     for _ in 0..50 {
@@ -947,12 +998,12 @@ fn stale_mapping_is_reported_and_replaced_only_when_unused() {
     std::fs::remove_file(&v.link).unwrap();
     std::os::unix::fs::symlink(&v.loopdev, &v.link).unwrap();
     let held = std::fs::File::open(v.mapper()).unwrap();
-    let err = volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap_err();
+    let err = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap_err();
     assert!(matches!(err, volume::Error::StaleBusy { .. }), "{err}");
     assert_eq!(err.exit_status(), ExitStatus::Busy);
     assert!(v.active());
     drop(held);
-    let out = volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    let out = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
     assert!(out.replaced_stale && out.formatted, "{out:?}");
     assert_eq!(out.backing_device.as_deref(), Some(v.loopdev.as_path()));
     volume::detach(&ctx, &v.volume_id(), None).unwrap();

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::error::Error;
-use crate::request::AttachRequest;
 use crate::config::Config;
+use crate::error::Error;
 use crate::keys::KeyManager;
+use crate::request::AttachRequest;
 use crate::volume::{self, Context, VolumeConfig};
 
 /// Options shared by the volume commands.
