@@ -108,12 +108,7 @@ impl Config {
             path: origin.to_string(),
             line: e
                 .span()
-                .map(|s| {
-                    1 + text.as_bytes()[..s.start.min(text.len())]
-                        .iter()
-                        .filter(|&&b| b == b'\n')
-                        .count()
-                })
+                .map(|s| 1 + text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count())
                 .unwrap_or(0),
             message: e.message().trim().to_string(),
         })
