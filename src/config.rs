@@ -108,7 +108,12 @@ impl Config {
             path: origin.to_string(),
             line: e
                 .span()
-                .map(|s| 1 + text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count())
+                .map(|s| {
+                    1 + text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                })
                 .unwrap_or(0),
             message: e.message().trim().to_string(),
         })
@@ -383,6 +388,6 @@ impl<'de> Deserialize<'de> for ConfigSecret {
                 Err(V::wrong())
             }
         }
-        d.deserialize_str(V)
+        d.deserialize_any(V)
     }
 }

@@ -8,13 +8,10 @@ use crate::error::Error;
 pub mod image;
 #[cfg(feature = "system")]
 pub mod volume;
+pub mod keys;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "volcrypt",
-    version,
-    about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace"
-)]
+#[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
 pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
@@ -31,6 +28,8 @@ pub enum Command {
     #[cfg(feature = "system")]
     #[command(flatten)]
     Volume(volume::VolumeCommand),
+    /// Manage the local keystore: add, list, remove secrets, show their metadata.
+    Keystore(keys::KeystoreArgs),
 }
 
 /// Run one parsed command line.
@@ -39,5 +38,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Image(cmd) => image::run(cmd),
         #[cfg(feature = "system")]
         Command::Volume(cmd) => volume::run(cmd),
+        Command::Keystore(args) => keys::run(args),
     }
 }

@@ -104,7 +104,9 @@ impl Http {
                 ureq::tls::RootCerts::Specific(Arc::new(certs))
             }
         };
-        let tls = ureq::tls::TlsConfig::builder().root_certs(root_certs).build();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(root_certs)
+            .build();
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -152,7 +154,7 @@ impl Http {
                         url: url.to_string(),
                         key_id: key_id.map(str::to_string),
                         attempts: attempt,
-                        reason: e.to_string(),
+                        reason: describe(&e),
                     });
                 }
             }
@@ -161,17 +163,30 @@ impl Http {
     }
 }
 
-/// Transport failures worth another try (the server may be restarting); TLS and URL errors
-/// are not.
+/// Transport failures worth another try (the server may be restarting). Not retried: TLS
+/// failures (rustls reports them as I/O errors of kind InvalidData: an untrusted certificate
+/// stays untrusted), URL and configuration errors.
 fn retryable(e: &ureq::Error) -> bool {
-    matches!(
-        e,
-        ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
-            | ureq::Error::HostNotFound
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::Protocol(_)
-    )
+    match e {
+        ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
+        ureq::Error::Timeout(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+/// ureq's message, with a hint where the fix is a setting.
+fn describe(e: &ureq::Error) -> String {
+    let text = e.to_string();
+    if text.contains("certificate") {
+        format!(
+            "{text} (TLS: is the server's CA in the system roots, or key_manager.barbican.ca_file?)"
+        )
+    } else {
+        text
+    }
 }
 
 /// Read a response body into memory, bounded.
@@ -448,7 +463,9 @@ impl KeyManager for Barbican {
             .and_then(|c| c.default)
             .ok_or_else(|| proto("secret has no payload (no content_types.default)".into()))?;
         if !is_header_safe(&content_type) {
-            return Err(proto("content_types.default is not a valid header value".into()));
+            return Err(proto(
+                "content_types.default is not a valid header value".into(),
+            ));
         }
 
         let payload_url = format!("{meta_url}/payload");
@@ -464,12 +481,14 @@ impl KeyManager for Barbican {
             }
             _ => return Err(self.status_error(answer, &payload_url, Some(key_id))),
         }
-        let payload = read_body(&mut answer.resp, MAX_PAYLOAD_BYTES, &payload_url, Some(key_id))?;
+        let payload = read_body(
+            &mut answer.resp,
+            MAX_PAYLOAD_BYTES,
+            &payload_url,
+            Some(key_id),
+        )?;
         tracing::debug!(key_id, %secret_type, bytes = payload.len(), "fetched secret from Barbican");
-        Ok(Secret::new(
-            secret_type,
-            SecretBytes::new(payload.to_vec()),
-        ))
+        Ok(Secret::new(secret_type, SecretBytes::new(payload.to_vec())))
     }
 
     /// Lists at most one secret: proves the server answers and accepts our credentials.
@@ -489,8 +508,7 @@ impl KeyManager for Barbican {
 fn normalize_endpoint(e: &str) -> Result<String, Error> {
     let e = e.trim().trim_end_matches('/');
     let e = e.strip_suffix("/v1").unwrap_or(e);
-    if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains(char::is_whitespace)
-    {
+    if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains(char::is_whitespace) {
         return Err(Error::Config {
             field: "key_manager.barbican.endpoint".into(),
             reason: format!("{e:?} is not an http:// or https:// URL"),
