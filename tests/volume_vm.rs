@@ -1087,7 +1087,7 @@ fn kernel_and_userspace_engine_agree() {
 
     for provider in ["luks", "luks2"] {
         // Kernel writes, userspace reads.
-        let v = Vol::new(&format!("agree{provider}"), 32);
+        let v = Vol::new(&format!("agree{provider}"), 20);
         let ctx = v.ctx(&k);
         volume::attach(&ctx, &v.request(provider, "sym-1", "", "")).unwrap();
         let size: usize = sh(&format!("blockdev --getsize64 {}", v.mapper().display()))
@@ -1112,7 +1112,7 @@ fn kernel_and_userspace_engine_agree() {
         // Userspace writes, kernel reads.
         let w = Vol::new(&format!("agreeu{provider}"), 1);
         let plain = w.dir.path().join("plain.img");
-        let data = pattern(5, 8 << 20);
+        let data = pattern(5, 2 << 20);
         std::fs::write(&plain, &data).unwrap();
         let container = w.dir.path().join("container.img");
         let luks_type = if provider == "luks" { "luks1" } else { "luks2" };
