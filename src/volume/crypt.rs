@@ -447,7 +447,9 @@ pub fn active_info(name: &str) -> Result<Option<ActiveInfo>, Error> {
         let mut s = cd.status_handle();
         let c = s.get_cipher().unwrap_or_default();
         let m = s.get_cipher_mode().unwrap_or_default();
-        let bits = u32::try_from(s.get_volume_key_size()).unwrap_or(0) * 8;
+        let bits = u32::try_from(s.get_volume_key_size())
+            .unwrap_or(0)
+            .saturating_mul(8);
         (format!("{c}-{m}"), bits)
     };
     let sector_size = u32::try_from(libcryptsetup_rs::get_sector_size(Some(&mut cd))).unwrap_or(0);

@@ -193,6 +193,16 @@ impl Error {
         }
     }
 
+    /// The request field at fault, for the RPC's `{"error": {"field": …}}`.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::Request(e) => e.field(),
+            Error::Key { .. } | Error::WrongKey { .. } => Some("encryption.encryption_key_id"),
+            Error::NoDevice { .. } | Error::RefuseFormat { .. } => Some("device_path"),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Error {
         Error::Io {
             op,
