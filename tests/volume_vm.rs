@@ -1227,3 +1227,62 @@ fn cli_attach_status_detach_with_a_config_file() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("sym-1"));
     v.assert_nothing_left();
 }
+
+/// Volumes os-brick attached before volcrypt took over: an active legacy-named mapping
+/// (`<basename>`, no prefix) is reused, and a `crypt-<basename>` mapping volcrypt has no record
+/// of is detached with `--device-path`.
+#[test]
+fn os_brick_mappings_are_reused_and_detached() {
+    if skip() {
+        return;
+    }
+    let k = keys();
+    let passphrase = hex(&[0x07; 32]); // sym-2, hexlified as os-brick does
+    let v = Vol::new("legacy", 32);
+    let ctx = v.ctx(&k);
+    let base = v.link.file_name().unwrap().to_string_lossy().into_owned();
+    let o = sh_in(
+        &format!(
+            "cryptsetup --batch-mode luksFormat --type luks1 --pbkdf-force-iterations 1000 --key-file=- {}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} {base}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
+    assert!(out.already_attached, "{out:?}");
+    assert_eq!(out.mapping_name.as_deref(), Some(base.as_str()));
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(!Path::new("/dev/mapper").join(&base).exists());
+
+    // A crypt-<basename> mapping opened by os-brick (cryptsetup), no volcrypt record.
+    let w = Vol::new("obrick", 32);
+    let wctx = w.ctx(&k);
+    let o = sh_in(
+        &format!(
+            "cryptsetup --batch-mode luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file=- {}",
+            w.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} {}",
+            w.loopdev.display(),
+            w.name
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = volume::detach(&wctx, "brick-vol", Some(&w.link)).unwrap();
+    assert!(d.was_active && !w.active());
+}
