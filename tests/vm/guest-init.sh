@@ -79,6 +79,7 @@ mkdir -p "$R/run/volcrypt-vm" "$R/run/lock"
 mount -o bind "$RES" "$R/run/volcrypt-vm" || fail "cannot mount the results share in the chroot"
 i=0
 for d in $VM_RW_DIRS; do
+    mkdir -p "$R$d" 2>/dev/null # needed when $d lies under one of the tmpfs mounts
     mount -t 9p -o "$P9" "rw$i" "$R$d" || fail "cannot mount read-write share $d"
     i=$((i + 1))
 done

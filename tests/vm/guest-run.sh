@@ -7,7 +7,11 @@ RES=/run/volcrypt-vm
 # shellcheck source=/dev/null
 . "$RES/config"
 
-log() { echo "vm-guest: $*" >/dev/console; }
+log() {
+    local up _
+    read -r up _ </proc/uptime
+    echo "vm-guest[$up]: $*" >/dev/console
+}
 
 if [[ ${VM_UDEV:-0} == 1 ]]; then
     # udevd and udevadm refuse to act in a chroot unless told to ignore it.
@@ -24,9 +28,10 @@ if [[ ${VM_UDEV:-0} == 1 ]]; then
     udevadm settle --timeout=60 || log "udevadm settle timed out"
 fi
 
+log "starting the command"
 rc=0
 env -i /bin/bash "$RES/cmd.sh" </dev/null >"$RES/output.log" 2>&1 || rc=$?
-sync
+log "command exited with $rc"
+# The results share is mounted without caching: these writes reach the host at once.
 echo "$rc" >"$RES/rc.tmp"
 mv "$RES/rc.tmp" "$RES/rc"
-sync

@@ -82,6 +82,36 @@ if [[ ! -f $KROOT/.complete ]]; then
     [[ -f $KROOT/boot/vmlinuz-$KVER ]] || die "no vmlinuz-$KVER in $deb"
     touch "$KROOT/.complete"
 fi
+# Boot the uncompressed ELF kernel through PVH when the kernel supports it: under TCG, the
+# bzImage's real-mode setup and xz decompression took 2-3x longer than the rest of the boot
+# (interleaved rounds on a busy 2-core host: 14-55 s with the bzImage, 11-17 s with PVH).
+if [[ ! -f $KROOT/vmlinux && ! -f $KROOT/.no-pvh ]]; then
+    vmlinux_ok=0
+    if grep -q '^CONFIG_PVH=y' "$KROOT/boot/config-$KVER" 2>/dev/null; then
+        say "extracting vmlinux for PVH boot"
+        # Find the compressed payload inside the bzImage by its magic.
+        off=$(LC_ALL=C grep -abo $'\xfd7zXZ' "$KROOT/boot/vmlinuz-$KVER" | head -n1 | cut -d: -f1 || true)
+        if [[ -n $off ]]; then
+            tail -c +$((off + 1)) "$KROOT/boot/vmlinuz-$KVER" |
+                xz -dc --single-stream >"$KROOT/vmlinux.tmp" 2>/dev/null || true
+            [[ $(head -c 4 "$KROOT/vmlinux.tmp" 2>/dev/null | od -An -tx1 | tr -d ' ') == 7f454c46 ]] &&
+                vmlinux_ok=1
+        fi
+    fi
+    if ((vmlinux_ok)); then
+        mv "$KROOT/vmlinux.tmp" "$KROOT/vmlinux"
+    else
+        rm -f "$KROOT/vmlinux.tmp"
+        say "no PVH-bootable vmlinux (not xz or no CONFIG_PVH); booting the bzImage"
+        touch "$KROOT/.no-pvh"
+    fi
+fi
+if [[ -f $KROOT/vmlinux ]]; then
+    ln -sfn "kernel-$KVER/vmlinux" "$VM_DIR/vmlinux"
+else
+    rm -f "$VM_DIR/vmlinux"
+fi
+
 echo "$KPKG" >"$VM_DIR/kernel.pkg.tmp" && mv "$VM_DIR/kernel.pkg.tmp" "$VM_DIR/kernel.pkg"
 
 # --- 3. initramfs ----------------------------------------------------------------------------

@@ -61,6 +61,7 @@ done
 
 # --- network: QEMU user mode with restrict=on, nothing but guestfwd to host loopback --------
 NETDEV=""
+BUSYBOX=$(command -v busybox || echo /bin/busybox)
 for f in "${FORWARDS[@]}"; do
     [[ $f =~ ^10\.0\.2\.([0-9]{1,3}):([0-9]{1,5})=127\.0\.0\.1:([0-9]{1,5})$ ]] ||
         die "bad --forward '$f' (expected 10.0.2.X:PORT=127.0.0.1:PORT)"
@@ -70,7 +71,7 @@ for f in "${FORWARDS[@]}"; do
     ((gport >= 1 && gport <= 65535 && hport >= 1 && hport <= 65535)) || die "bad port in --forward '$f'"
     # cmd: spawns one relay per guest connection (a chardev target would carry only one
     # connection for the VM's whole life, which breaks HTTP clients that reconnect).
-    NETDEV+=",guestfwd=tcp:10.0.2.$oct:$gport-cmd:busybox nc 127.0.0.1 $hport"
+    NETDEV+=",guestfwd=tcp:10.0.2.$oct:$gport-cmd:$BUSYBOX nc 127.0.0.1 $hport"
 done
 
 for n in "${!ENVS[@]}"; do
@@ -94,16 +95,24 @@ for m in "${EXTRA_MODULES[@]}"; do
 done
 
 CWD=$(pwd -P)
+cwd_shared=0
+for d in "${RW_DIRS[@]}"; do [[ $CWD/ == "$d"/* ]] && cwd_shared=1; done
 case $CWD/ in
-    /tmp/*|/var/tmp/*|/var/lib/*|/run/*) die "current directory $CWD is hidden by a tmpfs in the guest; run from elsewhere" ;;
+    /tmp/*|/var/tmp/*|/var/lib/*|/run/*)
+        ((cwd_shared)) || die "current directory $CWD is hidden by a tmpfs in the guest; run from elsewhere or --rw it" ;;
 esac
 
 VOLCRYPT_VM_QUIET=1 "$HERE/prepare.sh" || die "tests/vm/prepare.sh failed"
 VM_DIR=$(cd "$VOLCRYPT_VM_DIR" && pwd -P)
+[[ ! $VM_DIR =~ [,[:space:]] ]] || die "VOLCRYPT_VM_DIR '$VM_DIR' must not contain commas or spaces (QEMU option syntax)"
 KROOT=$(readlink -f "$VM_DIR/kernel")
 [[ $KROOT != /tmp/* && $KROOT != /var/tmp/* && $KROOT != /run/* && $KROOT != /var/lib/* ]] ||
     die "VOLCRYPT_VM_DIR must not be under /tmp, /var/tmp, /var/lib or /run (the guest hides them)"
 
+# Prefer the uncompressed kernel (PVH boot, see prepare.sh); VOLCRYPT_VM_BZIMAGE=1 forces the
+# bzImage.
+KERNEL_IMAGE=$VM_DIR/vmlinuz
+[[ -e $VM_DIR/vmlinux && -z ${VOLCRYPT_VM_BZIMAGE:-} ]] && KERNEL_IMAGE=$VM_DIR/vmlinux
 mkdir -p "$VM_DIR/runs"
 # Failed runs are kept for inspection; drop those older than a day.
 find "$VM_DIR/runs" -mindepth 1 -maxdepth 1 -name 'run.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
@@ -172,11 +181,13 @@ if [[ -n $NETDEV ]]; then NET=1; OPT_MODULES="virtio_net $OPT_MODULES"; fi
     printf '\n'
 } >"$SHARE/cmd.sh"
 
+# cryptomgr.notests: the kernel's crypto self-tests only slow module loading under TCG; what we
+# test is our use of dm-crypt, and smoke.sh checks data round-trips anyway.
 QEMU=(qemu-system-x86_64
     -machine q35,accel=tcg -cpu max -m "$MEM" -smp 2
     -nodefaults -no-user-config -display none -monitor none -no-reboot
-    -kernel "$VM_DIR/vmlinuz" -initrd "$VM_DIR/initrd.img"
-    -append "console=ttyS0 quiet panic=-1 loglevel=4"
+    -kernel "$KERNEL_IMAGE" -initrd "$VM_DIR/initrd.img"
+    -append "console=ttyS0 quiet panic=-1 loglevel=4 cryptomgr.notests=1"
     -serial "file:$RUN/serial.log"
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     -virtfs "local,path=$SHARE,mount_tag=vmres,security_model=none"

@@ -1,0 +1,19 @@
+# The two commands the README promises. Both install what they need (as root) first.
+.PHONY: demo test test-native test-vm bench
+
+demo:
+	scripts/install-deps.sh
+	scripts/demo.sh
+
+test:
+	scripts/test-all.sh
+
+test-native:
+	VOLCRYPT_SKIP_VM=1 scripts/test-all.sh
+
+test-vm:
+	VOLCRYPT_SKIP_NATIVE=1 scripts/test-all.sh
+
+bench:
+	cargo bench --bench crypto
+	cargo run --release --features bench-openssl -- bench

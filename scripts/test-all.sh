@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs every test: the native suite (unit, userspace engine, cross-implementation tests against
+# cryptsetup and qemu-img, key managers against a real Barbican on 127.0.0.1) and the VM stage
+# (real dm-crypt in Debian's kernel under QEMU). Installs what it needs first.
+#
+# VOLCRYPT_SKIP_VM=1 / VOLCRYPT_SKIP_NATIVE=1 skip a stage (the skipped stage is announced).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+work=${VOLCRYPT_WORK_DIR:-$repo/.work}
+mkdir -p "$work"
+
+stage() { printf '\n==== %s ====\n' "$*"; }
+
+stage "dependencies"
+scripts/install-deps.sh
+
+barbican_pid=""
+cleanup() {
+  if [ -n "$barbican_pid" ]; then scripts/barbican-test-server.sh stop "$work/barbican" || true; fi
+}
+trap cleanup EXIT
+
+stage "build"
+cargo build --all-targets
+cargo build --no-default-features --lib --bins
+
+stage "real Barbican on 127.0.0.1"
+barbican_pid=started
+eval "$(scripts/barbican-test-server.sh start "$work/barbican")"
+export VOLCRYPT_TEST_BARBICAN_URL VOLCRYPT_TEST_BARBICAN_TLS_URL VOLCRYPT_TEST_BARBICAN_CA
+echo "Barbican at $VOLCRYPT_TEST_BARBICAN_URL and $VOLCRYPT_TEST_BARBICAN_TLS_URL"
+
+if [ "${VOLCRYPT_SKIP_NATIVE:-}" = 1 ]; then
+  stage "native tests: skipped (VOLCRYPT_SKIP_NATIVE=1)"
+else
+  stage "native tests"
+  cargo test --all-targets --no-fail-fast
+fi
+
+if [ "${VOLCRYPT_SKIP_VM:-}" = 1 ]; then
+  stage "VM tests: skipped (VOLCRYPT_SKIP_VM=1)"
+else
+  stage "VM tests (real dm-crypt under QEMU)"
+  tests/vm/prepare.sh
+  tests/vm/run-suite.sh
+fi
