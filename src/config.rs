@@ -95,6 +95,10 @@ impl Error {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub key_manager: KeyManagerConfig,
+    /// `[volume]`: the attach engine (state dir, link dir, dm-crypt perf-flag defaults,
+    /// LUKS2 sector size and KDF for new formats, detach timeout); see `volume::VolumeConfig`.
+    #[cfg(feature = "system")]
+    pub volume: crate::volume::VolumeConfig,
 }
 
 impl Config {

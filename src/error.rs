@@ -43,6 +43,11 @@ pub enum Error {
     #[error(transparent)]
     Keys(#[from] crate::keys::Error),
     #[error(transparent)]
+    Request(#[from] crate::request::Error),
+    #[cfg(feature = "system")]
+    #[error(transparent)]
+    Volume(#[from] crate::volume::Error),
+    #[error(transparent)]
     Config(#[from] crate::config::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
     #[error("{0}")]
@@ -56,6 +61,9 @@ impl Error {
             Error::Luks(e) => e.exit_status(),
             Error::Image(e) => e.exit_status(),
             Error::Keys(e) => e.exit_status(),
+            Error::Request(e) => e.exit_status(),
+            #[cfg(feature = "system")]
+            Error::Volume(e) => e.exit_status(),
             Error::Config(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }

@@ -7,6 +7,8 @@ use crate::error::Error;
 
 pub mod bench;
 pub mod image;
+#[cfg(feature = "system")]
+pub mod volume;
 pub mod keys;
 
 #[derive(Debug, Parser)]
@@ -24,6 +26,9 @@ pub enum Command {
     /// Work with LUKS container images in userspace (no root, no device-mapper).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    #[cfg(feature = "system")]
+    #[command(flatten)]
+    Volume(volume::VolumeCommand),
     /// Manage the local keystore: add, list, remove secrets, show their metadata.
     Keystore(keys::KeystoreArgs),
     /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
@@ -35,6 +40,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        #[cfg(feature = "system")]
+        Command::Volume(cmd) => volume::run(cmd),
         Command::Keystore(args) => keys::run(args),
         Command::Bench(args) => bench::run(args),
     }

@@ -1,0 +1,239 @@
+//! `volcrypt attach | detach | extend | status`: the attach engine from the command line.
+//!
+//! attach/detach/extend print their outcome as one JSON object on stdout (what the RPC will
+//! return too); status prints a table, or JSON with `--json`. Nothing printed ever holds keys.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::keys::KeyManager;
+use crate::request::AttachRequest;
+use crate::volume::{self, Context, VolumeConfig};
+
+/// Options shared by the volume commands.
+#[derive(Debug, Clone, Args)]
+pub struct VolumeOpts {
+    /// State directory (one record per managed volume) [env VOLCRYPT_STATE_DIR; default
+    /// /var/lib/volcrypt/state].
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Directory for the stable volcrypt-<volume_id> links [env VOLCRYPT_BY_ID_DIR; default
+    /// /dev/disk/by-id].
+    #[arg(long, global = true)]
+    pub by_id_dir: Option<PathBuf>,
+    /// Configuration file (TOML: [key_manager] and [volume]) [default
+    /// /etc/volcrypt/volcrypt.toml if it exists].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The attach request (JSON), or `-` for stdin.
+    #[arg(long)]
+    pub request: PathBuf,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    pub volume_id: String,
+    /// The device path of the attach, for volumes volcrypt has no record of (os-brick's).
+    #[arg(long)]
+    pub device_path: Option<PathBuf>,
+    /// Seconds to keep retrying while the mapping is busy (default from config: 10).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtendArgs {
+    pub volume_id: String,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+/// Build the configuration: file (if any), then environment, then flags.
+pub fn load_config(opts: &VolumeOpts) -> Result<(Config, VolumeConfig), Error> {
+    let mut config = Config::load_or_default(opts.config.as_deref())?;
+    let mut volume = std::mem::take(&mut config.volume);
+    if let Some(d) = std::env::var_os("VOLCRYPT_STATE_DIR") {
+        volume.state_dir = d.into();
+    }
+    if let Some(d) = std::env::var_os("VOLCRYPT_BY_ID_DIR") {
+        volume.by_id_dir = d.into();
+    }
+    if let Some(d) = &opts.state_dir {
+        volume.state_dir = d.clone();
+    }
+    if let Some(d) = &opts.by_id_dir {
+        volume.by_id_dir = d.clone();
+    }
+    Ok((config, volume))
+}
+
+/// The key manager the configuration names. Built only when an operation needs a key, so a
+/// raw attach, a detach or status work even where the key manager is unreachable.
+fn key_manager(config: &Config) -> Result<Box<dyn KeyManager>, Error> {
+    Ok(crate::keys::from_config(&config.key_manager)?)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Usage(format!("cannot encode output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+pub fn attach(args: AttachArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    let request = AttachRequest::read(&args.request)?;
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
+    let outcome = volume::attach(&ctx, &request)?;
+    print_json(&outcome)
+}
+
+pub fn detach(args: DetachArgs) -> Result<(), Error> {
+    let (config, mut volume) = load_config(&args.opts)?;
+    if let Some(t) = args.timeout {
+        if !(0.0..=3600.0).contains(&t) {
+            return Err(Error::Usage(format!(
+                "--timeout {t}: must be 0 to 3600 seconds"
+            )));
+        }
+        volume.detach_timeout_ms = (t * 1000.0) as u64;
+    }
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
+    let outcome = volume::detach(&ctx, &args.volume_id, args.device_path.as_deref())?;
+    print_json(&outcome)
+}
+
+pub fn extend(args: ExtendArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
+    let outcome = volume::extend(&ctx, &args.volume_id)?;
+    print_json(&outcome)
+}
+
+pub fn status(args: StatusArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
+    let list = volume::status(&ctx)?;
+    if args.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("no volumes managed by volcrypt");
+        return Ok(());
+    }
+    for s in &list {
+        let state = match (s.active, s.stale) {
+            (true, true) => "STALE (backing device gone)",
+            (true, false) => "active",
+            (false, _) => "INACTIVE",
+        };
+        println!("{}: {}", s.volume_id, state);
+        println!("  mapping:      /dev/mapper/{}", s.mapping_name);
+        println!(
+            "  backing:      {} ({})",
+            s.backing_device.display(),
+            s.backing_devno
+        );
+        println!("  device path:  {}", s.device_path.display());
+        println!(
+            "  format:       {} {}",
+            s.kind.as_deref().unwrap_or(&s.format.to_string()),
+            s.cipher.as_deref().unwrap_or("-")
+        );
+        if let Some(bits) = s.key_bits {
+            println!("  key size:     {bits} bits");
+        }
+        if let Some(sz) = s.sector_size {
+            println!("  sector size:  {sz}");
+        }
+        println!(
+            "  key source:   {} key {} ({})",
+            s.key_manager, s.key_id, s.derivation
+        );
+        println!(
+            "  dm flags:     {}",
+            if s.flags.is_empty() {
+                "none".to_owned()
+            } else {
+                s.flags.join(" ")
+            }
+        );
+        if let Some(n) = s.open_count {
+            println!("  open count:   {n}");
+        }
+        if !s.holders.is_empty() {
+            println!("  holders:      {}", s.holders.join(", "));
+        }
+        if let Some(l) = &s.stable_link {
+            println!(
+                "  stable link:  {}{}",
+                l.display(),
+                if s.stable_link_ok {
+                    ""
+                } else {
+                    " (MISSING or wrong)"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Dispatch one volume command.
+pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
+    match cmd {
+        VolumeCommand::Attach(a) => attach(a),
+        VolumeCommand::Detach(a) => detach(a),
+        VolumeCommand::Extend(a) => extend(a),
+        VolumeCommand::Status(a) => status(a),
+    }
+}
+
+/// The volume commands, flattened into the top level (`volcrypt attach …`).
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCommand {
+    /// Open an encrypted volume with dm-crypt from an attach request (what Nova hands os-brick).
+    Attach(AttachArgs),
+    /// Close a volume's mapping (busy: retry until the timeout, then name the holders).
+    Detach(DetachArgs),
+    /// Grow a volume's mapping after its backing device grew.
+    Extend(ExtendArgs),
+    /// Show the volumes volcrypt manages (never key material).
+    Status(StatusArgs),
+}

@@ -1,0 +1,1288 @@
+//! Attach/detach/extend/status against a real kernel: dm-crypt, loop devices, libcryptsetup.
+//!
+//! These need root and dm-crypt. Natively (the build hosts have no device-mapper) each test
+//! prints `skipped: needs dm-crypt` and passes; inside the VM harness (tests/vm/run.sh, which
+//! loads dm_crypt and sets VOLCRYPT_VM=1) they run for real. tests/vm/guest-attach.sh runs them.
+#![cfg(feature = "system")]
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use volcrypt::config::Config;
+use volcrypt::error::ExitStatus;
+use volcrypt::keys::{KeyManager, Keystore, Secret};
+use volcrypt::request::AttachRequest;
+use volcrypt::secret::{SecretBytes, SecretType};
+use volcrypt::volume::{self, Context, PbkdfConfig, VolumeConfig};
+
+/// True (after printing the skip notice) when this host cannot run dm-crypt tests.
+fn skip() -> bool {
+    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
+    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
+    let root = nix::unistd::geteuid().is_root();
+    if !(dm && root) {
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        notice(&format!(
+            "skipped: needs dm-crypt: {test} (root and dm_crypt; runs in the VM via tests/vm/guest-attach.sh)"
+        ));
+        return true;
+    }
+    false
+}
+
+/// The secrets the tests use: one of each type Cinder, castellan and users create.
+fn secrets() -> Vec<(&'static str, SecretType, Vec<u8>)> {
+    vec![
+        ("sym-1", SecretType::Symmetric, (0u8..32).collect()),
+        ("sym-2", SecretType::Symmetric, vec![0x07; 32]),
+        (
+            "pass-1",
+            SecretType::Passphrase,
+            b"correct horse\n".to_vec(),
+        ),
+        ("opaque-1", SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]),
+    ]
+}
+
+/// A key manager holding [`secrets`], and the ids it gave them.
+struct Keys {
+    km: Box<dyn KeyManager>,
+    ids: HashMap<String, String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Keys {
+    /// The real id of a logical test secret (`sym-1` → a Barbican UUID, say).
+    fn id(&self, logical: &str) -> String {
+        self.ids
+            .get(logical)
+            .cloned()
+            .unwrap_or_else(|| logical.to_owned())
+    }
+}
+
+/// The local keystore (the embedded default), filled through its public API.
+fn keys() -> Keys {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let mut ids = HashMap::new();
+    for (id, t, payload) in secrets() {
+        ks.put(id, &Secret::new(t, SecretBytes::new(payload)))
+            .unwrap();
+        ids.insert(id.to_owned(), id.to_owned());
+    }
+    Keys {
+        km: Box::new(ks),
+        ids,
+        _dir: Some(dir),
+    }
+}
+
+const BARBICAN_PROJECT: &str = "volcrypt-vm-tests";
+
+/// A real Barbican (VOLCRYPT_TEST_BARBICAN_URL, reached from the VM through the harness's
+/// forward), with the secrets created the way Cinder and users do; `None` when not configured.
+fn barbican_keys() -> Option<Keys> {
+    let url = std::env::var("VOLCRYPT_TEST_BARBICAN_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let url = url.trim_end_matches('/').to_owned();
+    let cfg = Config::from_toml(
+        &format!(
+            "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"{url}\"\n\
+             retries = 1\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"{BARBICAN_PROJECT}\"\n"
+        ),
+        "<test>",
+    )
+    .unwrap();
+    let km = volcrypt::keys::from_config(&cfg.key_manager).unwrap();
+    let mut ids = HashMap::new();
+    for (name, t, payload) in secrets() {
+        ids.insert(name.to_owned(), barbican_create(&url, &t, &payload));
+    }
+    Some(Keys {
+        km,
+        ids,
+        _dir: None,
+    })
+}
+
+/// POST a secret to Barbican (octet-stream/base64, so every byte round-trips); its UUID.
+fn barbican_create(url: &str, t: &SecretType, payload: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut body = serde_json::json!({
+        "name": "volcrypt-vm-test",
+        "secret_type": t.as_str(),
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+        "payload_content_type": "application/octet-stream",
+        "payload_content_encoding": "base64",
+    });
+    if *t == SecretType::Symmetric {
+        body["algorithm"] = "aes".into();
+        body["bit_length"] = (payload.len() * 8).into();
+        body["mode"] = "xts".into();
+    }
+    let o = sh_in(
+        &format!(
+            "curl -sS --fail-with-body -X POST {url}/v1/secrets -H 'Content-Type: application/json' \
+             -H 'X-Identity-Status: Confirmed' -H 'X-Project-Id: {BARBICAN_PROJECT}' -H 'X-Roles: member' -d @-"
+        ),
+        body.to_string().as_bytes(),
+    );
+    assert!(
+        o.status.success(),
+        "Barbican POST: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = v["secret_ref"].as_str().unwrap();
+    r.rsplit('/').next().unwrap().to_owned()
+}
+
+/// Every key manager available here: the keystore always, Barbican when configured.
+fn backends() -> Vec<(&'static str, Keys)> {
+    let mut v = vec![("keystore", keys())];
+    match barbican_keys() {
+        Some(b) => v.push(("barbican", b)),
+        None => notice("skipped: Barbican part (VOLCRYPT_TEST_BARBICAN_URL not set)"),
+    }
+    v
+}
+
+/// Run a command, return stdout, panic with stderr on failure.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command feeding `input` on stdin.
+fn sh_in(cmd: &str, input: &[u8]) -> std::process::Output {
+    let mut c = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    c.stdin.take().unwrap().write_all(input).unwrap();
+    c.wait_with_output().unwrap()
+}
+
+/// A loop device over a file in a private directory, with a by-path style link to it, a state
+/// dir and a by-id dir. Everything is torn down on drop (mapping first).
+struct Vol {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    loopdev: PathBuf,
+    link: PathBuf,
+    name: String,
+}
+
+impl Vol {
+    fn new(tag: &str, mib: u64) -> Vol {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let file = dir.path().join("backing.img");
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let loopdev = PathBuf::from(sh(&format!("losetup -f --show {}", file.display())).trim());
+        let bypath = dir.path().join("by-path");
+        std::fs::create_dir_all(&bypath).unwrap();
+        let link = bypath.join(format!("vc-{tag}-lun-1"));
+        std::os::unix::fs::symlink(&loopdev, &link).unwrap();
+        Vol {
+            name: format!("crypt-vc-{tag}-lun-1"),
+            dir,
+            file,
+            loopdev,
+            link,
+        }
+    }
+
+    fn ctx<'a>(&self, keys: &'a Keys) -> Context<'a> {
+        Context {
+            keys: keys.km.as_ref(),
+            config: VolumeConfig {
+                state_dir: self.dir.path().join("state"),
+                by_id_dir: self.dir.path().join("by-id"),
+                detach_timeout_ms: 1500,
+                pbkdf: Some(PbkdfConfig {
+                    kind: "pbkdf2".into(),
+                    iterations: 1000,
+                    memory_kib: 0,
+                }),
+                ..VolumeConfig::default()
+            },
+        }
+    }
+
+    fn request(
+        &self,
+        provider: &str,
+        key_id: &str,
+        extra_enc: &str,
+        options: &str,
+    ) -> AttachRequest {
+        let json = format!(
+            r#"{{"volume_id": "vol-{name}", "device_path": "{link}",
+                "encryption": {{"provider": "{provider}", "control_location": "front-end",
+                                "encryption_key_id": "{key_id}"{extra_enc}}},
+                "options": {{{options}}}}}"#,
+            name = self.name,
+            link = self.link.display()
+        );
+        AttachRequest::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn volume_id(&self) -> String {
+        format!("vol-{}", self.name)
+    }
+
+    fn mapper(&self) -> PathBuf {
+        PathBuf::from("/dev/mapper").join(&self.name)
+    }
+
+    fn active(&self) -> bool {
+        Command::new("dmsetup")
+            .args(["info", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    fn stable_link(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("by-id")
+            .join(format!("volcrypt-{}", self.volume_id()))
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("state")
+            .join(format!("{}.json", self.volume_id()))
+    }
+
+    /// Nothing of an attach is left: no mapping, no stable link, no record, link untouched.
+    fn assert_nothing_left(&self) {
+        assert!(!self.active(), "mapping {} left behind", self.name);
+        assert!(
+            std::fs::symlink_metadata(self.stable_link()).is_err(),
+            "stable link left behind"
+        );
+        assert!(!self.state_file().exists(), "state record left behind");
+        assert_eq!(
+            std::fs::read_link(&self.link).unwrap(),
+            self.loopdev,
+            "device link changed"
+        );
+    }
+}
+
+impl Drop for Vol {
+    fn drop(&mut self) {
+        let _ = Command::new("dmsetup")
+            .args(["remove", "--retry", &self.name])
+            .output();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loopdev)
+            .output();
+    }
+}
+
+fn write_at(dev: &Path, offset: u64, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_at(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(dev).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn sha256_of(path: &Path) -> String {
+    sh(&format!("sha256sum {}", path.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The dm key cryptsetup derives in plain mode: RIPEMD160(p) ‖ RIPEMD160("A" ‖ p) ‖ …,
+/// truncated to the key size.
+fn plain_key(passphrase: &[u8], key_bytes: usize) -> Vec<u8> {
+    use ripemd::{Digest, Ripemd160};
+    let mut out = Vec::new();
+    let mut prefix = Vec::new();
+    while out.len() < key_bytes {
+        let mut h = Ripemd160::new();
+        h.update(&prefix);
+        h.update(passphrase);
+        out.extend_from_slice(&h.finalize());
+        prefix.push(b'A');
+    }
+    out.truncate(key_bytes);
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// First attach formats (LUKS) or creates (plain), data goes through the mapping, detach, and
+/// a second attach of the same volume opens the existing header and reads the data back.
+fn round_trip(provider: &str, logical_key: &str, tag: &str, expect_luks: Option<&str>) {
+    for (backend, k) in backends() {
+        round_trip_with(
+            &k,
+            provider,
+            logical_key,
+            &format!("{tag}{}", &backend[..1]),
+            expect_luks,
+        );
+    }
+}
+
+fn round_trip_with(
+    k: &Keys,
+    provider: &str,
+    logical_key: &str,
+    tag: &str,
+    expect_luks: Option<&str>,
+) {
+    let v = Vol::new(tag, 32);
+    let ctx = v.ctx(k);
+    let key_id = k.id(logical_key);
+    let key_id = key_id.as_str();
+    let req = v.request(
+        provider,
+        key_id,
+        r#", "cipher": "aes-xts-plain64", "key_size": 256"#,
+        "",
+    );
+    let out = volume::attach(&ctx, &req).unwrap();
+    assert!(out.encrypted);
+    assert_eq!(out.mapping_name.as_deref(), Some(v.name.as_str()));
+    assert_eq!(out.formatted, expect_luks.is_some(), "{out:?}");
+    assert_eq!(out.device, v.mapper());
+    assert_eq!(
+        std::fs::read_link(&v.link).unwrap(),
+        v.mapper(),
+        "device_path not replaced"
+    );
+    assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
+    let derivation = if logical_key.starts_with("pass") {
+        "raw"
+    } else {
+        "lowercase-hex"
+    };
+    assert_eq!(out.derivation.as_deref(), Some(derivation));
+
+    if let Some(version) = expect_luks {
+        let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
+        assert!(
+            dump.contains(&format!("Version:       \t{version}"))
+                || dump.contains(&format!("Version:        {version}"))
+                || dump.contains(&format!("Version:\t{version}")),
+            "{dump}"
+        );
+        // aes-xts-plain64 + 256 bits is passed through: AES-128-XTS, 256-bit volume key.
+        assert!(
+            dump.contains("256 bits") || dump.contains("MK bits:       \t256"),
+            "{dump}"
+        );
+        // The same passphrase opens it with cryptsetup itself.
+        let p = k.km.get(key_id).unwrap().passphrase();
+        let o = sh_in(
+            &format!(
+                "cryptsetup open --test-passphrase --key-file=- {}",
+                v.loopdev.display()
+            ),
+            p.expose(),
+        );
+        assert!(
+            o.status.success(),
+            "cryptsetup rejects the passphrase: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    let data = pattern(tag.len() as u8, 1 << 20);
+    write_at(&v.mapper(), 4096, &data);
+    let st = volume::status(&ctx).unwrap();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].key_id, key_id);
+    assert_eq!(st[0].derivation, derivation);
+    assert!(st[0].active && !st[0].stale);
+    assert_eq!(st[0].cipher.as_deref(), Some("aes-xts-plain64"));
+    assert_eq!(st[0].key_bits, Some(256));
+
+    let d = volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(d.was_active);
+    assert!(!v.active());
+    assert_eq!(
+        std::fs::read_link(&v.link).unwrap(),
+        v.loopdev,
+        "device_path not restored"
+    );
+    assert!(std::fs::symlink_metadata(v.stable_link()).is_err());
+
+    let out = volume::attach(&ctx, &req).unwrap();
+    assert!(!out.formatted);
+    assert_eq!(
+        read_at(&v.mapper(), 4096, data.len()),
+        data,
+        "data did not survive re-attach"
+    );
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+#[test]
+fn luks1_with_symmetric_key_formats_then_reopens() {
+    if skip() {
+        return;
+    }
+    round_trip("luks", "sym-1", "l1sym", Some("1"));
+}
+
+#[test]
+fn luks1_with_passphrase_secret_formats_then_reopens() {
+    if skip() {
+        return;
+    }
+    round_trip(
+        "nova.volume.encryptors.luks.LuksEncryptor",
+        "pass-1",
+        "l1pass",
+        Some("1"),
+    );
+}
+
+#[test]
+fn luks2_with_symmetric_key_formats_then_reopens() {
+    if skip() {
+        return;
+    }
+    round_trip("luks2", "sym-2", "l2sym", Some("2"));
+}
+
+#[test]
+fn luks2_with_opaque_and_passphrase_secrets() {
+    if skip() {
+        return;
+    }
+    round_trip("Luks2Encryptor", "opaque-1", "l2opq", Some("2"));
+    round_trip(
+        "os_brick.encryptors.luks.Luks2Encryptor",
+        "pass-1",
+        "l2pass",
+        Some("2"),
+    );
+}
+
+#[test]
+fn plain_with_each_secret_type_round_trips() {
+    if skip() {
+        return;
+    }
+    round_trip("plain", "sym-1", "plsym", None);
+    round_trip("CryptsetupEncryptor", "pass-1", "plpass", None);
+    round_trip(
+        "os_brick.encryptors.cryptsetup.CryptsetupEncryptor",
+        "opaque-1",
+        "plopq",
+        None,
+    );
+}
+
+/// Plain mode with cryptsetup's defaults: aes-cbc-essiv:sha256, 256 bits, and the dm key is
+/// RIPEMD160(p) ‖ RIPEMD160("A" ‖ p) truncated, exactly as `cryptsetup create` makes it.
+#[test]
+fn plain_defaults_hash_the_passphrase_with_ripemd160() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("plkey", 16);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let out = volume::attach(&ctx, &v.request("plain", "sym-1", "", "")).unwrap();
+    assert!(!out.formatted);
+    let table = sh(&format!("dmsetup table --showkeys {}", v.name));
+    let fields: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(fields[2], "crypt", "{}", fields[2]);
+    assert_eq!(fields[3], "aes-cbc-essiv:sha256");
+    let passphrase = hex(&(0u8..32).collect::<Vec<u8>>());
+    assert_eq!(passphrase.len(), 64);
+    assert_eq!(
+        fields[4],
+        hex(&plain_key(passphrase.as_bytes(), 32)),
+        "dm key is not the ripemd160 hash"
+    );
+
+    // cryptsetup itself, fed the same passphrase, makes the same key.
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    let o = sh_in(
+        &format!(
+            "cryptsetup create --key-file=- vc-plkey-ref {}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = sh("dmsetup table --showkeys vc-plkey-ref");
+    sh("cryptsetup close vc-plkey-ref");
+    assert_eq!(reference.split_whitespace().nth(4), Some(fields[4]));
+}
+
+/// A volume formatted by `cryptsetup luksFormat` with the hex passphrase (what os-brick does)
+/// opens with volcrypt, and reads what cryptsetup's mapping wrote.
+#[test]
+fn cryptsetup_formatted_volume_opens_with_volcrypt() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("csfmt", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let passphrase = hex(&[0x07; 32]);
+    let o = sh_in(
+        &format!(
+            "cryptsetup --batch-mode luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file=- {}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} vc-csfmt-ref",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = pattern(9, 65536);
+    write_at(Path::new("/dev/mapper/vc-csfmt-ref"), 0, &data);
+    sh("cryptsetup close vc-csfmt-ref");
+
+    let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
+    assert!(
+        !out.formatted,
+        "an existing LUKS2 volume must be opened, not formatted"
+    );
+    assert_eq!(read_at(&v.mapper(), 0, data.len()), data);
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+fn refuse_format(tag: &str, prepare: &str, expect: &str) {
+    let v = Vol::new(tag, 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    sh(&prepare.replace("DEV", &v.loopdev.display().to_string()));
+    let before = sha256_of(&v.loopdev);
+    let err = volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, volume::Error::RefuseFormat { .. }), "{msg}");
+    assert!(msg.contains(expect), "{msg}");
+    assert_eq!(err.exit_status(), ExitStatus::Invalid);
+    assert_eq!(sha256_of(&v.loopdev), before, "device content changed");
+    v.assert_nothing_left();
+}
+
+#[test]
+fn refuses_to_format_a_device_with_ext4() {
+    if skip() {
+        return;
+    }
+    refuse_format("ext4", "mkfs.ext4 -q -F DEV", "ext4");
+}
+
+#[test]
+fn refuses_to_format_a_device_with_a_partition_table() {
+    if skip() {
+        return;
+    }
+    refuse_format("gpt", "printf 'label: gpt\\n,4M\\n' | sfdisk -q DEV", "gpt");
+    refuse_format("dos", "printf 'label: dos\\n,4M\\n' | sfdisk -q DEV", "dos");
+}
+
+#[test]
+fn double_attach_returns_the_existing_mapping() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("dbl", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let req = v.request("luks2", "sym-1", "", "");
+    let first = volume::attach(&ctx, &req).unwrap();
+    // device_path now points at the mapping itself; a repeat must still recognise the volume.
+    let second = volume::attach(&ctx, &req).unwrap();
+    assert!(second.already_attached && !second.formatted);
+    assert_eq!(second.device, first.device);
+    assert_eq!(second.backing_device.as_deref(), Some(v.loopdev.as_path()));
+    // Links removed by someone are re-asserted by the repeat attach.
+    std::fs::remove_file(v.stable_link()).unwrap();
+    let third = volume::attach(&ctx, &req).unwrap();
+    assert!(third.already_attached);
+    assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert_eq!(std::fs::read_link(&v.link).unwrap(), v.loopdev);
+}
+
+#[test]
+fn name_held_by_another_device_is_refused_and_nothing_changes() {
+    if skip() {
+        return;
+    }
+    let a = Vol::new("conf", 32);
+    let b = Vol::new("conf", 32); // same basename, different loop device
+    let k = keys();
+    let ctx_a = a.ctx(&k);
+    volume::attach(&ctx_a, &a.request("luks2", "sym-1", "", "")).unwrap();
+    let table_before = sh(&format!("dmsetup deps {}", a.name));
+    let ctx_b = b.ctx(&k);
+    let err = volume::attach(&ctx_b, &b.request("luks2", "sym-1", "", "")).unwrap_err();
+    assert!(matches!(err, volume::Error::NameConflict { .. }), "{err}");
+    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert_eq!(sh(&format!("dmsetup deps {}", a.name)), table_before);
+    assert_eq!(std::fs::read_link(&b.link).unwrap(), b.loopdev);
+    assert!(std::fs::symlink_metadata(b.stable_link()).is_err());
+    assert!(!b.state_file().exists());
+    assert_eq!(sha256_of(&b.loopdev), sha256_of(&b.file), "b was touched");
+    assert!(
+        read_at(&b.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "b was formatted"
+    );
+    volume::detach(&ctx_a, &a.volume_id(), None).unwrap();
+}
+
+#[test]
+fn busy_detach_fails_naming_holders_then_succeeds_after_release() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("busy", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
+    let held = std::fs::File::open(v.mapper()).unwrap();
+    let t = std::time::Instant::now();
+    let err = volume::detach(&ctx, &v.volume_id(), None).unwrap_err();
+    let waited = t.elapsed();
+    let msg = err.to_string();
+    assert!(matches!(err, volume::Error::Busy { .. }), "{msg}");
+    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert!(msg.contains("open count 1"), "{msg}");
+    assert!(
+        msg.contains(&std::process::id().to_string()),
+        "our pid not named: {msg}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(1400),
+        "gave up after {waited:?}"
+    );
+    assert!(v.active());
+    drop(held);
+    let d = volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(d.was_active);
+    assert!(!v.active());
+    // Detaching again: not active is success.
+    let d = volume::detach(&ctx, &v.volume_id(), Some(&v.link)).unwrap();
+    assert!(!d.was_active);
+}
+
+#[test]
+fn extend_after_growing_the_loop_device() {
+    if skip() {
+        return;
+    }
+    for (provider, tag) in [("luks2", "ext2"), ("luks", "ext1"), ("plain", "extp")] {
+        let v = Vol::new(tag, 32);
+        let k = keys();
+        let ctx = v.ctx(&k);
+        volume::attach(&ctx, &v.request(provider, "sym-1", "", "")).unwrap();
+        let before = sh(&format!("blockdev --getsize64 {}", v.mapper().display()));
+        let before: u64 = before.trim().parse().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.file)
+            .unwrap()
+            .set_len(48 << 20)
+            .unwrap();
+        sh(&format!("losetup -c {}", v.loopdev.display()));
+        let out = volume::extend(&ctx, &v.volume_id()).unwrap();
+        let after: u64 = sh(&format!("blockdev --getsize64 {}", v.mapper().display()))
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(after, before + (16 << 20), "{provider}: {out:?}");
+        assert_eq!(out.new_size_bytes, after);
+        volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    }
+}
+
+#[test]
+fn wrong_key_is_exit_2_naming_the_key_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("wkey", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    let header = sha256_of(&v.loopdev);
+    let err = volume::attach(&ctx, &v.request("luks2", "sym-2", "", "")).unwrap_err();
+    assert!(matches!(err, volume::Error::WrongKey { .. }), "{err}");
+    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert!(err.to_string().contains("sym-2"), "{err}");
+    assert_eq!(
+        sha256_of(&v.loopdev),
+        header,
+        "a wrong key must never lead to a format"
+    );
+    v.assert_nothing_left();
+}
+
+#[test]
+fn unknown_key_id_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("nokey", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let err = volume::attach(&ctx, &v.request("luks2", "no-such-key", "", "")).unwrap_err();
+    assert!(err.to_string().contains("no-such-key"), "{err}");
+    assert!(
+        read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "formatted without a key"
+    );
+    v.assert_nothing_left();
+}
+
+#[test]
+fn unreachable_barbican_is_exit_2_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("nobarb", 32);
+    // Nothing listens on port 9 of the loopback: connection refused, fast.
+    let cfg = Config::from_toml(
+        "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"http://127.0.0.1:9\"\n\
+         retries = 1\nbackoff_initial = 0.05\nconnect_timeout = 1.0\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"p\"\n",
+        "<test>",
+    )
+    .unwrap();
+    let k = Keys {
+        km: volcrypt::keys::from_config(&cfg.key_manager).unwrap(),
+        ids: HashMap::new(),
+        _dir: None,
+    };
+    let ctx = v.ctx(&k);
+    let err = volume::attach(
+        &ctx,
+        &v.request("luks2", "3e1b0f0a-0000-4000-8000-000000000001", "", ""),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("unreachable") && msg.contains("3e1b0f0a"),
+        "{msg}"
+    );
+    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert!(
+        read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "formatted without a key"
+    );
+    v.assert_nothing_left();
+}
+
+#[test]
+fn perf_flags_reach_the_kernel_and_status_and_4k_sectors_for_luks2() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("perf", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let req = v.request(
+        "luks2",
+        "sym-1",
+        "",
+        r#""allow_discards": true, "no_read_workqueue": true, "no_write_workqueue": true, "sector_size": 4096"#,
+    );
+    volume::attach(&ctx, &req).unwrap();
+    let table = sh(&format!("dmsetup table {}", v.name));
+    for f in [
+        "allow_discards",
+        "no_read_workqueue",
+        "no_write_workqueue",
+        "sector_size:4096",
+    ] {
+        assert!(table.contains(f), "{f} missing in kernel table");
+    }
+    let st = volume::status(&ctx).unwrap();
+    assert_eq!(
+        st[0].flags,
+        vec!["allow_discards", "no_read_workqueue", "no_write_workqueue"]
+    );
+    assert_eq!(st[0].sector_size, Some(4096));
+    assert_eq!(st[0].open_count, Some(0));
+    // status never shows key material.
+    let json = serde_json::to_string(&st).unwrap();
+    let key_hex = sh(&format!("dmsetup table --showkeys {}", v.name));
+    for field in key_hex.split_whitespace().filter(|f| f.len() >= 32) {
+        assert!(!json.contains(field), "status leaks a table field");
+    }
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+/// The CLI end to end: malformed request → exit 1 and nothing changed; status --json.
+#[test]
+fn cli_malformed_request_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("cli", 16);
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let cases: [&[u8]; 3] = [
+        b"{not json",
+        br#"{"volume_id":"x","device_path":"/dev/null","encryption":{"provider":"LUKS","control_location":"front-end","encryption_key_id":"k"}}"#,
+        br#"{"volume_id":"x","device_path":"/dev/null","encryption":{"provider":"luks","control_location":"front-end"}}"#,
+    ];
+    for input in cases {
+        let o = sh_in(
+            &format!(
+                "{bin} attach --request - --state-dir {}/state --by-id-dir {}/by-id",
+                v.dir.path().display(),
+                v.dir.path().display()
+            ),
+            input,
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&o.stderr).is_empty());
+    }
+    v.assert_nothing_left();
+    assert!(
+        !v.dir.path().join("state").exists()
+            || std::fs::read_dir(v.dir.path().join("state"))
+                .unwrap()
+                .count()
+                == 0
+    );
+}
+
+/// A scsi_debug disk: unlike a loop device, it can be deleted while dm-crypt holds it, which
+/// is what an iSCSI logout or a path failure does to a real volume.
+fn scsi_debug_disk() -> Option<PathBuf> {
+    let drv = Path::new("/sys/bus/pseudo/drivers/scsi_debug");
+    // sd_mod turns the SCSI disk into /dev/sdX; udev's own modprobe cannot load it in the VM.
+    let mut sd = Command::new("modprobe");
+    if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
+        sd.arg("-d").arg(root);
+    }
+    let _ = sd.arg("sd_mod").status();
+    if !drv.exists() {
+        // The harness exports where the guest kernel's modules are.
+        let mut cmd = Command::new("modprobe");
+        if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
+            cmd.arg("-d").arg(root);
+        }
+        let ok = cmd
+            .args(["scsi_debug", "add_host=0", "dev_size_mb=32"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return None;
+        }
+    }
+    let list = || -> Vec<String> {
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sd"))
+            .filter(|n| {
+                std::fs::read_to_string(format!("/sys/block/{n}/device/model"))
+                    .is_ok_and(|m| m.contains("scsi_debug"))
+            })
+            .collect()
+    };
+    let before = list();
+    std::fs::write(drv.join("add_host"), "1").ok()?;
+    for _ in 0..100 {
+        if let Some(n) = list().into_iter().find(|n| !before.contains(n)) {
+            let dev = PathBuf::from("/dev").join(&n);
+            for _ in 0..50 {
+                if dev.exists() {
+                    return Some(dev);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn stale_mapping_is_reported_and_replaced_only_when_unused() {
+    if skip() {
+        return;
+    }
+    let Some(disk) = scsi_debug_disk() else {
+        notice("skipped: needs the scsi_debug module to make a backing device vanish");
+        return;
+    };
+    let v = Vol::new("stale", 32);
+    // The volume's device path points at the SCSI disk first.
+    std::fs::remove_file(&v.link).unwrap();
+    std::os::unix::fs::symlink(&disk, &v.link).unwrap();
+    let k = keys();
+    let ctx = v.ctx(&k);
+    // scsi_debug disks share one store: zero its start so it probes blank.
+    write_at(&disk, 0, &vec![0u8; 1 << 20]);
+    volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
+    let base = disk.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::write(format!("/sys/block/{base}/device/delete"), "1").unwrap();
+    for _ in 0..50 {
+        if !disk.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = volume::status(&ctx).unwrap();
+    assert!(
+        st[0].active && st[0].stale && !st[0].backing_present,
+        "{:?}",
+        st[0]
+    );
+
+    // The volume comes back on another device (the loop device) under the same path.
+    std::fs::remove_file(&v.link).unwrap();
+    std::os::unix::fs::symlink(&v.loopdev, &v.link).unwrap();
+    let held = std::fs::File::open(v.mapper()).unwrap();
+    let err = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap_err();
+    assert!(matches!(err, volume::Error::StaleBusy { .. }), "{err}");
+    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert!(v.active());
+    drop(held);
+    let out = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
+    assert!(out.replaced_stale && out.formatted, "{out:?}");
+    assert_eq!(out.backing_device.as_deref(), Some(v.loopdev.as_path()));
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+/// With udevd running (harness `--udev`), the stable link in /dev/disk/by-id survives udev
+/// `change`/`add` events on both the mapping and the backing device.
+#[test]
+fn stable_link_survives_udev_events() {
+    if skip() {
+        return;
+    }
+    if !Path::new("/run/udev/control").exists() {
+        notice("skipped: needs a running udevd (run the VM with --udev)");
+        return;
+    }
+    let v = Vol::new("udev", 32);
+    let k = keys();
+    let mut ctx = v.ctx(&k);
+    ctx.config.by_id_dir = PathBuf::from("/dev/disk/by-id");
+    let out = volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    let link = out.stable_link.clone().unwrap();
+    assert!(link.starts_with("/dev/disk/by-id"));
+    for action in ["change", "add", "change"] {
+        sh(&format!(
+            "udevadm trigger --action={action} {} /dev/mapper/{} && udevadm settle",
+            v.loopdev.display(),
+            v.name
+        ));
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            v.mapper(),
+            "udev took the link back after {action}"
+        );
+    }
+    let st = volume::status(&ctx).unwrap();
+    assert!(st[0].stable_link_ok);
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(std::fs::symlink_metadata(&link).is_err());
+}
+
+/// Print past the test harness's output capture, so skips are visible in a normal run.
+fn notice(msg: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// `volcrypt image …` exists in this build (the userspace engine is merged).
+fn image_engine(bin: &str) -> bool {
+    let ok = ["encrypt", "decrypt"].iter().all(|c| {
+        Command::new(bin)
+            .args(["image", c, "--help"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if !ok {
+        notice(
+            "skipped: kernel/userspace agreement: `volcrypt image encrypt/decrypt` not in this build",
+        );
+    }
+    ok
+}
+
+/// The kernel and the userspace engine agree: data written through the kernel mapping of a
+/// volume volcrypt formatted decrypts byte-exact with `volcrypt image decrypt` of the raw
+/// backing device, and a container written by `volcrypt image encrypt` reads back through the
+/// kernel mapping.
+#[test]
+fn kernel_and_userspace_engine_agree() {
+    if skip() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    if !image_engine(bin) {
+        return;
+    }
+    let k = keys();
+    let key_file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    std::fs::write(key_file.path(), (0u8..32).collect::<Vec<u8>>()).unwrap(); // sym-1's payload
+
+    for provider in ["luks", "luks2"] {
+        // Kernel writes, userspace reads.
+        let v = Vol::new(&format!("agree{provider}"), 20);
+        let ctx = v.ctx(&k);
+        volume::attach(&ctx, &v.request(provider, "sym-1", "", "")).unwrap();
+        let size: usize = sh(&format!("blockdev --getsize64 {}", v.mapper().display()))
+            .trim()
+            .parse()
+            .unwrap();
+        let data = pattern(77, size);
+        write_at(&v.mapper(), 0, &data);
+        volume::detach(&ctx, &v.volume_id(), None).unwrap();
+        let out = v.dir.path().join("decrypted.img");
+        sh(&format!(
+            "{bin} image decrypt {} --key-file {} --secret-type symmetric -o {}",
+            v.file.display(),
+            key_file.path().display(),
+            out.display()
+        ));
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "{provider}: userspace decrypt differs from what the kernel wrote"
+        );
+
+        // Userspace writes, kernel reads.
+        let w = Vol::new(&format!("agreeu{provider}"), 1);
+        let plain = w.dir.path().join("plain.img");
+        let data = pattern(5, 2 << 20);
+        std::fs::write(&plain, &data).unwrap();
+        let container = w.dir.path().join("container.img");
+        let luks_type = if provider == "luks" { "luks1" } else { "luks2" };
+        sh(&format!(
+            "{bin} image encrypt {} -o {} --key-file {} --secret-type symmetric --type {luks_type} \
+             --pbkdf pbkdf2 --pbkdf-iterations 1000",
+            plain.display(),
+            container.display(),
+            key_file.path().display()
+        ));
+        sh(&format!("losetup -d {}", w.loopdev.display()));
+        let lo = sh(&format!("losetup -f --show {}", container.display()))
+            .trim()
+            .to_owned();
+        std::fs::remove_file(&w.link).unwrap();
+        std::os::unix::fs::symlink(&lo, &w.link).unwrap();
+        let wctx = w.ctx(&k);
+        let o = volume::attach(&wctx, &w.request(provider, "sym-1", "", "")).unwrap();
+        assert!(
+            !o.formatted,
+            "an encrypted image must be opened, not formatted"
+        );
+        assert!(
+            read_at(&w.mapper(), 0, data.len()) == data,
+            "{provider}: kernel reads something else than was encrypted"
+        );
+        volume::detach(&wctx, &w.volume_id(), None).unwrap();
+        sh(&format!("losetup -d {lo}"));
+    }
+}
+
+/// The CLI end to end with a TOML config (keystore + [volume]): attach → status → detach;
+/// a wrong key exits 2 and leaves nothing.
+#[test]
+fn cli_attach_status_detach_with_a_config_file() {
+    if skip() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let v = Vol::new("clie2e", 32);
+    let k = keys();
+    let keydir = k._dir.as_ref().unwrap().path().join("keys");
+    let cfg = v.dir.path().join("volcrypt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[key_manager]\nbackend = \"keystore\"\n[key_manager.keystore]\ndir = \"{}\"\ncreate = false\n\
+             [volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\nno_read_workqueue = true\n\
+             [volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n",
+            keydir.display(),
+            v.dir.path().join("state").display(),
+            v.dir.path().join("by-id").display()
+        ),
+    )
+    .unwrap();
+    let req = v.dir.path().join("req.json");
+    let r = serde_json::json!({
+        "volume_id": v.volume_id(), "device_path": v.link,
+        "encryption": {"provider": "luks2", "control_location": "front-end", "encryption_key_id": "sym-2"}
+    });
+    std::fs::write(&req, r.to_string()).unwrap();
+    let run = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("{bin} {args} --config {}", cfg.display()))
+            .output()
+            .unwrap()
+    };
+    let o = run(&format!("attach --request {}", req.display()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out["mapping_name"], v.name.as_str());
+    assert_eq!(out["formatted"], true);
+    assert_eq!(out["key_manager"], "keystore");
+    assert_eq!(out["flags"]["no_read_workqueue"], true);
+
+    let o = run("status --json");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st[0]["volume_id"], v.volume_id().as_str());
+    assert_eq!(st[0]["key_id"], "sym-2");
+    assert_eq!(st[0]["derivation"], "lowercase-hex");
+    assert_eq!(st[0]["flags"][0], "no_read_workqueue");
+    let text = run("status");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("keystore key sym-2 (lowercase-hex)"),
+        "{text}"
+    );
+    let passphrase = hex(&[0x07; 32]);
+    assert!(
+        !text.contains(&passphrase) && !String::from_utf8_lossy(&o.stdout).contains(&passphrase)
+    );
+
+    let o = run(&format!("detach {}", v.volume_id()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!v.active());
+
+    // Wrong key through the CLI: exit 2 naming the key, nothing left.
+    let r = serde_json::json!({
+        "volume_id": v.volume_id(), "device_path": v.link,
+        "encryption": {"provider": "luks2", "control_location": "front-end", "encryption_key_id": "sym-1"}
+    });
+    std::fs::write(&req, r.to_string()).unwrap();
+    let o = run(&format!("attach --request {}", req.display()));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sym-1"));
+    v.assert_nothing_left();
+}
+
+/// Volumes os-brick attached before volcrypt took over: an active legacy-named mapping
+/// (`<basename>`, no prefix) is reused, and a `crypt-<basename>` mapping volcrypt has no record
+/// of is detached with `--device-path`.
+#[test]
+fn os_brick_mappings_are_reused_and_detached() {
+    if skip() {
+        return;
+    }
+    let k = keys();
+    let passphrase = hex(&[0x07; 32]); // sym-2, hexlified as os-brick does
+    let v = Vol::new("legacy", 32);
+    let ctx = v.ctx(&k);
+    let base = v.link.file_name().unwrap().to_string_lossy().into_owned();
+    let o = sh_in(
+        &format!(
+            "cryptsetup --batch-mode luksFormat --type luks1 --pbkdf-force-iterations 1000 --key-file=- {}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} {base}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
+    assert!(out.already_attached, "{out:?}");
+    assert_eq!(out.mapping_name.as_deref(), Some(base.as_str()));
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(!Path::new("/dev/mapper").join(&base).exists());
+
+    // A crypt-<basename> mapping opened by os-brick (cryptsetup), no volcrypt record.
+    let w = Vol::new("obrick", 32);
+    let wctx = w.ctx(&k);
+    let o = sh_in(
+        &format!(
+            "cryptsetup --batch-mode luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file=- {}",
+            w.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} {}",
+            w.loopdev.display(),
+            w.name
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = volume::detach(&wctx, "brick-vol", Some(&w.link)).unwrap();
+    assert!(d.was_active && !w.active());
+}
