@@ -42,6 +42,11 @@ pub enum Error {
     Image(#[from] crate::image::Error),
     #[error(transparent)]
     Keys(#[from] crate::keys::Error),
+    #[error(transparent)]
+    Request(#[from] crate::request::Error),
+    #[cfg(feature = "system")]
+    #[error(transparent)]
+    Volume(#[from] crate::volume::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
     #[error("{0}")]
     Usage(String),
@@ -54,6 +59,9 @@ impl Error {
             Error::Luks(e) => e.exit_status(),
             Error::Image(e) => e.exit_status(),
             Error::Keys(e) => e.exit_status(),
+            Error::Request(e) => e.exit_status(),
+            #[cfg(feature = "system")]
+            Error::Volume(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }
     }

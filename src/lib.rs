@@ -9,6 +9,8 @@
 //! - [`image`]: whole-container operations on files (inspect, check-key, decrypt, encrypt),
 //!   streaming, parallel, with progress.
 //! - [`keys`]: key managers (local keystore, Barbican, Cinder fixed key).
+//! - [`request`]: the attach request (what Nova hands os-brick) and its validation.
+//! - `volume` (feature `system`): attach/detach/extend/status through libcryptsetup and dm.
 //! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
 //! - [`cli`]: the command-line front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -19,6 +21,9 @@ pub mod error;
 pub mod image;
 pub mod keys;
 pub mod luks;
+pub mod request;
 pub mod secret;
+#[cfg(feature = "system")]
+pub mod volume;
 
 pub use error::{Error, ExitStatus};

@@ -6,9 +6,15 @@ use clap::{Parser, Subcommand};
 use crate::error::Error;
 
 pub mod image;
+#[cfg(feature = "system")]
+pub mod volume;
 
 #[derive(Debug, Parser)]
-#[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
+#[command(
+    name = "volcrypt",
+    version,
+    about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace"
+)]
 pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
@@ -22,11 +28,16 @@ pub enum Command {
     /// Work with LUKS container images in userspace (no root, no device-mapper).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    #[cfg(feature = "system")]
+    #[command(flatten)]
+    Volume(volume::VolumeCommand),
 }
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        #[cfg(feature = "system")]
+        Command::Volume(cmd) => volume::run(cmd),
     }
 }

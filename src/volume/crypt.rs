@@ -1,0 +1,534 @@
+//! The libcryptsetup wrapper: the only place that calls into libcryptsetup-rs.
+//!
+//! Each function opens its own `CryptDevice` (it is not `Send`) and drops it before returning.
+//! Errors come back as errno values from libcryptsetup; they are turned into [`Error`]s that
+//! name the operation and device, with the errno cases that matter (wrong key, busy, no
+//! device-mapper) singled out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat};
+use libcryptsetup_rs::{
+    CryptDevice, CryptInit, CryptParamsLuks1, CryptParamsLuks1Ref, CryptParamsLuks2,
+    CryptParamsLuks2Ref, CryptParamsPlain, CryptParamsPlainRef, CryptPbkdfType, Either,
+    LibcryptErr,
+};
+
+use super::{Error, PbkdfConfig, PerfFlags};
+use crate::error::ExitStatus;
+use crate::request::split_cipher;
+
+/// cryptsetup's plain-mode defaults (2.6): cipher, key bits, passphrase hash.
+pub const PLAIN_DEFAULT_CIPHER: &str = "aes-cbc-essiv:sha256";
+pub const PLAIN_DEFAULT_KEY_BITS: u32 = 256;
+pub const PLAIN_HASH: &str = "ripemd160";
+/// cryptsetup's LUKS default cipher; its default key size doubles for XTS (two halves).
+pub const LUKS_DEFAULT_CIPHER: &str = "aes-xts-plain64";
+
+/// errno values used here (stable on Linux).
+mod errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const ENXIO: i32 = 6;
+    pub const ENOMEM: i32 = 12;
+    pub const EBUSY: i32 = 16;
+    pub const EEXIST: i32 = 17;
+    pub const ENODEV: i32 = 19;
+    pub const EINVAL: i32 = 22;
+    pub const EOPNOTSUPP: i32 = 95;
+}
+
+/// The LUKS version found on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LuksVersion {
+    Luks1,
+    Luks2,
+}
+
+fn errno_of(e: &LibcryptErr) -> Option<i32> {
+    match e {
+        LibcryptErr::IOError(io) => io.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Turn a libcryptsetup failure into an error naming the operation and target.
+fn crypt_err(op: &'static str, target: impl AsRef<Path>, e: &LibcryptErr) -> Error {
+    let code = errno_of(e);
+    if matches!(code, Some(errno::ENODEV) | Some(errno::EOPNOTSUPP))
+        && matches!(op, "activate" | "deactivate" | "resize")
+    {
+        return Error::DmUnavailable {
+            detail: format!("{op} of {} returned {e}", target.as_ref().display()),
+        };
+    }
+    let status = match code {
+        Some(errno::EPERM) => ExitStatus::NoKey,
+        Some(errno::EBUSY) | Some(errno::EEXIST) => ExitStatus::Busy,
+        Some(errno::ENOENT) | Some(errno::ENXIO) | Some(errno::ENODEV) => ExitStatus::WrongDevice,
+        Some(errno::ENOMEM) => ExitStatus::OutOfMemory,
+        _ => ExitStatus::Invalid,
+    };
+    Error::Crypt {
+        op,
+        target: target.as_ref().display().to_string(),
+        detail: e.to_string(),
+        status,
+    }
+}
+
+/// libcryptsetup prints its messages to stderr unless a callback is installed: route them
+/// into tracing instead (they carry device names and reasons, never key material).
+fn install_log_callback() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        libcryptsetup_rs::set_log_callback::<()>(Some(log_callback), None);
+    });
+}
+
+unsafe extern "C" fn log_callback(
+    level: std::os::raw::c_int,
+    msg: *const std::os::raw::c_char,
+    _usrptr: *mut std::os::raw::c_void,
+) {
+    if msg.is_null() {
+        return;
+    }
+    // SAFETY: libcryptsetup passes a NUL-terminated string valid for the call.
+    let text = unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy();
+    let text = text.trim_end();
+    // CRYPT_LOG_ERROR = 1, CRYPT_LOG_VERBOSE = 2 (cryptsetup's libcryptsetup.h).
+    if level == 1 {
+        tracing::info!(target: "libcryptsetup", "{text}");
+    } else {
+        tracing::debug!(target: "libcryptsetup", "{text}");
+    }
+}
+
+fn init(device: &Path) -> Result<CryptDevice, Error> {
+    install_log_callback();
+    CryptInit::init(device).map_err(|e| crypt_err("open", device, &e))
+}
+
+fn init_by_name(name: &str) -> Result<CryptDevice, Error> {
+    install_log_callback();
+    CryptInit::init_by_name_and_header(name, None)
+        .map_err(|e| crypt_err("look up mapping", name, &e))
+}
+
+fn activate_flags(flags: PerfFlags) -> CryptActivate {
+    let mut f = CryptActivate::empty();
+    if flags.allow_discards {
+        f |= CryptActivate::ALLOW_DISCARDS;
+    }
+    if flags.no_read_workqueue {
+        f |= CryptActivate::NO_READ_WORKQUEUE;
+    }
+    if flags.no_write_workqueue {
+        f |= CryptActivate::NO_WRITE_WORKQUEUE;
+    }
+    f
+}
+
+/// The LUKS version on `device`, or `None` when it carries no LUKS header. Read errors are
+/// errors, never "not LUKS": only a device that was read and found headerless may be formatted.
+pub fn luks_version(device: &Path) -> Result<Option<LuksVersion>, Error> {
+    let mut cd = init(device)?;
+    match cd.context_handle().load::<()>(None, None) {
+        Ok(()) => {}
+        Err(e) if errno_of(&e) == Some(errno::EINVAL) => return Ok(None),
+        Err(e) => return Err(crypt_err("read LUKS header", device, &e)),
+    }
+    match cd.format_handle().get_type() {
+        Ok(EncryptionFormat::Luks1) => Ok(Some(LuksVersion::Luks1)),
+        Ok(EncryptionFormat::Luks2) => Ok(Some(LuksVersion::Luks2)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(crypt_err("read LUKS header", device, &e)),
+    }
+}
+
+/// Open a LUKS device as `name` with the passphrase. A wrong passphrase is [`Error::WrongKey`].
+pub fn open_luks(
+    device: &Path,
+    name: &str,
+    passphrase: &[u8],
+    flags: PerfFlags,
+    key_id: &str,
+) -> Result<(), Error> {
+    let mut cd = init(device)?;
+    cd.context_handle()
+        .load::<()>(None, None)
+        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
+    match cd.activate_handle().activate_by_passphrase(
+        Some(name),
+        None,
+        passphrase,
+        activate_flags(flags),
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(Error::WrongKey {
+            key_id: key_id.to_owned(),
+            device: device.to_owned(),
+        }),
+        Err(e) => Err(crypt_err("activate", device, &e)),
+    }
+}
+
+/// Cipher and mode for libcryptsetup, and the volume key size in bytes. The key size is passed
+/// through unchanged like os-brick does (`aes-xts-plain64` + 256 bits is AES-128-XTS); without
+/// one, cryptsetup's default applies (256 bits, doubled for XTS).
+fn cipher_and_key(
+    cipher: Option<&str>,
+    key_bits: Option<u32>,
+    default_cipher: &str,
+) -> Result<(String, String, usize), Error> {
+    let spec = cipher.unwrap_or(default_cipher);
+    let (c, m) = split_cipher(spec).ok_or_else(|| Error::Crypt {
+        op: "format",
+        target: spec.to_owned(),
+        detail: "cipher must be <cipher>-<mode>".into(),
+        status: ExitStatus::Invalid,
+    })?;
+    let bits = match key_bits {
+        Some(b) => b,
+        None if m.starts_with("xts") => 512,
+        None => 256,
+    };
+    Ok((c.to_owned(), m.to_owned(), (bits / 8) as usize))
+}
+
+fn pbkdf_type(cfg: &PbkdfConfig, luks1: bool) -> CryptPbkdfType {
+    let kind = match cfg.kind.as_str() {
+        _ if luks1 => CryptKdf::Pbkdf2,
+        "argon2i" => CryptKdf::Argon2I,
+        "argon2id" => CryptKdf::Argon2Id,
+        _ => CryptKdf::Pbkdf2,
+    };
+    let is_pbkdf2 = matches!(kind, CryptKdf::Pbkdf2);
+    CryptPbkdfType {
+        type_: kind,
+        hash: Some("sha256".into()),
+        time_ms: 0,
+        // LUKS1 and libcryptsetup refuse fewer than 1000 PBKDF2 iterations.
+        iterations: if is_pbkdf2 {
+            cfg.iterations.max(1000)
+        } else {
+            cfg.iterations.max(1)
+        },
+        max_memory_kb: if is_pbkdf2 { 0 } else { cfg.memory_kib.max(32) },
+        parallel_threads: if is_pbkdf2 { 0 } else { 1 },
+        flags: CryptPbkdf::NO_BENCHMARK,
+    }
+}
+
+/// Format `device` as LUKS1 or LUKS2 with one keyslot for `passphrase`. The caller has already
+/// established that the device is blank (see `probe`).
+pub fn format_luks(
+    device: &Path,
+    version: LuksVersion,
+    cipher: Option<&str>,
+    key_bits: Option<u32>,
+    sector_size: u32,
+    pbkdf: Option<&PbkdfConfig>,
+    passphrase: &[u8],
+) -> Result<(), Error> {
+    let (c, m, key_bytes) = cipher_and_key(cipher, key_bits, LUKS_DEFAULT_CIPHER)?;
+    let mut cd = init(device)?;
+    let luks1 = version == LuksVersion::Luks1;
+    if let Some(p) = pbkdf {
+        let t = pbkdf_type(p, luks1);
+        cd.settings_handle()
+            .set_pbkdf_type(&t)
+            .map_err(|e| crypt_err("set PBKDF", device, &e))?;
+    }
+    let result = match version {
+        LuksVersion::Luks1 => {
+            let params = CryptParamsLuks1 {
+                hash: "sha256".into(),
+                data_alignment: 0,
+                data_device: None,
+            };
+            let mut r: CryptParamsLuks1Ref<'_> = (&params)
+                .try_into()
+                .map_err(|e| crypt_err("format", device, &e))?;
+            cd.context_handle().format(
+                EncryptionFormat::Luks1,
+                (&c, &m),
+                None,
+                Either::Right(key_bytes),
+                Some(&mut r),
+            )
+        }
+        LuksVersion::Luks2 => {
+            let params = CryptParamsLuks2 {
+                pbkdf: pbkdf.map(|p| pbkdf_type(p, false)),
+                integrity: None,
+                integrity_params: None,
+                data_alignment: 0,
+                data_device: None,
+                sector_size,
+                label: None,
+                subsystem: None,
+            };
+            let mut r: CryptParamsLuks2Ref<'_> = (&params)
+                .try_into()
+                .map_err(|e| crypt_err("format", device, &e))?;
+            cd.context_handle().format(
+                EncryptionFormat::Luks2,
+                (&c, &m),
+                None,
+                Either::Right(key_bytes),
+                Some(&mut r),
+            )
+        }
+    };
+    result.map_err(|e| crypt_err("format", device, &e))?;
+    cd.keyslot_handle()
+        .add_by_key(None, None, passphrase, CryptVolumeKey::empty())
+        .map_err(|e| crypt_err("add keyslot", device, &e))?;
+    Ok(())
+}
+
+/// Open `device` in plain mode: the passphrase is hashed (ripemd160) into the key by
+/// libcryptsetup, exactly like `cryptsetup create --key-file=-`.
+pub fn open_plain(
+    device: &Path,
+    name: &str,
+    cipher: Option<&str>,
+    key_bits: Option<u32>,
+    passphrase: &[u8],
+    flags: PerfFlags,
+) -> Result<(), Error> {
+    let (c, m, key_bytes) = cipher_and_key(
+        cipher,
+        Some(key_bits.unwrap_or(PLAIN_DEFAULT_KEY_BITS)),
+        PLAIN_DEFAULT_CIPHER,
+    )?;
+    let mut cd = init(device)?;
+    let params = CryptParamsPlain {
+        hash: PLAIN_HASH.into(),
+        offset: 0,
+        sector_size: 0,
+        size: 0,
+        skip: 0,
+    };
+    let mut r: CryptParamsPlainRef<'_> = (&params)
+        .try_into()
+        .map_err(|e| crypt_err("set up plain mode", device, &e))?;
+    cd.context_handle()
+        .format(
+            EncryptionFormat::Plain,
+            (&c, &m),
+            None,
+            Either::Right(key_bytes),
+            Some(&mut r),
+        )
+        .map_err(|e| crypt_err("set up plain mode", device, &e))?;
+    cd.activate_handle()
+        .activate_by_passphrase(Some(name), None, passphrase, activate_flags(flags))
+        .map_err(|e| crypt_err("activate", device, &e))?;
+    Ok(())
+}
+
+/// Outcome of a close attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    Closed,
+    NotActive,
+    Busy,
+}
+
+/// Close mapping `name`. "Not active" and "busy" are outcomes, not errors: the caller decides.
+pub fn close(name: &str) -> Result<Closed, Error> {
+    install_log_callback();
+    match libcryptsetup_rs::status(None, name) {
+        Ok(CryptStatusInfo::Inactive) => return Ok(Closed::NotActive),
+        Ok(CryptStatusInfo::Invalid) => {
+            return Err(Error::DmUnavailable {
+                detail: format!("status of {name} is invalid"),
+            });
+        }
+        Ok(CryptStatusInfo::Busy) => return Ok(Closed::Busy),
+        _ => {}
+    }
+    let mut cd = match CryptInit::init_by_name_and_header(name, None) {
+        Ok(cd) => cd,
+        Err(e) if matches!(errno_of(&e), Some(errno::ENODEV) | Some(errno::ENOENT)) => {
+            return Ok(Closed::NotActive);
+        }
+        Err(e) => return Err(crypt_err("look up mapping", name, &e)),
+    };
+    match cd
+        .activate_handle()
+        .deactivate(name, CryptDeactivate::empty())
+    {
+        Ok(()) => Ok(Closed::Closed),
+        Err(e) if errno_of(&e) == Some(errno::EBUSY) => Ok(Closed::Busy),
+        Err(e) if errno_of(&e) == Some(errno::ENODEV) => Ok(Closed::NotActive),
+        Err(e) => Err(crypt_err("deactivate", name, &e)),
+    }
+}
+
+/// Grow mapping `name` to its (already grown) backing device. A LUKS2 mapping whose volume key
+/// lives in the kernel keyring needs the key loaded again first, hence the passphrase.
+pub fn resize(name: &str, passphrase: &[u8], key_id: &str) -> Result<(), Error> {
+    let mut cd = init_by_name(name)?;
+    let is_luks2 = matches!(cd.format_handle().get_type(), Ok(EncryptionFormat::Luks2));
+    if is_luks2 {
+        let active = cd
+            .runtime_handle(name)
+            .get_active_device()
+            .map_err(|e| crypt_err("read mapping", name, &e))?;
+        if active.flags.contains(CryptActivate::KEYRING_KEY) {
+            match cd.activate_handle().activate_by_passphrase(
+                None,
+                None,
+                passphrase,
+                CryptActivate::KEYRING_KEY,
+            ) {
+                Ok(_) => {}
+                Err(e) if errno_of(&e) == Some(errno::EPERM) => {
+                    return Err(Error::WrongKey {
+                        key_id: key_id.to_owned(),
+                        device: PathBuf::from(format!("/dev/mapper/{name}")),
+                    });
+                }
+                Err(e) => return Err(crypt_err("load volume key", name, &e)),
+            }
+        }
+    }
+    cd.context_handle()
+        .resize(name, 0)
+        .map_err(|e| crypt_err("resize", name, &e))
+}
+
+/// What libcryptsetup reports about an active mapping (no key material).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ActiveInfo {
+    /// `LUKS1`, `LUKS2`, `PLAIN`, ...
+    pub kind: String,
+    pub cipher: String,
+    pub key_bits: u32,
+    pub sector_size: u32,
+    pub backing_device: String,
+    /// Size in 512-byte sectors.
+    pub size_sectors: u64,
+    pub flags: PerfFlags,
+    pub key_in_keyring: bool,
+}
+
+/// Describe active mapping `name`, or `None` when it is not active.
+pub fn active_info(name: &str) -> Result<Option<ActiveInfo>, Error> {
+    install_log_callback();
+    match libcryptsetup_rs::status(None, name) {
+        Ok(CryptStatusInfo::Active) | Ok(CryptStatusInfo::Busy) => {}
+        Ok(CryptStatusInfo::Invalid) => {
+            return Err(Error::DmUnavailable {
+                detail: format!("status of {name} is invalid"),
+            });
+        }
+        _ => return Ok(None),
+    }
+    let mut cd = init_by_name(name)?;
+    let kind = match cd.format_handle().get_type() {
+        Ok(EncryptionFormat::Luks1) => "LUKS1",
+        Ok(EncryptionFormat::Luks2) => "LUKS2",
+        Ok(EncryptionFormat::Plain) => "PLAIN",
+        Ok(_) => "OTHER",
+        Err(_) => "UNKNOWN",
+    }
+    .to_owned();
+    let (cipher, key_bits, backing_device) = {
+        let mut s = cd.status_handle();
+        let c = s.get_cipher().unwrap_or_default();
+        let m = s.get_cipher_mode().unwrap_or_default();
+        let bits = u32::try_from(s.get_volume_key_size()).unwrap_or(0) * 8;
+        let dev = s
+            .get_device_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        (format!("{c}-{m}"), bits, dev)
+    };
+    let sector_size = u32::try_from(libcryptsetup_rs::get_sector_size(Some(&mut cd))).unwrap_or(0);
+    let active = cd
+        .runtime_handle(name)
+        .get_active_device()
+        .map_err(|e| crypt_err("read mapping", name, &e))?;
+    Ok(Some(ActiveInfo {
+        kind,
+        cipher,
+        key_bits,
+        sector_size,
+        backing_device,
+        size_sectors: active.size,
+        flags: PerfFlags {
+            allow_discards: active.flags.contains(CryptActivate::ALLOW_DISCARDS),
+            no_read_workqueue: active.flags.contains(CryptActivate::NO_READ_WORKQUEUE),
+            no_write_workqueue: active.flags.contains(CryptActivate::NO_WRITE_WORKQUEUE),
+        },
+        key_in_keyring: active.flags.contains(CryptActivate::KEYRING_KEY),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_size_passes_through_and_defaults_follow_cryptsetup() {
+        assert_eq!(
+            cipher_and_key(Some("aes-xts-plain64"), Some(256), LUKS_DEFAULT_CIPHER).unwrap(),
+            ("aes".into(), "xts-plain64".into(), 32)
+        );
+        assert_eq!(
+            cipher_and_key(None, None, LUKS_DEFAULT_CIPHER).unwrap().2,
+            64
+        );
+        assert_eq!(
+            cipher_and_key(None, None, PLAIN_DEFAULT_CIPHER).unwrap(),
+            ("aes".into(), "cbc-essiv:sha256".into(), 32)
+        );
+    }
+
+    #[test]
+    fn luks1_always_gets_pbkdf2_with_at_least_1000_iterations() {
+        let cfg = PbkdfConfig {
+            kind: "argon2id".into(),
+            iterations: 4,
+            memory_kib: 64,
+        };
+        let t = pbkdf_type(&cfg, true);
+        assert!(matches!(t.type_, CryptKdf::Pbkdf2));
+        assert_eq!(t.iterations, 1000);
+        let t = pbkdf_type(&cfg, false);
+        assert!(matches!(t.type_, CryptKdf::Argon2Id));
+        assert_eq!((t.iterations, t.max_memory_kb), (4, 64));
+    }
+
+    /// Format and header reads work on a plain file without device-mapper.
+    #[test]
+    fn format_then_detect_on_a_plain_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("vol.img");
+        std::fs::write(&f, vec![0u8; 20 << 20]).unwrap();
+        assert_eq!(luks_version(&f).unwrap(), None);
+        let cfg = PbkdfConfig {
+            kind: "pbkdf2".into(),
+            iterations: 1000,
+            memory_kib: 0,
+        };
+        format_luks(
+            &f,
+            LuksVersion::Luks2,
+            Some("aes-xts-plain64"),
+            Some(256),
+            4096,
+            Some(&cfg),
+            b"pw",
+        )
+        .unwrap();
+        assert_eq!(luks_version(&f).unwrap(), Some(LuksVersion::Luks2));
+    }
+}

@@ -1,0 +1,305 @@
+//! Attaching encrypted volumes with the kernel's dm-crypt, the way os-brick does, and more
+//! safely: the request goes through [`crate::request`], then [`attach`] runs the controller.
+//!
+//! Layout, one job per file:
+//! - [`crypt`]: the libcryptsetup wrapper (open LUKS/plain, format, close, resize, status);
+//! - [`dm`]: read-only device-mapper and sysfs queries (list, deps, open count, holders). dm
+//!   tables carry key material, so this module never reads or logs them;
+//! - [`probe`]: the signature probe that must find nothing before a device is formatted;
+//! - [`links`]: the device-path symlink and the stable `/dev/disk/by-id/volcrypt-<id>` link;
+//! - [`state`]: the small per-volume record of what volcrypt manages;
+//! - [`attach`]: the controller (attach, detach, extend, status) with the safety rules.
+//!
+//! Every operation is a plain blocking function taking a [`Context`]; each opens libcryptsetup
+//! afresh because `CryptDevice` is not `Send`, so the RPC can call them from worker threads.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ExitStatus;
+use crate::secret::{Derivation, SecretBytes};
+
+pub mod attach;
+pub mod crypt;
+pub mod dm;
+pub mod links;
+pub mod probe;
+pub mod state;
+
+pub use attach::{
+    AttachOutcome, DetachOutcome, ExtendOutcome, VolumeStatus, attach, detach, extend, status,
+};
+
+/// Where a volume's passphrase comes from. The key-manager layer implements this; the
+/// controller only needs the passphrase (already derived by the OpenStack rule), how it was
+/// derived, and a name for the source to show in `status`.
+pub trait KeySource {
+    /// Short name of the key manager (`keystore`, `barbican`, `fixed-key`).
+    fn kind(&self) -> String;
+    /// Fetch `key_id` and derive the LUKS passphrase from it.
+    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), crate::keys::Error>;
+}
+
+/// Settings of the attach engine: the `[volume]` part of the agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// One JSON record per managed volume.
+    pub state_dir: PathBuf,
+    /// Where the stable `volcrypt-<volume_id>` links go.
+    pub by_id_dir: PathBuf,
+    /// Defaults for the dm-crypt performance flags; a request's `options` override them.
+    pub allow_discards: bool,
+    pub no_read_workqueue: bool,
+    pub no_write_workqueue: bool,
+    /// Encryption sector size for new LUKS2 formats (512 or 4096).
+    pub luks2_sector_size: u32,
+    /// How long a busy detach keeps retrying.
+    pub detach_timeout_ms: u64,
+    /// KDF for new keyslots: `None` keeps libcryptsetup's benchmarked default
+    /// (argon2id for LUKS2, PBKDF2 for LUKS1).
+    pub pbkdf: Option<PbkdfConfig>,
+}
+
+/// A fixed-cost KDF for new keyslots (tests and benchmarks use PBKDF2 with few iterations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PbkdfConfig {
+    /// `pbkdf2`, `argon2i` or `argon2id`.
+    pub kind: String,
+    /// PBKDF2 iterations, or Argon2 time cost.
+    pub iterations: u32,
+    /// Argon2 memory in KiB (ignored for PBKDF2).
+    #[serde(default)]
+    pub memory_kib: u32,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            state_dir: PathBuf::from("/var/lib/volcrypt/state"),
+            by_id_dir: PathBuf::from("/dev/disk/by-id"),
+            allow_discards: false,
+            no_read_workqueue: false,
+            no_write_workqueue: false,
+            luks2_sector_size: 512,
+            detach_timeout_ms: 10_000,
+            pbkdf: None,
+        }
+    }
+}
+
+impl VolumeConfig {
+    pub fn detach_timeout(&self) -> Duration {
+        Duration::from_millis(self.detach_timeout_ms)
+    }
+}
+
+/// What every operation needs: the key source and the configuration.
+pub struct Context<'a> {
+    pub keys: &'a dyn KeySource,
+    pub config: VolumeConfig,
+}
+
+/// Attach-engine errors. Messages name the volume, mapping, device or key id concerned and
+/// never carry key material.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Request(#[from] crate::request::Error),
+    #[error("key {key_id}: {source}")]
+    Key {
+        key_id: String,
+        source: crate::keys::Error,
+    },
+    #[error(
+        "device-mapper is not available on this host (is the dm_crypt module loaded?): {detail}"
+    )]
+    DmUnavailable { detail: String },
+    #[error("wrong key: key {key_id} does not open {device} (no keyslot matches the passphrase)")]
+    WrongKey { key_id: String, device: PathBuf },
+    #[error("device {path} does not exist or is not a block device{detail}")]
+    NoDevice { path: PathBuf, detail: String },
+    #[error(
+        "mapping {name} already exists and maps {held_by}, not {requested}: refusing to touch it"
+    )]
+    NameConflict {
+        name: String,
+        held_by: String,
+        requested: String,
+    },
+    #[error(
+        "mapping {name} is stale (its backing device {backing} is gone) and still open {open_count} time(s): not replacing it"
+    )]
+    StaleBusy {
+        name: String,
+        backing: String,
+        open_count: i32,
+    },
+    #[error(
+        "mapping {name} is busy (open count {open_count}; holders: {holders}; processes: {processes}); gave up after {waited_ms} ms"
+    )]
+    Busy {
+        name: String,
+        open_count: i32,
+        holders: String,
+        processes: String,
+        waited_ms: u128,
+    },
+    #[error("refusing to format {device}: it is not LUKS but holds {found}")]
+    RefuseFormat { device: PathBuf, found: String },
+    #[error("{op} failed for {target}: {detail}")]
+    Crypt {
+        op: &'static str,
+        target: String,
+        detail: String,
+        status: ExitStatus,
+    },
+    #[error("device-mapper {op} failed for {target}: {detail}")]
+    Dm {
+        op: &'static str,
+        target: String,
+        detail: String,
+    },
+    #[error("{op} {path}: {error}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("state record {path}: {detail}")]
+    State { path: PathBuf, detail: String },
+    #[error("volume {volume_id} is not managed by volcrypt (no state record in {state_dir})")]
+    NotManaged {
+        volume_id: String,
+        state_dir: PathBuf,
+    },
+    #[error("volume {volume_id} is attached without dm-crypt ({reason}); there is nothing to {op}")]
+    NotEncrypted {
+        volume_id: String,
+        reason: String,
+        op: &'static str,
+    },
+}
+
+impl Error {
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Error::Request(e) => e.exit_status(),
+            Error::Key { source, .. } => source.exit_status(),
+            Error::DmUnavailable { .. } => ExitStatus::Invalid,
+            Error::WrongKey { .. } => ExitStatus::NoKey,
+            Error::NoDevice { .. } => ExitStatus::WrongDevice,
+            Error::NameConflict { .. } | Error::StaleBusy { .. } | Error::Busy { .. } => {
+                ExitStatus::Busy
+            }
+            Error::RefuseFormat { .. } => ExitStatus::Invalid,
+            Error::Crypt { status, .. } => *status,
+            Error::Dm { .. } | Error::Io { .. } | Error::State { .. } => ExitStatus::Invalid,
+            Error::NotManaged { .. } => ExitStatus::WrongDevice,
+            Error::NotEncrypted { .. } => ExitStatus::Invalid,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Error {
+        Error::Io {
+            op,
+            path: path.into(),
+            error,
+        }
+    }
+}
+
+/// dm-crypt activation flags volcrypt sets (and shows in `status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PerfFlags {
+    pub allow_discards: bool,
+    pub no_read_workqueue: bool,
+    pub no_write_workqueue: bool,
+}
+
+impl PerfFlags {
+    /// Request options override the configured defaults.
+    pub fn resolve(config: &VolumeConfig, options: &crate::request::AttachOptions) -> PerfFlags {
+        PerfFlags {
+            allow_discards: options.allow_discards.unwrap_or(config.allow_discards),
+            no_read_workqueue: options
+                .no_read_workqueue
+                .unwrap_or(config.no_read_workqueue),
+            no_write_workqueue: options
+                .no_write_workqueue
+                .unwrap_or(config.no_write_workqueue),
+        }
+    }
+
+    /// dmsetup-style names of the flags that are set.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.allow_discards {
+            v.push("allow_discards");
+        }
+        if self.no_read_workqueue {
+            v.push("no_read_workqueue");
+        }
+        if self.no_write_workqueue {
+            v.push("no_write_workqueue");
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::AttachOptions;
+
+    #[test]
+    fn request_options_override_config_defaults() {
+        let config = VolumeConfig {
+            allow_discards: true,
+            no_read_workqueue: true,
+            ..VolumeConfig::default()
+        };
+        let opts = AttachOptions {
+            allow_discards: Some(false),
+            no_write_workqueue: Some(true),
+            ..AttachOptions::default()
+        };
+        let f = PerfFlags::resolve(&config, &opts);
+        assert_eq!(
+            f,
+            PerfFlags {
+                allow_discards: false,
+                no_read_workqueue: true,
+                no_write_workqueue: true
+            }
+        );
+        assert_eq!(f.names(), vec!["no_read_workqueue", "no_write_workqueue"]);
+    }
+
+    #[test]
+    fn wrong_key_and_conflicts_map_to_cryptsetup_exit_codes() {
+        let e = Error::WrongKey {
+            key_id: "k-42".into(),
+            device: "/dev/loop0".into(),
+        };
+        assert_eq!(e.exit_status(), ExitStatus::NoKey);
+        assert!(e.to_string().contains("k-42"));
+        let e = Error::NameConflict {
+            name: "crypt-x".into(),
+            held_by: "7:1".into(),
+            requested: "7:0".into(),
+        };
+        assert_eq!(e.exit_status(), ExitStatus::Busy);
+    }
+
+    #[test]
+    fn config_parses_with_defaults_for_missing_fields() {
+        let c: VolumeConfig = serde_json::from_str(r#"{"no_read_workqueue": true}"#).unwrap();
+        assert!(c.no_read_workqueue);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/volcrypt/state"));
+        assert!(serde_json::from_str::<VolumeConfig>(r#"{"bogus": 1}"#).is_err());
+    }
+}
