@@ -7,6 +7,8 @@ use crate::error::Error;
 
 pub mod image;
 #[cfg(feature = "system")]
+pub mod serve;
+#[cfg(feature = "system")]
 pub mod volume;
 
 #[derive(Debug, Parser)]
@@ -19,6 +21,9 @@ pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     pub log_level: String,
+    /// Log format: human-readable text, or one JSON object per line (for log collectors).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -31,6 +36,15 @@ pub enum Command {
     #[cfg(feature = "system")]
     #[command(flatten)]
     Volume(volume::VolumeCommand),
+    /// Run the agent: the attach API on a Unix socket (HTTP/1.1 + JSON), until SIGTERM.
+    #[cfg(feature = "system")]
+    Serve(serve::ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Run one parsed command line.
@@ -39,5 +53,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Image(cmd) => image::run(cmd),
         #[cfg(feature = "system")]
         Command::Volume(cmd) => volume::run(cmd),
+        #[cfg(feature = "system")]
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -26,6 +26,9 @@ pub struct VolumeOpts {
     /// formats, detach timeout) [env VOLCRYPT_VOLUME_CONFIG].
     #[arg(long, global = true)]
     pub volume_config: Option<PathBuf>,
+    /// Send the command to a running `volcrypt serve` on this socket instead of acting directly.
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +227,9 @@ pub fn key_source() -> Result<Box<dyn KeySource>, Error> {
 
 /// Dispatch one volume command.
 pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
+    if let Some(result) = super::serve::remote(&cmd) {
+        return result;
+    }
     let keys = key_source()?;
     match cmd {
         VolumeCommand::Attach(a) => attach(a, keys.as_ref()),

@@ -1,0 +1,65 @@
+//! `volcrypt serve`: the attach engine as a long-running agent with an HTTP/1.1 + JSON API on a
+//! Unix socket (issue 4 §1, §2, §5).
+//!
+//! - [`config`]: the TOML configuration and its defaults;
+//! - [`server`]: the socket (permissions, stale-file rule), accept loop, graceful shutdown;
+//! - [`peer`]: SO_PEERCRED and the access rule (root, the agent's user, the configured group);
+//! - [`routes`]: the endpoints, per-volume serialization, the KDF memory budget, deadlines;
+//! - [`kdf`]: the KDF memory of an attach, read from the LUKS header before unlocking;
+//! - [`errors`]: the JSON error body and the status of every engine error;
+//! - [`metrics`]: Prometheus metrics;
+//! - [`client`]: the small client behind the CLI's `--socket` mode.
+//!
+//! The API is described in `docs/openapi.yaml`; `tests/rpc_openapi.rs` holds the server to it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::ExitStatus;
+use crate::volume::KeySource;
+
+pub mod client;
+pub mod config;
+pub mod errors;
+pub mod kdf;
+pub mod metrics;
+pub mod peer;
+pub mod routes;
+pub mod server;
+
+/// Makes the key source for one engine operation. Engine calls run on worker threads and the
+/// key-source trait is not `Send`, so each operation builds its own (cheap for the keystore;
+/// the key-manager layer can hand out a shared, thread-safe client behind this).
+pub type KeyFactory = Arc<dyn Fn() -> Result<Box<dyn KeySource>, String> + Send + Sync>;
+
+/// Agent and client errors (not API errors: those are [`errors::ApiError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {path}: {detail}")]
+    Config { path: PathBuf, detail: String },
+    #[error("socket {path}: {detail}")]
+    Socket { path: PathBuf, detail: String },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(String),
+    #[error("agent at {socket}: {detail}")]
+    Client { socket: PathBuf, detail: String },
+    /// The agent answered with an error.
+    #[error("agent: {message} (HTTP {status}, {code}{})", field.as_deref().map(|f| format!(", field {f}")).unwrap_or_default())]
+    Remote {
+        status: u16,
+        code: String,
+        message: String,
+        field: Option<String>,
+    },
+}
+
+impl Error {
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Error::Remote { status, code, .. } => errors::ApiError::exit_status_for(*status, code),
+            Error::Socket { detail, .. } if detail.contains("another agent") => ExitStatus::Busy,
+            Error::Client { .. } => ExitStatus::WrongDevice,
+            _ => ExitStatus::Invalid,
+        }
+    }
+}
