@@ -317,7 +317,9 @@ fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
         let missing = inner
             .strip_prefix("missing field `")
             .and_then(|r| r.split('`').next());
-        let known = !(path.is_empty() || path == "." || path == "?");
+        // Syntax errors and truncation are about the document, not a field.
+        let data_error = e.inner().classify() == serde_json::error::Category::Data;
+        let known = data_error && !(path.is_empty() || path == "." || path == "?");
         match (known, missing) {
             (true, Some(m)) => err.with_field(format!("{path}.{m}")),
             (false, Some(m)) => err.with_field(m),
