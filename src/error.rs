@@ -50,6 +50,8 @@ pub enum Error {
     #[cfg(feature = "system")]
     #[error(transparent)]
     Rpc(#[from] crate::rpc::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
     #[error("{0}")]
     Usage(String),
@@ -67,6 +69,7 @@ impl Error {
             Error::Volume(e) => e.exit_status(),
             #[cfg(feature = "system")]
             Error::Rpc(e) => e.exit_status(),
+            Error::Config(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }
     }

@@ -11,11 +11,13 @@
 //! - [`keys`]: key managers (local keystore, Barbican, Cinder fixed key).
 //! - [`request`]: the attach request (what Nova hands os-brick) and its validation.
 //! - `volume` (feature `system`): attach/detach/extend/status through libcryptsetup and dm.
+//! - [`config`]: the TOML configuration file and its defaults.
 //! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
 //! - [`cli`]: the command-line front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
+pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod image;

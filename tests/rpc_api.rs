@@ -25,6 +25,8 @@ fn health_reports_dm_crypt_state_and_budget() {
     assert_eq!(v["operations_in_flight"], 0);
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(v["key_managers"].as_array().unwrap().len(), 1);
+    assert_eq!(v["key_managers"][0]["kind"], "keystore");
+    assert_eq!(v["key_managers"][0]["reachable"], true, "{v}");
     if dm_available() {
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["status"], "ok");
@@ -36,6 +38,25 @@ fn health_reports_dm_crypt_state_and_budget() {
         let d = v["dm_crypt"]["detail"].as_str().unwrap();
         assert!(d.contains("device-mapper is not available"), "{d}");
     }
+}
+
+#[test]
+fn health_reports_an_unusable_key_store() {
+    let agent = Agent::start("");
+    // Key material readable by others: the keystore refuses it, health says so.
+    let keys = agent.dir.path().join("keys");
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (status, v) = agent.checked("GET", "/v1/health", "/v1/health", None);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["status"], "degraded");
+    assert_eq!(v["key_managers"][0]["reachable"], false, "{v}");
+    assert!(
+        v["key_managers"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&keys.display().to_string()),
+        "{v}"
+    );
 }
 
 #[test]
@@ -413,8 +434,20 @@ fn stale_socket_is_replaced_live_one_is_not() {
     let sock = dir.path().join("api.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
+    // Keep the key store and state out of /var/lib.
+    let own_cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &own_cfg,
+        format!(
+            "[volume]\nstate_dir = \"{0}/state\"\n[key_manager.keystore]\ndir = \"{0}/keys\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
     let mut child = Command::new(BIN)
-        .args(["serve", "--socket"])
+        .args(["serve", "--config"])
+        .arg(&own_cfg)
+        .arg("--socket")
         .arg(&sock)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -436,7 +469,9 @@ fn stale_socket_is_replaced_live_one_is_not() {
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, b"precious").unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--socket"])
+        .args(["serve", "--config"])
+        .arg(&own_cfg)
+        .arg("--socket")
         .arg(&file)
         .output()
         .unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use volcrypt::rpc::client::call_async;
 use volcrypt::rpc::config::ServeConfig;
-use volcrypt::rpc::{KeyFactory, server};
+use volcrypt::rpc::{KeyFactory, Keys, server};
 use volcrypt::secret::{Derivation, SecretBytes};
 use volcrypt::volume::KeySource;
 
@@ -23,7 +23,10 @@ impl KeySource for NoKeys {
         "test".into()
     }
     fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
-        Err(volcrypt::keys::Error::NotFound(key_id.into()))
+        Err(volcrypt::keys::Error::NotFound {
+            key_id: key_id.into(),
+            manager: "test",
+        })
     }
 }
 
@@ -42,10 +45,12 @@ fn slow_keys(delay: Duration, slow_calls: usize) -> (KeyFactory, Arc<AtomicUsize
 
 fn config(dir: &Path, server_extra: &str) -> ServeConfig {
     ServeConfig::parse(&format!(
-        "[server]\nsocket = \"{}\"\n{server_extra}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n",
+        "[server]\nsocket = \"{}\"\n{server_extra}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n\
+         [key_manager.keystore]\ndir = \"{}\"\n",
         dir.join("api.sock").display(),
         dir.join("state").display(),
-        dir.join("by-id").display()
+        dir.join("by-id").display(),
+        dir.join("keys").display()
     ))
     .unwrap()
 }
@@ -59,9 +64,14 @@ where
     let sock = cfg.server.socket.clone();
     let listener = server::bind(&cfg).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(server::serve(listener, cfg, keys, async move {
-        let _ = rx.await;
-    }));
+    let srv = tokio::spawn(server::serve(
+        listener,
+        cfg,
+        Keys::from_factory(keys),
+        async move {
+            let _ = rx.await;
+        },
+    ));
     body(sock.clone(), tx).await;
     tokio::time::timeout(Duration::from_secs(20), srv)
         .await

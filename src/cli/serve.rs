@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::cli::volume::{self, VolumeCommand};
+use crate::cli::volume::VolumeCommand;
 use crate::error::Error;
 use crate::request::AttachRequest;
 use crate::rpc::{self, client, config::ServeConfig, routes::percent_encode};
@@ -29,7 +29,8 @@ pub fn run(args: ServeArgs) -> Result<(), Error> {
     if let Some(s) = args.socket {
         config.server.socket = s;
     }
-    let keys: rpc::KeyFactory = Arc::new(|| volume::key_source().map_err(|e| e.to_string()));
+    let manager = crate::keys::from_config(&config.key_manager).map_err(rpc::Error::from)?;
+    let keys = rpc::Keys::from_manager(Arc::from(manager));
     rpc::server::run_blocking(config, keys)?;
     Ok(())
 }

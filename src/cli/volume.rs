@@ -219,7 +219,10 @@ pub fn key_source() -> Result<Box<dyn KeySource>, Error> {
             key_id: &str,
         ) -> Result<(crate::secret::SecretBytes, crate::secret::Derivation), crate::keys::Error>
         {
-            Err(crate::keys::Error::NotFound(key_id.to_owned()))
+            Err(crate::keys::Error::NotFound {
+                key_id: key_id.to_owned(),
+                manager: "none",
+            })
         }
     }
     Ok(Box::new(Unavailable))

@@ -14,6 +14,9 @@
 //!
 //! [volume]                            # the attach engine's settings (crate::volume::VolumeConfig)
 //! state_dir = "/var/lib/volcrypt/state"
+//!
+//! [key_manager]                       # crate::config::KeyManagerConfig (default: keystore in
+//! backend = "keystore"                # /var/lib/volcrypt/keys)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,12 +27,14 @@ use serde::{Deserialize, Serialize};
 use super::Error;
 use crate::volume::VolumeConfig;
 
-/// The whole agent configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole agent configuration: the agent's own `[server]` section, the attach engine's
+/// `[volume]` and the key manager's `[key_manager]` (same syntax as the CLI's config file).
+#[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     pub server: ServerConfig,
     pub volume: VolumeConfig,
+    pub key_manager: crate::config::KeyManagerConfig,
 }
 
 /// The `[server]` section.
@@ -142,7 +147,8 @@ mod tests {
     #[test]
     fn empty_file_gives_documented_defaults() {
         let c = ServeConfig::parse("").unwrap();
-        assert_eq!(c, ServeConfig::default());
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.volume, VolumeConfig::default());
         assert_eq!(c.server.socket, PathBuf::from("/run/volcrypt/api.sock"));
         assert_eq!(c.server.max_body_bytes, crate::request::MAX_REQUEST_BYTES);
         assert!(c.server.kdf_budget_mib() >= 64);
@@ -152,12 +158,14 @@ mod tests {
     fn sections_parse_and_typos_are_rejected() {
         let c = ServeConfig::parse(
             "[server]\nsocket = \"/tmp/x.sock\"\ngroup = \"disk\"\nkdf_memory_budget_mib = 2048\n\
-             [volume]\nstate_dir = \"/tmp/st\"\n",
+             [volume]\nstate_dir = \"/tmp/st\"\n\
+             [key_manager.keystore]\ndir = \"/tmp/keys\"\n",
         )
         .unwrap();
         assert_eq!(c.server.group.as_deref(), Some("disk"));
         assert_eq!(c.server.kdf_budget_mib(), 2048);
         assert_eq!(c.volume.state_dir, PathBuf::from("/tmp/st"));
+        assert_eq!(c.key_manager.keystore.dir, PathBuf::from("/tmp/keys"));
         let e = ServeConfig::parse("[server]\nsokcet = \"/x\"\n").unwrap_err();
         assert!(e.contains("sokcet"), "{e}");
         let e = ServeConfig::parse("[server]\nmax_body_bytes = 0\n").unwrap_err();

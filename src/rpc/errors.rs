@@ -72,7 +72,8 @@ impl ApiError {
     pub fn exit_status_for(status: u16, code: &str) -> ExitStatus {
         match (status, code) {
             (_, "wrong_key") => ExitStatus::NoKey,
-            (404, _) if code != "unknown_key" => ExitStatus::WrongDevice,
+            (_, "unknown_key" | "key_manager_unreachable" | "key_forbidden") => ExitStatus::NoKey,
+            (404, _) => ExitStatus::WrongDevice,
             (409, _) => ExitStatus::Busy,
             (503, "out_of_memory") => ExitStatus::OutOfMemory,
             _ => ExitStatus::Invalid,
@@ -94,10 +95,15 @@ impl From<&volume::Error> for ApiError {
         let (status, code) = match e {
             E::Request(r) => return ApiError::from(r),
             E::Key { source, .. } => {
-                if matches!(source, crate::keys::Error::NotFound(_)) {
-                    (StatusCode::NOT_FOUND, "unknown_key")
-                } else {
-                    (StatusCode::BAD_GATEWAY, "key_manager")
+                use crate::keys::Error as K;
+                match source {
+                    K::NotFound { .. } => (StatusCode::NOT_FOUND, "unknown_key"),
+                    K::InvalidKeyId { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+                    K::Forbidden { .. } => (StatusCode::BAD_GATEWAY, "key_forbidden"),
+                    K::Unreachable { .. } | K::Server { .. } | K::Auth { .. } => {
+                        (StatusCode::BAD_GATEWAY, "key_manager_unreachable")
+                    }
+                    _ => (StatusCode::BAD_GATEWAY, "key_manager"),
                 }
             }
             E::DmUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "dm_unavailable"),
@@ -163,7 +169,10 @@ mod tests {
         assert_eq!(ApiError::from(&busy).status.as_u16(), 409);
         let key = volume::Error::Key {
             key_id: "k9".into(),
-            source: crate::keys::Error::NotFound("k9".into()),
+            source: crate::keys::Error::NotFound {
+                key_id: "k9".into(),
+                manager: "keystore",
+            },
         };
         let a = ApiError::from(&key);
         assert_eq!((a.status.as_u16(), a.code), (404, "unknown_key"));

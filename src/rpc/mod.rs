@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::ExitStatus;
+use crate::keys::KeyManager;
+use crate::secret::{Derivation, SecretBytes};
 use crate::volume::KeySource;
 
 pub mod client;
@@ -27,10 +29,51 @@ pub mod peer;
 pub mod routes;
 pub mod server;
 
-/// Makes the key source for one engine operation. Engine calls run on worker threads and the
-/// key-source trait is not `Send`, so each operation builds its own (cheap for the keystore;
-/// the key-manager layer can hand out a shared, thread-safe client behind this).
+/// Makes the key source for one engine operation (the engine's [`KeySource`] is not `Send`;
+/// building one is a cheap wrapper around the shared key manager).
 pub type KeyFactory = Arc<dyn Fn() -> Result<Box<dyn KeySource>, String> + Send + Sync>;
+
+/// Where the agent's engine operations get keys, and what `GET /v1/health` probes.
+#[derive(Clone)]
+pub struct Keys {
+    pub factory: KeyFactory,
+    /// The key manager behind the factory, for its health probe (`None`: no probe).
+    pub manager: Option<Arc<dyn KeyManager>>,
+}
+
+impl Keys {
+    /// One shared, thread-safe key manager (the production case).
+    pub fn from_manager(manager: Arc<dyn KeyManager>) -> Keys {
+        let m = manager.clone();
+        Keys {
+            factory: Arc::new(move || Ok(Box::new(Managed(m.clone())) as Box<dyn KeySource>)),
+            manager: Some(manager),
+        }
+    }
+
+    /// Any factory (tests: a key source with a known delay).
+    pub fn from_factory(factory: KeyFactory) -> Keys {
+        Keys {
+            factory,
+            manager: None,
+        }
+    }
+}
+
+/// The engine's view of a key manager: fetch the secret, derive the passphrase by the
+/// OpenStack rule (`passphrase` verbatim, other types lowercase hex).
+pub struct Managed(pub Arc<dyn KeyManager>);
+
+impl KeySource for Managed {
+    fn kind(&self) -> String {
+        self.0.kind().to_owned()
+    }
+
+    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), crate::keys::Error> {
+        let secret = self.0.get(key_id)?;
+        Ok((secret.passphrase(), secret.secret_type.derivation()))
+    }
+}
 
 /// Agent and client errors (not API errors: those are [`errors::ApiError`]).
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +82,8 @@ pub enum Error {
     Config { path: PathBuf, detail: String },
     #[error("socket {path}: {detail}")]
     Socket { path: PathBuf, detail: String },
+    #[error("key manager: {0}")]
+    Keys(#[from] crate::keys::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(String),
     #[error("agent at {socket}: {detail}")]

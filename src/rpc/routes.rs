@@ -31,7 +31,7 @@ use super::config::ServeConfig;
 use super::errors::ApiError;
 use super::metrics::Metrics;
 use super::peer::{Access, Peer};
-use super::{KeyFactory, kdf};
+use super::{Keys, kdf};
 use crate::request::{self, AttachRequest, Plan};
 use crate::volume::{self, Context, state};
 
@@ -43,7 +43,7 @@ pub struct App {
     pub config: ServeConfig,
     pub access: Access,
     pub metrics: Metrics,
-    keys: KeyFactory,
+    keys: Keys,
     locks: VolumeLocks,
     kdf_budget: Arc<Semaphore>,
     kdf_budget_mib: u32,
@@ -52,7 +52,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: ServeConfig, access: Access, keys: KeyFactory) -> App {
+    pub fn new(config: ServeConfig, access: Access, keys: Keys) -> App {
         let budget = u32::try_from(config.server.kdf_budget_mib()).unwrap_or(u32::MAX >> 3);
         let budget = budget.min(Semaphore::MAX_PERMITS as u32);
         let metrics = Metrics::new();
@@ -395,7 +395,7 @@ where
         let held = held;
         app2.metrics.in_flight.inc();
         let t0 = Instant::now();
-        let result = match (app2.keys)() {
+        let result = match (app2.keys.factory)() {
             Ok(keys) => {
                 let ctx = Context {
                     keys: keys.as_ref(),
@@ -677,13 +677,25 @@ async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
     let h = tokio::task::spawn_blocking(move || {
         let dm_crypt = dm_crypt_check();
         let state_dir = state_dir_check(&app2.config.volume.state_dir);
-        let key_managers = match (app2.keys)() {
-            Ok(k) => vec![KeyManagerHealth {
+        let key_managers = match (&app2.keys.manager, (app2.keys.factory)()) {
+            (Some(m), _) => vec![match m.health() {
+                Ok(()) => KeyManagerHealth {
+                    kind: m.kind().to_owned(),
+                    reachable: Some(true),
+                    detail: "reachable".into(),
+                },
+                Err(e) => KeyManagerHealth {
+                    kind: m.kind().to_owned(),
+                    reachable: Some(false),
+                    detail: e.to_string(),
+                },
+            }],
+            (None, Ok(k)) => vec![KeyManagerHealth {
                 kind: k.kind(),
                 reachable: None,
-                detail: "configured; no reachability probe in this build".into(),
+                detail: "configured; this key source has no reachability probe".into(),
             }],
-            Err(e) => vec![KeyManagerHealth {
+            (None, Err(e)) => vec![KeyManagerHealth {
                 kind: "unavailable".into(),
                 reachable: Some(false),
                 detail: e,

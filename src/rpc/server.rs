@@ -23,7 +23,7 @@ use tokio::net::UnixListener;
 use super::config::ServeConfig;
 use super::peer::{Access, Peer, resolve_group};
 use super::routes::{App, forbidden, handle};
-use super::{Error, KeyFactory};
+use super::{Error, Keys};
 
 /// Slow or idle clients may not hold a connection open forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,7 +123,7 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
 pub async fn serve(
     listener: Listener,
     config: ServeConfig,
-    keys: KeyFactory,
+    keys: Keys,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let grace = config.server.shutdown_grace();
@@ -238,7 +238,7 @@ pub async fn termination_signal() {
 }
 
 /// The whole agent: runtime, socket, serve until SIGTERM/SIGINT.
-pub fn run_blocking(config: ServeConfig, keys: KeyFactory) -> Result<(), Error> {
+pub fn run_blocking(config: ServeConfig, keys: Keys) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("volcrypt-rpc")

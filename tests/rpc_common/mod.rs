@@ -33,10 +33,12 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[server]\nsocket = \"{}\"\n{extra_server}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n",
+                "[server]\nsocket = \"{}\"\n{extra_server}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n\
+                 [key_manager.keystore]\ndir = \"{}\"\n",
                 socket.display(),
                 dir.path().join("state").display(),
                 dir.path().join("by-id").display(),
+                dir.path().join("keys").display(),
             ),
         )
         .unwrap();

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Run a real OpenStack Barbican (PyPI `barbican`) on 127.0.0.1 for volcrypt's key-manager tests.
+#
+#   scripts/barbican-test-server.sh start  [WORKDIR]   # idempotent; prints `export VOLCRYPT_TEST_BARBICAN_URL=...`
+#   scripts/barbican-test-server.sh stop   [WORKDIR]
+#   scripts/barbican-test-server.sh status [WORKDIR]   # exit 0 and print the URL when it answers
+#
+# Typical use:  eval "$(scripts/barbican-test-server.sh start)"; cargo test --test keys_barbican
+#
+# WORKDIR (default $VOLCRYPT_BARBICAN_DIR or /tmp/volcrypt-barbican) holds everything:
+#   venv/            python3 -m venv + `pip install --only-binary=:all: barbican==23.0.0 gunicorn`
+#                    (~40 s and ~200 MB the first time; reused afterwards)
+#   home/.barbican/barbican.conf   oslo.config looks in $HOME/.barbican before /etc, so gunicorn
+#                    runs with HOME=WORKDIR/home and never reads or writes /etc/barbican
+#   barbican.sqlite  the database (created on first start, kept across restarts)
+#   kek              the simple_crypto plugin's Fernet key-encryption key (generated once, 0600)
+#   barbican.pid, barbican.log, url
+# Auth: no Keystone. The /v1 pipeline is scripts/barbican/barbican-api-paste.ini; clients send
+# X-Identity-Status: Confirmed, X-Project-Id and X-Roles: member (volcrypt's `headers` auth mode).
+set -euo pipefail
+
+BARBICAN_VERSION=23.0.0
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cmd="${1:-start}"
+work="${2:-${VOLCRYPT_BARBICAN_DIR:-/tmp/volcrypt-barbican}}"
+python="${PYTHON:-python3}"
+
+log() { echo "barbican-test-server: $*" >&2; }
+
+running_pid() {
+    local pid
+    [[ -f "$work/barbican.pid" ]] || return 1
+    pid="$(cat "$work/barbican.pid")"
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+# 0 when Barbican's version document answers (300 Multiple Choices, or 200).
+healthy() {
+    "$work/venv/bin/python" - "$1" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(sys.argv[1] + "/", timeout=2)
+except urllib.error.HTTPError as e:
+    sys.exit(0 if e.code == 300 else 1)
+except Exception:
+    sys.exit(1)
+PY
+}
+
+install_venv() {
+    local marker="$work/venv/.volcrypt-installed-$BARBICAN_VERSION"
+    [[ -f "$marker" ]] && return 0
+    log "installing barbican==$BARBICAN_VERSION and gunicorn into $work/venv (wheels only)"
+    local t0=$SECONDS
+    "$python" -m venv "$work/venv"
+    "$work/venv/bin/pip" install --quiet --disable-pip-version-check --only-binary=:all: \
+        "barbican==$BARBICAN_VERSION" gunicorn >&2
+    touch "$marker"
+    log "installed in $((SECONDS - t0)) s"
+}
+
+free_port() {
+    "$work/venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+write_config() {
+    local port="$1"
+    mkdir -p "$work/home/.barbican"
+    if [[ ! -s "$work/kek" ]]; then
+        (umask 077; "$work/venv/bin/python" -c \
+            'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())' >"$work/kek")
+    fi
+    (umask 077; cat >"$work/home/.barbican/barbican.conf" <<CONF
+[DEFAULT]
+host_href = http://127.0.0.1:$port
+db_auto_create = True
+debug = False
+log_file = $work/barbican-app.log
+
+[database]
+connection = sqlite:///$work/barbican.sqlite
+
+[secretstore]
+enabled_secretstore_plugins = store_crypto
+
+[crypto]
+enabled_crypto_plugins = simple_crypto
+
+[simple_crypto_plugin]
+kek = $(cat "$work/kek")
+CONF
+)
+    cp "$here/barbican/barbican-api-paste.ini" "$work/barbican-api-paste.ini"
+}
+
+start() {
+    mkdir -p "$work"
+    work="$(cd "$work" && pwd)"
+    if pid="$(running_pid)" && [[ -s "$work/url" ]] && healthy "$(cat "$work/url")"; then
+        log "already running (pid $pid)"
+        echo "export VOLCRYPT_TEST_BARBICAN_URL=$(cat "$work/url")"
+        return 0
+    fi
+    stop_server quiet
+    install_venv
+    local port url t0=$SECONDS
+    port="$(free_port)"
+    url="http://127.0.0.1:$port"
+    write_config "$port"
+    # setsid: the server outlives this script and gets its own process group for stop.
+    HOME="$work/home" setsid "$work/venv/bin/gunicorn" --paste "$work/barbican-api-paste.ini" \
+        --bind "127.0.0.1:$port" --workers 1 --timeout 60 \
+        --pid "$work/barbican.pid" --log-file "$work/barbican.log" \
+        </dev/null >>"$work/barbican.log" 2>&1 &
+    local launcher=$!
+    for _ in $(seq 1 300); do
+        if healthy "$url"; then
+            echo "$url" >"$work/url"
+            log "up at $url after $((SECONDS - t0)) s (logs: $work/barbican.log)"
+            echo "export VOLCRYPT_TEST_BARBICAN_URL=$url"
+            return 0
+        fi
+        if ! kill -0 "$launcher" 2>/dev/null; then
+            log "gunicorn exited; last log lines:"; tail -n 30 "$work/barbican.log" >&2; return 1
+        fi
+        sleep 0.2
+    done
+    log "no answer from $url within 60 s; last log lines:"; tail -n 30 "$work/barbican.log" >&2
+    stop_server quiet
+    return 1
+}
+
+stop_server() {
+    local pid
+    if pid="$(running_pid)"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+        [[ "${1:-}" == quiet ]] || log "stopped (pid $pid)"
+    fi
+    rm -f "$work/barbican.pid" "$work/url"
+}
+
+case "$cmd" in
+    start) start ;;
+    stop) stop_server ;;
+    status)
+        if running_pid >/dev/null && [[ -s "$work/url" ]] && healthy "$(cat "$work/url")"; then
+            echo "export VOLCRYPT_TEST_BARBICAN_URL=$(cat "$work/url")"
+        else
+            log "not running"; exit 1
+        fi ;;
+    *) echo "usage: $0 start|stop|status [WORKDIR]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,617 @@
+//! Attach/detach/extend/status against a real kernel: dm-crypt, loop devices, libcryptsetup.
+//!
+//! These need root and dm-crypt. Natively (the build hosts have no device-mapper) each test
+//! prints `skipped: needs dm-crypt` and passes; inside the VM harness (tests/vm/run.sh, which
+//! loads dm_crypt and sets VOLCRYPT_VM=1) they run for real. tests/vm/guest-attach.sh runs them.
+#![cfg(feature = "system")]
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use volcrypt::error::ExitStatus;
+use volcrypt::request::AttachRequest;
+use volcrypt::secret::{Derivation, SecretBytes, SecretType, derive_passphrase};
+use volcrypt::volume::{self, Context, KeySource, PbkdfConfig, VolumeConfig};
+
+/// True (after printing the skip notice) when this host cannot run dm-crypt tests.
+fn skip() -> bool {
+    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
+    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
+    let root = nix::unistd::geteuid().is_root();
+    if !(dm && root) {
+        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run tests/vm/guest-attach.sh in the VM)");
+        return true;
+    }
+    false
+}
+
+/// Key source for the controller tests: secrets of each type, with os-brick's derivation.
+struct TestKeys(HashMap<String, (SecretType, Vec<u8>)>);
+
+impl KeySource for TestKeys {
+    fn kind(&self) -> String {
+        "test".into()
+    }
+    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
+        let (t, payload) = self
+            .0
+            .get(key_id)
+            .ok_or_else(|| volcrypt::keys::Error::NotFound { key_id: key_id.to_owned(), manager: "test" })?;
+        Ok((
+            derive_passphrase(t, &SecretBytes::new(payload.clone())),
+            t.derivation(),
+        ))
+    }
+}
+
+fn keys() -> TestKeys {
+    let mut m = HashMap::new();
+    m.insert("sym-1".to_owned(), (SecretType::Symmetric, (0u8..32).collect::<Vec<u8>>()));
+    m.insert("sym-2".to_owned(), (SecretType::Symmetric, vec![0x07; 32]));
+    m.insert("pass-1".to_owned(), (SecretType::Passphrase, b"correct horse\n".to_vec()));
+    m.insert("opaque-1".to_owned(), (SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]));
+    TestKeys(m)
+}
+
+/// Run a command, return stdout, panic with stderr on failure.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command feeding `input` on stdin.
+fn sh_in(cmd: &str, input: &[u8]) -> std::process::Output {
+    let mut c = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    c.stdin.take().unwrap().write_all(input).unwrap();
+    c.wait_with_output().unwrap()
+}
+
+/// A loop device over a file in a private directory, with a by-path style link to it, a state
+/// dir and a by-id dir. Everything is torn down on drop (mapping first).
+struct Vol {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    loopdev: PathBuf,
+    link: PathBuf,
+    name: String,
+}
+
+impl Vol {
+    fn new(tag: &str, mib: u64) -> Vol {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let file = dir.path().join("backing.img");
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let loopdev = PathBuf::from(sh(&format!("losetup -f --show {}", file.display())).trim());
+        let bypath = dir.path().join("by-path");
+        std::fs::create_dir_all(&bypath).unwrap();
+        let link = bypath.join(format!("vc-{tag}-lun-1"));
+        std::os::unix::fs::symlink(&loopdev, &link).unwrap();
+        Vol {
+            name: format!("crypt-vc-{tag}-lun-1"),
+            dir,
+            file,
+            loopdev,
+            link,
+        }
+    }
+
+    fn ctx<'a>(&self, keys: &'a dyn KeySource) -> Context<'a> {
+        Context {
+            keys,
+            config: VolumeConfig {
+                state_dir: self.dir.path().join("state"),
+                by_id_dir: self.dir.path().join("by-id"),
+                detach_timeout_ms: 1500,
+                pbkdf: Some(PbkdfConfig {
+                    kind: "pbkdf2".into(),
+                    iterations: 1000,
+                    memory_kib: 0,
+                }),
+                ..VolumeConfig::default()
+            },
+        }
+    }
+
+    fn request(&self, provider: &str, key_id: &str, extra_enc: &str, options: &str) -> AttachRequest {
+        let json = format!(
+            r#"{{"volume_id": "vol-{name}", "device_path": "{link}",
+                "encryption": {{"provider": "{provider}", "control_location": "front-end",
+                                "encryption_key_id": "{key_id}"{extra_enc}}},
+                "options": {{{options}}}}}"#,
+            name = self.name,
+            link = self.link.display()
+        );
+        AttachRequest::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn volume_id(&self) -> String {
+        format!("vol-{}", self.name)
+    }
+
+    fn mapper(&self) -> PathBuf {
+        PathBuf::from("/dev/mapper").join(&self.name)
+    }
+
+    fn active(&self) -> bool {
+        Command::new("dmsetup")
+            .args(["info", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    fn stable_link(&self) -> PathBuf {
+        self.dir.path().join("by-id").join(format!("volcrypt-{}", self.volume_id()))
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state").join(format!("{}.json", self.volume_id()))
+    }
+
+    /// Nothing of an attach is left: no mapping, no stable link, no record, link untouched.
+    fn assert_nothing_left(&self) {
+        assert!(!self.active(), "mapping {} left behind", self.name);
+        assert!(std::fs::symlink_metadata(self.stable_link()).is_err(), "stable link left behind");
+        assert!(!self.state_file().exists(), "state record left behind");
+        assert_eq!(std::fs::read_link(&self.link).unwrap(), self.loopdev, "device link changed");
+    }
+}
+
+impl Drop for Vol {
+    fn drop(&mut self) {
+        let _ = Command::new("dmsetup").args(["remove", "--retry", &self.name]).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.loopdev).output();
+    }
+}
+
+fn write_at(dev: &Path, offset: u64, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_at(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(dev).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+fn sha256_of(path: &Path) -> String {
+    sh(&format!("sha256sum {}", path.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The dm key cryptsetup derives in plain mode: RIPEMD160(p) ‖ RIPEMD160("A" ‖ p) ‖ …,
+/// truncated to the key size.
+fn plain_key(passphrase: &[u8], key_bytes: usize) -> Vec<u8> {
+    use ripemd::{Digest, Ripemd160};
+    let mut out = Vec::new();
+    let mut prefix = Vec::new();
+    while out.len() < key_bytes {
+        let mut h = Ripemd160::new();
+        h.update(&prefix);
+        h.update(passphrase);
+        out.extend_from_slice(&h.finalize());
+        prefix.push(b'A');
+    }
+    out.truncate(key_bytes);
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// First attach formats (LUKS) or creates (plain), data goes through the mapping, detach, and
+/// a second attach of the same volume opens the existing header and reads the data back.
+fn round_trip(provider: &str, key_id: &str, tag: &str, expect_luks: Option<&str>) {
+    let v = Vol::new(tag, 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let req = v.request(provider, key_id, r#", "cipher": "aes-xts-plain64", "key_size": 256"#, "");
+    let out = volume::attach(&ctx, &req).unwrap();
+    assert!(out.encrypted);
+    assert_eq!(out.mapping_name.as_deref(), Some(v.name.as_str()));
+    assert_eq!(out.formatted, expect_luks.is_some(), "{out:?}");
+    assert_eq!(out.device, v.mapper());
+    assert_eq!(std::fs::read_link(&v.link).unwrap(), v.mapper(), "device_path not replaced");
+    assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
+    let derivation = if key_id.starts_with("pass") { "raw" } else { "lowercase-hex" };
+    assert_eq!(out.derivation.as_deref(), Some(derivation));
+
+    if let Some(version) = expect_luks {
+        let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
+        assert!(dump.contains(&format!("Version:       \t{version}")) || dump.contains(&format!("Version:        {version}")) || dump.contains(&format!("Version:\t{version}")), "{dump}");
+        // aes-xts-plain64 + 256 bits is passed through: AES-128-XTS, 256-bit volume key.
+        assert!(dump.contains("256 bits") || dump.contains("MK bits:       \t256"), "{dump}");
+        // The same passphrase opens it with cryptsetup itself.
+        let (t, payload) = k.0.get(key_id).unwrap().clone();
+        let p = derive_passphrase(&t, &SecretBytes::new(payload));
+        let o = sh_in(
+            &format!("cryptsetup open --test-passphrase --key-file=- {}", v.loopdev.display()),
+            p.expose(),
+        );
+        assert!(o.status.success(), "cryptsetup rejects the passphrase: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    let data = pattern(tag.len() as u8, 1 << 20);
+    write_at(&v.mapper(), 4096, &data);
+    let st = volume::status(&ctx).unwrap();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].key_id, key_id);
+    assert_eq!(st[0].derivation, derivation);
+    assert!(st[0].active && !st[0].stale);
+    assert_eq!(st[0].cipher.as_deref(), Some("aes-xts-plain64"));
+    assert_eq!(st[0].key_bits, Some(256));
+
+    let d = volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(d.was_active);
+    assert!(!v.active());
+    assert_eq!(std::fs::read_link(&v.link).unwrap(), v.loopdev, "device_path not restored");
+    assert!(std::fs::symlink_metadata(v.stable_link()).is_err());
+
+    let out = volume::attach(&ctx, &req).unwrap();
+    assert!(!out.formatted);
+    assert_eq!(read_at(&v.mapper(), 4096, data.len()), data, "data did not survive re-attach");
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+#[test]
+fn luks1_with_symmetric_key_formats_then_reopens() {
+    if skip() {
+        return;
+    }
+    round_trip("luks", "sym-1", "l1sym", Some("1"));
+}
+
+#[test]
+fn luks1_with_passphrase_secret_formats_then_reopens() {
+    if skip() {
+        return;
+    }
+    round_trip("nova.volume.encryptors.luks.LuksEncryptor", "pass-1", "l1pass", Some("1"));
+}
+
+#[test]
+fn luks2_with_symmetric_key_formats_then_reopens() {
+    if skip() {
+        return;
+    }
+    round_trip("luks2", "sym-2", "l2sym", Some("2"));
+}
+
+#[test]
+fn luks2_with_opaque_and_passphrase_secrets() {
+    if skip() {
+        return;
+    }
+    round_trip("Luks2Encryptor", "opaque-1", "l2opq", Some("2"));
+    round_trip("os_brick.encryptors.luks.Luks2Encryptor", "pass-1", "l2pass", Some("2"));
+}
+
+#[test]
+fn plain_with_each_secret_type_round_trips() {
+    if skip() {
+        return;
+    }
+    round_trip("plain", "sym-1", "plsym", None);
+    round_trip("CryptsetupEncryptor", "pass-1", "plpass", None);
+    round_trip("os_brick.encryptors.cryptsetup.CryptsetupEncryptor", "opaque-1", "plopq", None);
+}
+
+/// Plain mode with cryptsetup's defaults: aes-cbc-essiv:sha256, 256 bits, and the dm key is
+/// RIPEMD160(p) ‖ RIPEMD160("A" ‖ p) truncated, exactly as `cryptsetup create` makes it.
+#[test]
+fn plain_defaults_hash_the_passphrase_with_ripemd160() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("plkey", 16);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let out = volume::attach(&ctx, &v.request("plain", "sym-1", "", "")).unwrap();
+    assert!(!out.formatted);
+    let table = sh(&format!("dmsetup table --showkeys {}", v.name));
+    let fields: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(fields[2], "crypt", "{}", fields[2]);
+    assert_eq!(fields[3], "aes-cbc-essiv:sha256");
+    let passphrase = hex(&(0u8..32).collect::<Vec<u8>>());
+    assert_eq!(passphrase.len(), 64);
+    assert_eq!(fields[4], hex(&plain_key(passphrase.as_bytes(), 32)), "dm key is not the ripemd160 hash");
+
+    // cryptsetup itself, fed the same passphrase, makes the same key.
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    let o = sh_in(
+        &format!("cryptsetup create --key-file=- vc-plkey-ref {}", v.loopdev.display()),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = sh("dmsetup table --showkeys vc-plkey-ref");
+    sh("cryptsetup close vc-plkey-ref");
+    assert_eq!(reference.split_whitespace().nth(4), Some(fields[4]));
+}
+
+/// A volume formatted by `cryptsetup luksFormat` with the hex passphrase (what os-brick does)
+/// opens with volcrypt, and reads what cryptsetup's mapping wrote.
+#[test]
+fn cryptsetup_formatted_volume_opens_with_volcrypt() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("csfmt", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let passphrase = hex(&[0x07; 32]);
+    let o = sh_in(
+        &format!(
+            "cryptsetup --batch-mode luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file=- {}",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = sh_in(&format!("cryptsetup open --key-file=- {} vc-csfmt-ref", v.loopdev.display()), passphrase.as_bytes());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = pattern(9, 65536);
+    write_at(Path::new("/dev/mapper/vc-csfmt-ref"), 0, &data);
+    sh("cryptsetup close vc-csfmt-ref");
+
+    let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
+    assert!(!out.formatted, "an existing LUKS2 volume must be opened, not formatted");
+    assert_eq!(read_at(&v.mapper(), 0, data.len()), data);
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+fn refuse_format(tag: &str, prepare: &str, expect: &str) {
+    let v = Vol::new(tag, 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    sh(&prepare.replace("DEV", &v.loopdev.display().to_string()));
+    let before = sha256_of(&v.loopdev);
+    let err = volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, volume::Error::RefuseFormat { .. }), "{msg}");
+    assert!(msg.contains(expect), "{msg}");
+    assert_eq!(err.exit_status(), ExitStatus::Invalid);
+    assert_eq!(sha256_of(&v.loopdev), before, "device content changed");
+    v.assert_nothing_left();
+}
+
+#[test]
+fn refuses_to_format_a_device_with_ext4() {
+    if skip() {
+        return;
+    }
+    refuse_format("ext4", "mkfs.ext4 -q -F DEV", "ext4");
+}
+
+#[test]
+fn refuses_to_format_a_device_with_a_partition_table() {
+    if skip() {
+        return;
+    }
+    refuse_format("gpt", "printf 'label: gpt\\n,4M\\n' | sfdisk -q DEV", "gpt");
+    refuse_format("dos", "printf 'label: dos\\n,4M\\n' | sfdisk -q DEV", "dos");
+}
+
+#[test]
+fn double_attach_returns_the_existing_mapping() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("dbl", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let req = v.request("luks2", "sym-1", "", "");
+    let first = volume::attach(&ctx, &req).unwrap();
+    // device_path now points at the mapping itself; a repeat must still recognise the volume.
+    let second = volume::attach(&ctx, &req).unwrap();
+    assert!(second.already_attached && !second.formatted);
+    assert_eq!(second.device, first.device);
+    assert_eq!(second.backing_device.as_deref(), Some(v.loopdev.as_path()));
+    // Links removed by someone are re-asserted by the repeat attach.
+    std::fs::remove_file(v.stable_link()).unwrap();
+    let third = volume::attach(&ctx, &req).unwrap();
+    assert!(third.already_attached);
+    assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert_eq!(std::fs::read_link(&v.link).unwrap(), v.loopdev);
+}
+
+#[test]
+fn name_held_by_another_device_is_refused_and_nothing_changes() {
+    if skip() {
+        return;
+    }
+    let a = Vol::new("conf", 32);
+    let b = Vol::new("conf", 32); // same basename, different loop device
+    let k = keys();
+    let ctx_a = a.ctx(&k);
+    volume::attach(&ctx_a, &a.request("luks2", "sym-1", "", "")).unwrap();
+    let table_before = sh(&format!("dmsetup deps {}", a.name));
+    let ctx_b = b.ctx(&k);
+    let err = volume::attach(&ctx_b, &b.request("luks2", "sym-1", "", "")).unwrap_err();
+    assert!(matches!(err, volume::Error::NameConflict { .. }), "{err}");
+    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert_eq!(sh(&format!("dmsetup deps {}", a.name)), table_before);
+    assert_eq!(std::fs::read_link(&b.link).unwrap(), b.loopdev);
+    assert!(std::fs::symlink_metadata(b.stable_link()).is_err());
+    assert!(!b.state_file().exists());
+    assert_eq!(sha256_of(&b.loopdev), sha256_of(&b.file), "b was touched");
+    assert!(read_at(&b.loopdev, 0, 4096).iter().all(|&x| x == 0), "b was formatted");
+    volume::detach(&ctx_a, &a.volume_id(), None).unwrap();
+}
+
+#[test]
+fn busy_detach_fails_naming_holders_then_succeeds_after_release() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("busy", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
+    let held = std::fs::File::open(v.mapper()).unwrap();
+    let t = std::time::Instant::now();
+    let err = volume::detach(&ctx, &v.volume_id(), None).unwrap_err();
+    let waited = t.elapsed();
+    let msg = err.to_string();
+    assert!(matches!(err, volume::Error::Busy { .. }), "{msg}");
+    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert!(msg.contains("open count 1"), "{msg}");
+    assert!(msg.contains(&std::process::id().to_string()), "our pid not named: {msg}");
+    assert!(waited >= std::time::Duration::from_millis(1400), "gave up after {waited:?}");
+    assert!(v.active());
+    drop(held);
+    let d = volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(d.was_active);
+    assert!(!v.active());
+    // Detaching again: not active is success.
+    let d = volume::detach(&ctx, &v.volume_id(), Some(&v.link)).unwrap();
+    assert!(!d.was_active);
+}
+
+#[test]
+fn extend_after_growing_the_loop_device() {
+    if skip() {
+        return;
+    }
+    for (provider, tag) in [("luks2", "ext2"), ("luks", "ext1"), ("plain", "extp")] {
+        let v = Vol::new(tag, 32);
+        let k = keys();
+        let ctx = v.ctx(&k);
+        volume::attach(&ctx, &v.request(provider, "sym-1", "", "")).unwrap();
+        let before = sh(&format!("blockdev --getsize64 {}", v.mapper().display()));
+        let before: u64 = before.trim().parse().unwrap();
+        std::fs::OpenOptions::new().write(true).open(&v.file).unwrap().set_len(48 << 20).unwrap();
+        sh(&format!("losetup -c {}", v.loopdev.display()));
+        let out = volume::extend(&ctx, &v.volume_id()).unwrap();
+        let after: u64 = sh(&format!("blockdev --getsize64 {}", v.mapper().display())).trim().parse().unwrap();
+        assert_eq!(after, before + (16 << 20), "{provider}: {out:?}");
+        assert_eq!(out.new_size_bytes, after);
+        volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    }
+}
+
+#[test]
+fn wrong_key_is_exit_2_naming_the_key_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("wkey", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    let header = sha256_of(&v.loopdev);
+    let err = volume::attach(&ctx, &v.request("luks2", "sym-2", "", "")).unwrap_err();
+    assert!(matches!(err, volume::Error::WrongKey { .. }), "{err}");
+    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert!(err.to_string().contains("sym-2"), "{err}");
+    assert_eq!(sha256_of(&v.loopdev), header, "a wrong key must never lead to a format");
+    v.assert_nothing_left();
+}
+
+#[test]
+fn unknown_key_id_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("nokey", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let err = volume::attach(&ctx, &v.request("luks2", "no-such-key", "", "")).unwrap_err();
+    assert!(err.to_string().contains("no-such-key"), "{err}");
+    assert!(read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0), "formatted without a key");
+    v.assert_nothing_left();
+}
+
+#[test]
+fn perf_flags_reach_the_kernel_and_status_and_4k_sectors_for_luks2() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("perf", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    let req = v.request(
+        "luks2",
+        "sym-1",
+        "",
+        r#""allow_discards": true, "no_read_workqueue": true, "no_write_workqueue": true, "sector_size": 4096"#,
+    );
+    volume::attach(&ctx, &req).unwrap();
+    let table = sh(&format!("dmsetup table {}", v.name));
+    for f in ["allow_discards", "no_read_workqueue", "no_write_workqueue", "sector_size:4096"] {
+        assert!(table.contains(f), "{f} missing in kernel table");
+    }
+    let st = volume::status(&ctx).unwrap();
+    assert_eq!(st[0].flags, vec!["allow_discards", "no_read_workqueue", "no_write_workqueue"]);
+    assert_eq!(st[0].sector_size, Some(4096));
+    assert_eq!(st[0].open_count, Some(0));
+    // status never shows key material.
+    let json = serde_json::to_string(&st).unwrap();
+    let key_hex = sh(&format!("dmsetup table --showkeys {}", v.name));
+    for field in key_hex.split_whitespace().filter(|f| f.len() >= 32) {
+        assert!(!json.contains(field), "status leaks a table field");
+    }
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+/// The CLI end to end: malformed request → exit 1 and nothing changed; status --json.
+#[test]
+fn cli_malformed_request_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("cli", 16);
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let cases: [&[u8]; 3] = [
+        b"{not json",
+        br#"{"volume_id":"x","device_path":"/dev/null","encryption":{"provider":"LUKS","control_location":"front-end","encryption_key_id":"k"}}"#,
+        br#"{"volume_id":"x","device_path":"/dev/null","encryption":{"provider":"luks","control_location":"front-end"}}"#,
+    ];
+    for input in cases {
+        let o = sh_in(
+            &format!(
+                "{bin} attach --request - --state-dir {}/state --by-id-dir {}/by-id",
+                v.dir.path().display(),
+                v.dir.path().display()
+            ),
+            input,
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!String::from_utf8_lossy(&o.stderr).is_empty());
+    }
+    v.assert_nothing_left();
+    assert!(!v.dir.path().join("state").exists() || std::fs::read_dir(v.dir.path().join("state")).unwrap().count() == 0);
+}
