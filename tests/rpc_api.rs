@@ -531,3 +531,46 @@ fn openapi_documents_every_served_route() {
         .collect();
     assert_eq!(served, documented);
 }
+
+/// The hardened unit parses (systemd-analyze verify, with ExecStart pointing at the built
+/// binary), and keeps the settings the agent relies on.
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/volcrypt.service"
+    ))
+    .unwrap();
+    for needed in [
+        "CapabilityBoundingSet=CAP_SYS_ADMIN",
+        "ProtectSystem=strict",
+        "RuntimeDirectory=volcrypt",
+        "StateDirectory=volcrypt",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
+        "DeviceAllow=/dev/mapper/control rw",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("volcrypt.service");
+    std::fs::write(&path, unit.replace("/usr/bin/volcrypt", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
