@@ -95,6 +95,14 @@ impl Error {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub key_manager: KeyManagerConfig,
+    /// `[volume]`: the attach engine (state dir, link dir, dm-crypt perf-flag defaults,
+    /// LUKS2 sector size and KDF for new formats, detach timeout); see `volume::VolumeConfig`.
+    #[cfg(feature = "system")]
+    pub volume: crate::volume::VolumeConfig,
+    /// `[server]`: the agent (`volcrypt serve`: socket, group, limits, KDF memory budget); see
+    /// `rpc::config::ServerConfig`.
+    #[cfg(feature = "system")]
+    pub server: crate::rpc::config::ServerConfig,
 }
 
 impl Config {
@@ -104,7 +112,12 @@ impl Config {
             path: origin.to_string(),
             line: e
                 .span()
-                .map(|s| 1 + text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count())
+                .map(|s| {
+                    1 + text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                })
                 .unwrap_or(0),
             message: e.message().trim().to_string(),
         })

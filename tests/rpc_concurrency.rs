@@ -11,22 +11,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use volcrypt::keys::{KeyManager, Secret};
 use volcrypt::rpc::client::call_async;
 use volcrypt::rpc::config::ServeConfig;
 use volcrypt::rpc::{KeyFactory, Keys, server};
-use volcrypt::secret::{Derivation, SecretBytes};
-use volcrypt::volume::KeySource;
 
 struct NoKeys;
-impl KeySource for NoKeys {
-    fn kind(&self) -> String {
-        "test".into()
+impl KeyManager for NoKeys {
+    fn kind(&self) -> &'static str {
+        "test"
     }
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
+    fn get(&self, key_id: &str) -> Result<Secret, volcrypt::keys::Error> {
         Err(volcrypt::keys::Error::NotFound {
             key_id: key_id.into(),
             manager: "test",
         })
+    }
+    fn health(&self) -> Result<(), volcrypt::keys::Error> {
+        Ok(())
     }
 }
 
@@ -38,13 +40,13 @@ fn slow_keys(delay: Duration, slow_calls: usize) -> (KeyFactory, Arc<AtomicUsize
         if c.fetch_add(1, Ordering::SeqCst) < slow_calls {
             std::thread::sleep(delay);
         }
-        Ok(Box::new(NoKeys) as Box<dyn KeySource>)
+        Ok(Arc::new(NoKeys) as Arc<dyn KeyManager>)
     });
     (f, calls)
 }
 
 fn config(dir: &Path, server_extra: &str) -> ServeConfig {
-    ServeConfig::parse(&format!(
+    volcrypt::rpc::config::parse(&format!(
         "[server]\nsocket = \"{}\"\n{server_extra}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n\
          [key_manager.keystore]\ndir = \"{}\"\n",
         dir.join("api.sock").display(),

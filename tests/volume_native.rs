@@ -6,29 +6,18 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use volcrypt::error::ExitStatus;
+use volcrypt::keys::Keystore;
 use volcrypt::request::AttachRequest;
-use volcrypt::secret::{Derivation, SecretBytes};
-use volcrypt::volume::{self, Context, KeySource, VolumeConfig};
-
-struct NoKeys;
-
-impl KeySource for NoKeys {
-    fn kind(&self) -> String {
-        "none".into()
-    }
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
-        Err(volcrypt::keys::Error::NotFound { key_id: key_id.to_owned(), manager: "test" })
-    }
-}
+use volcrypt::volume::{self, Context, VolumeConfig};
 
 fn dm_missing() -> bool {
     !std::path::Path::new("/dev/mapper/control").exists()
         || !std::path::Path::new("/sys/module/dm_mod").exists()
 }
 
-fn ctx(dir: &std::path::Path) -> Context<'static> {
+fn ctx<'a>(dir: &std::path::Path, keys: &'a Keystore) -> Context<'a> {
     Context {
-        keys: &NoKeys,
+        keys,
         config: VolumeConfig {
             state_dir: dir.join("state"),
             by_id_dir: dir.join("by-id"),
@@ -40,7 +29,8 @@ fn ctx(dir: &std::path::Path) -> Context<'static> {
 #[test]
 fn back_end_and_noop_volumes_attach_raw_without_touching_anything() {
     let dir = tempfile::tempdir().unwrap();
-    let c = ctx(dir.path());
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let c = ctx(dir.path(), &ks);
     for enc in [
         r#"{"provider":"luks","control_location":"back-end","encryption_key_id":"k"}"#,
         r#"{"provider":"nova.volume.encryptors.nop.NoOpEncryptor","control_location":"front-end"}"#,
@@ -60,20 +50,27 @@ fn back_end_and_noop_volumes_attach_raw_without_touching_anything() {
 #[test]
 fn missing_device_mapper_is_one_clear_error() {
     if !dm_missing() {
-        eprintln!("skipped: this host has device-mapper");
+        notice("skipped: this host has device-mapper");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let c = ctx(dir.path());
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let c = ctx(dir.path(), &ks);
     let req = AttachRequest::from_json(
         br#"{"volume_id":"v1","device_path":"/dev/sdz","encryption":{"provider":"luks","control_location":"front-end","encryption_key_id":"k"}}"#,
     )
     .unwrap();
     let err = volume::attach(&c, &req).unwrap_err();
-    assert!(err.to_string().contains("device-mapper is not available"), "{err}");
+    assert!(
+        err.to_string().contains("device-mapper is not available"),
+        "{err}"
+    );
     assert_eq!(err.exit_status(), ExitStatus::Invalid);
     let err = volume::detach(&c, "v1", Some(std::path::Path::new("/dev/sdz"))).unwrap_err();
-    assert!(err.to_string().contains("device-mapper is not available"), "{err}");
+    assert!(
+        err.to_string().contains("device-mapper is not available"),
+        "{err}"
+    );
 
     let bin = env!("CARGO_BIN_EXE_volcrypt");
     let o = Command::new(bin)
@@ -83,8 +80,15 @@ fn missing_device_mapper_is_one_clear_error() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("device-mapper is not available"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one error line expected: {stderr}");
+    assert!(
+        stderr.contains("device-mapper is not available"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one error line expected: {stderr}"
+    );
 }
 
 #[test]
@@ -146,4 +150,10 @@ fn raw_attach_through_the_cli_prints_the_raw_device() {
     assert_eq!(v["encrypted"], false);
     assert_eq!(v["device"], "/dev/sdz");
     assert!(v["raw_reason"].as_str().unwrap().contains("back-end"));
+}
+
+/// Print past the test harness's output capture, so skips are visible in a normal run.
+fn notice(msg: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }

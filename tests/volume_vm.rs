@@ -10,10 +10,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use volcrypt::config::Config;
 use volcrypt::error::ExitStatus;
+use volcrypt::keys::{KeyManager, Keystore, Secret};
 use volcrypt::request::AttachRequest;
-use volcrypt::secret::{Derivation, SecretBytes, SecretType, derive_passphrase};
-use volcrypt::volume::{self, Context, KeySource, PbkdfConfig, VolumeConfig};
+use volcrypt::secret::{SecretBytes, SecretType};
+use volcrypt::volume::{self, Context, PbkdfConfig, VolumeConfig};
 
 /// True (after printing the skip notice) when this host cannot run dm-crypt tests.
 fn skip() -> bool {
@@ -21,43 +23,141 @@ fn skip() -> bool {
     let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
     let root = nix::unistd::geteuid().is_root();
     if !(dm && root) {
-        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run tests/vm/guest-attach.sh in the VM)");
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        notice(&format!(
+            "skipped: needs dm-crypt: {test} (root and dm_crypt; runs in the VM via tests/vm/guest-attach.sh)"
+        ));
         return true;
     }
     false
 }
 
-/// Key source for the controller tests: secrets of each type, with os-brick's derivation.
-struct TestKeys(HashMap<String, (SecretType, Vec<u8>)>);
+/// The secrets the tests use: one of each type Cinder, castellan and users create.
+fn secrets() -> Vec<(&'static str, SecretType, Vec<u8>)> {
+    vec![
+        ("sym-1", SecretType::Symmetric, (0u8..32).collect()),
+        ("sym-2", SecretType::Symmetric, vec![0x07; 32]),
+        (
+            "pass-1",
+            SecretType::Passphrase,
+            b"correct horse\n".to_vec(),
+        ),
+        ("opaque-1", SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]),
+    ]
+}
 
-impl KeySource for TestKeys {
-    fn kind(&self) -> String {
-        "test".into()
-    }
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), volcrypt::keys::Error> {
-        let (t, payload) = self
-            .0
-            .get(key_id)
-            .ok_or_else(|| volcrypt::keys::Error::NotFound { key_id: key_id.to_owned(), manager: "test" })?;
-        Ok((
-            derive_passphrase(t, &SecretBytes::new(payload.clone())),
-            t.derivation(),
-        ))
+/// A key manager holding [`secrets`], and the ids it gave them.
+struct Keys {
+    km: Box<dyn KeyManager>,
+    ids: HashMap<String, String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Keys {
+    /// The real id of a logical test secret (`sym-1` → a Barbican UUID, say).
+    fn id(&self, logical: &str) -> String {
+        self.ids
+            .get(logical)
+            .cloned()
+            .unwrap_or_else(|| logical.to_owned())
     }
 }
 
-fn keys() -> TestKeys {
-    let mut m = HashMap::new();
-    m.insert("sym-1".to_owned(), (SecretType::Symmetric, (0u8..32).collect::<Vec<u8>>()));
-    m.insert("sym-2".to_owned(), (SecretType::Symmetric, vec![0x07; 32]));
-    m.insert("pass-1".to_owned(), (SecretType::Passphrase, b"correct horse\n".to_vec()));
-    m.insert("opaque-1".to_owned(), (SecretType::Opaque, vec![0xa5, 0x00, 0x5a, 0xff]));
-    TestKeys(m)
+/// The local keystore (the embedded default), filled through its public API.
+fn keys() -> Keys {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let ks = Keystore::create(dir.path().join("keys")).unwrap();
+    let mut ids = HashMap::new();
+    for (id, t, payload) in secrets() {
+        ks.put(id, &Secret::new(t, SecretBytes::new(payload)))
+            .unwrap();
+        ids.insert(id.to_owned(), id.to_owned());
+    }
+    Keys {
+        km: Box::new(ks),
+        ids,
+        _dir: Some(dir),
+    }
+}
+
+const BARBICAN_PROJECT: &str = "volcrypt-vm-tests";
+
+/// A real Barbican (VOLCRYPT_TEST_BARBICAN_URL, reached from the VM through the harness's
+/// forward), with the secrets created the way Cinder and users do; `None` when not configured.
+fn barbican_keys() -> Option<Keys> {
+    let url = std::env::var("VOLCRYPT_TEST_BARBICAN_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let url = url.trim_end_matches('/').to_owned();
+    let cfg = Config::from_toml(
+        &format!(
+            "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"{url}\"\n\
+             retries = 1\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"{BARBICAN_PROJECT}\"\n"
+        ),
+        "<test>",
+    )
+    .unwrap();
+    let km = volcrypt::keys::from_config(&cfg.key_manager).unwrap();
+    let mut ids = HashMap::new();
+    for (name, t, payload) in secrets() {
+        ids.insert(name.to_owned(), barbican_create(&url, &t, &payload));
+    }
+    Some(Keys {
+        km,
+        ids,
+        _dir: None,
+    })
+}
+
+/// POST a secret to Barbican (octet-stream/base64, so every byte round-trips); its UUID.
+fn barbican_create(url: &str, t: &SecretType, payload: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut body = serde_json::json!({
+        "name": "volcrypt-vm-test",
+        "secret_type": t.as_str(),
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+        "payload_content_type": "application/octet-stream",
+        "payload_content_encoding": "base64",
+    });
+    if *t == SecretType::Symmetric {
+        body["algorithm"] = "aes".into();
+        body["bit_length"] = (payload.len() * 8).into();
+        body["mode"] = "xts".into();
+    }
+    let o = sh_in(
+        &format!(
+            "curl -sS --fail-with-body -X POST {url}/v1/secrets -H 'Content-Type: application/json' \
+             -H 'X-Identity-Status: Confirmed' -H 'X-Project-Id: {BARBICAN_PROJECT}' -H 'X-Roles: member' -d @-"
+        ),
+        body.to_string().as_bytes(),
+    );
+    assert!(
+        o.status.success(),
+        "Barbican POST: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = v["secret_ref"].as_str().unwrap();
+    r.rsplit('/').next().unwrap().to_owned()
+}
+
+/// Every key manager available here: the keystore always, Barbican when configured.
+fn backends() -> Vec<(&'static str, Keys)> {
+    let mut v = vec![("keystore", keys())];
+    match barbican_keys() {
+        Some(b) => v.push(("barbican", b)),
+        None => notice("skipped: Barbican part (VOLCRYPT_TEST_BARBICAN_URL not set)"),
+    }
+    v
 }
 
 /// Run a command, return stdout, panic with stderr on failure.
 fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
     assert!(
         out.status.success(),
         "{cmd}: {}\n{}",
@@ -112,9 +212,9 @@ impl Vol {
         }
     }
 
-    fn ctx<'a>(&self, keys: &'a dyn KeySource) -> Context<'a> {
+    fn ctx<'a>(&self, keys: &'a Keys) -> Context<'a> {
         Context {
-            keys,
+            keys: keys.km.as_ref(),
             config: VolumeConfig {
                 state_dir: self.dir.path().join("state"),
                 by_id_dir: self.dir.path().join("by-id"),
@@ -129,7 +229,13 @@ impl Vol {
         }
     }
 
-    fn request(&self, provider: &str, key_id: &str, extra_enc: &str, options: &str) -> AttachRequest {
+    fn request(
+        &self,
+        provider: &str,
+        key_id: &str,
+        extra_enc: &str,
+        options: &str,
+    ) -> AttachRequest {
         let json = format!(
             r#"{{"volume_id": "vol-{name}", "device_path": "{link}",
                 "encryption": {{"provider": "{provider}", "control_location": "front-end",
@@ -160,26 +266,44 @@ impl Vol {
     }
 
     fn stable_link(&self) -> PathBuf {
-        self.dir.path().join("by-id").join(format!("volcrypt-{}", self.volume_id()))
+        self.dir
+            .path()
+            .join("by-id")
+            .join(format!("volcrypt-{}", self.volume_id()))
     }
 
     fn state_file(&self) -> PathBuf {
-        self.dir.path().join("state").join(format!("{}.json", self.volume_id()))
+        self.dir
+            .path()
+            .join("state")
+            .join(format!("{}.json", self.volume_id()))
     }
 
     /// Nothing of an attach is left: no mapping, no stable link, no record, link untouched.
     fn assert_nothing_left(&self) {
         assert!(!self.active(), "mapping {} left behind", self.name);
-        assert!(std::fs::symlink_metadata(self.stable_link()).is_err(), "stable link left behind");
+        assert!(
+            std::fs::symlink_metadata(self.stable_link()).is_err(),
+            "stable link left behind"
+        );
         assert!(!self.state_file().exists(), "state record left behind");
-        assert_eq!(std::fs::read_link(&self.link).unwrap(), self.loopdev, "device link changed");
+        assert_eq!(
+            std::fs::read_link(&self.link).unwrap(),
+            self.loopdev,
+            "device link changed"
+        );
     }
 }
 
 impl Drop for Vol {
     fn drop(&mut self) {
-        let _ = Command::new("dmsetup").args(["remove", "--retry", &self.name]).output();
-        let _ = Command::new("losetup").arg("-d").arg(&self.loopdev).output();
+        let _ = Command::new("dmsetup")
+            .args(["remove", "--retry", &self.name])
+            .output();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loopdev)
+            .output();
     }
 }
 
@@ -199,7 +323,9 @@ fn read_at(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -233,34 +359,80 @@ fn hex(b: &[u8]) -> String {
 
 /// First attach formats (LUKS) or creates (plain), data goes through the mapping, detach, and
 /// a second attach of the same volume opens the existing header and reads the data back.
-fn round_trip(provider: &str, key_id: &str, tag: &str, expect_luks: Option<&str>) {
+fn round_trip(provider: &str, logical_key: &str, tag: &str, expect_luks: Option<&str>) {
+    for (backend, k) in backends() {
+        round_trip_with(
+            &k,
+            provider,
+            logical_key,
+            &format!("{tag}{}", &backend[..1]),
+            expect_luks,
+        );
+    }
+}
+
+fn round_trip_with(
+    k: &Keys,
+    provider: &str,
+    logical_key: &str,
+    tag: &str,
+    expect_luks: Option<&str>,
+) {
     let v = Vol::new(tag, 32);
-    let k = keys();
-    let ctx = v.ctx(&k);
-    let req = v.request(provider, key_id, r#", "cipher": "aes-xts-plain64", "key_size": 256"#, "");
+    let ctx = v.ctx(k);
+    let key_id = k.id(logical_key);
+    let key_id = key_id.as_str();
+    let req = v.request(
+        provider,
+        key_id,
+        r#", "cipher": "aes-xts-plain64", "key_size": 256"#,
+        "",
+    );
     let out = volume::attach(&ctx, &req).unwrap();
     assert!(out.encrypted);
     assert_eq!(out.mapping_name.as_deref(), Some(v.name.as_str()));
     assert_eq!(out.formatted, expect_luks.is_some(), "{out:?}");
     assert_eq!(out.device, v.mapper());
-    assert_eq!(std::fs::read_link(&v.link).unwrap(), v.mapper(), "device_path not replaced");
+    assert_eq!(
+        std::fs::read_link(&v.link).unwrap(),
+        v.mapper(),
+        "device_path not replaced"
+    );
     assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
-    let derivation = if key_id.starts_with("pass") { "raw" } else { "lowercase-hex" };
+    let derivation = if logical_key.starts_with("pass") {
+        "raw"
+    } else {
+        "lowercase-hex"
+    };
     assert_eq!(out.derivation.as_deref(), Some(derivation));
 
     if let Some(version) = expect_luks {
         let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
-        assert!(dump.contains(&format!("Version:       \t{version}")) || dump.contains(&format!("Version:        {version}")) || dump.contains(&format!("Version:\t{version}")), "{dump}");
+        assert!(
+            dump.contains(&format!("Version:       \t{version}"))
+                || dump.contains(&format!("Version:        {version}"))
+                || dump.contains(&format!("Version:\t{version}")),
+            "{dump}"
+        );
         // aes-xts-plain64 + 256 bits is passed through: AES-128-XTS, 256-bit volume key.
-        assert!(dump.contains("256 bits") || dump.contains("MK bits:       \t256"), "{dump}");
+        assert!(
+            dump.contains("256 bits") || dump.contains("MK bits:       \t256"),
+            "{dump}"
+        );
         // The same passphrase opens it with cryptsetup itself.
-        let (t, payload) = k.0.get(key_id).unwrap().clone();
-        let p = derive_passphrase(&t, &SecretBytes::new(payload));
+        let p = k.km.get(key_id).unwrap().passphrase();
         let o = sh_in(
-            &format!("cryptsetup open --test-passphrase --key-file=- {}", v.loopdev.display()),
+            &format!(
+                "cryptsetup open --test-passphrase --key-file=- {}",
+                v.loopdev.display()
+            ),
             p.expose(),
         );
-        assert!(o.status.success(), "cryptsetup rejects the passphrase: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "cryptsetup rejects the passphrase: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     let data = pattern(tag.len() as u8, 1 << 20);
@@ -276,12 +448,20 @@ fn round_trip(provider: &str, key_id: &str, tag: &str, expect_luks: Option<&str>
     let d = volume::detach(&ctx, &v.volume_id(), None).unwrap();
     assert!(d.was_active);
     assert!(!v.active());
-    assert_eq!(std::fs::read_link(&v.link).unwrap(), v.loopdev, "device_path not restored");
+    assert_eq!(
+        std::fs::read_link(&v.link).unwrap(),
+        v.loopdev,
+        "device_path not restored"
+    );
     assert!(std::fs::symlink_metadata(v.stable_link()).is_err());
 
     let out = volume::attach(&ctx, &req).unwrap();
     assert!(!out.formatted);
-    assert_eq!(read_at(&v.mapper(), 4096, data.len()), data, "data did not survive re-attach");
+    assert_eq!(
+        read_at(&v.mapper(), 4096, data.len()),
+        data,
+        "data did not survive re-attach"
+    );
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
 }
 
@@ -298,7 +478,12 @@ fn luks1_with_passphrase_secret_formats_then_reopens() {
     if skip() {
         return;
     }
-    round_trip("nova.volume.encryptors.luks.LuksEncryptor", "pass-1", "l1pass", Some("1"));
+    round_trip(
+        "nova.volume.encryptors.luks.LuksEncryptor",
+        "pass-1",
+        "l1pass",
+        Some("1"),
+    );
 }
 
 #[test]
@@ -315,7 +500,12 @@ fn luks2_with_opaque_and_passphrase_secrets() {
         return;
     }
     round_trip("Luks2Encryptor", "opaque-1", "l2opq", Some("2"));
-    round_trip("os_brick.encryptors.luks.Luks2Encryptor", "pass-1", "l2pass", Some("2"));
+    round_trip(
+        "os_brick.encryptors.luks.Luks2Encryptor",
+        "pass-1",
+        "l2pass",
+        Some("2"),
+    );
 }
 
 #[test]
@@ -325,7 +515,12 @@ fn plain_with_each_secret_type_round_trips() {
     }
     round_trip("plain", "sym-1", "plsym", None);
     round_trip("CryptsetupEncryptor", "pass-1", "plpass", None);
-    round_trip("os_brick.encryptors.cryptsetup.CryptsetupEncryptor", "opaque-1", "plopq", None);
+    round_trip(
+        "os_brick.encryptors.cryptsetup.CryptsetupEncryptor",
+        "opaque-1",
+        "plopq",
+        None,
+    );
 }
 
 /// Plain mode with cryptsetup's defaults: aes-cbc-essiv:sha256, 256 bits, and the dm key is
@@ -346,12 +541,19 @@ fn plain_defaults_hash_the_passphrase_with_ripemd160() {
     assert_eq!(fields[3], "aes-cbc-essiv:sha256");
     let passphrase = hex(&(0u8..32).collect::<Vec<u8>>());
     assert_eq!(passphrase.len(), 64);
-    assert_eq!(fields[4], hex(&plain_key(passphrase.as_bytes(), 32)), "dm key is not the ripemd160 hash");
+    assert_eq!(
+        fields[4],
+        hex(&plain_key(passphrase.as_bytes(), 32)),
+        "dm key is not the ripemd160 hash"
+    );
 
     // cryptsetup itself, fed the same passphrase, makes the same key.
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
     let o = sh_in(
-        &format!("cryptsetup create --key-file=- vc-plkey-ref {}", v.loopdev.display()),
+        &format!(
+            "cryptsetup create --key-file=- vc-plkey-ref {}",
+            v.loopdev.display()
+        ),
         passphrase.as_bytes(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -379,14 +581,23 @@ fn cryptsetup_formatted_volume_opens_with_volcrypt() {
         passphrase.as_bytes(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = sh_in(&format!("cryptsetup open --key-file=- {} vc-csfmt-ref", v.loopdev.display()), passphrase.as_bytes());
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} vc-csfmt-ref",
+            v.loopdev.display()
+        ),
+        passphrase.as_bytes(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let data = pattern(9, 65536);
     write_at(Path::new("/dev/mapper/vc-csfmt-ref"), 0, &data);
     sh("cryptsetup close vc-csfmt-ref");
 
     let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
-    assert!(!out.formatted, "an existing LUKS2 volume must be opened, not formatted");
+    assert!(
+        !out.formatted,
+        "an existing LUKS2 volume must be opened, not formatted"
+    );
     assert_eq!(read_at(&v.mapper(), 0, data.len()), data);
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
 }
@@ -467,7 +678,10 @@ fn name_held_by_another_device_is_refused_and_nothing_changes() {
     assert!(std::fs::symlink_metadata(b.stable_link()).is_err());
     assert!(!b.state_file().exists());
     assert_eq!(sha256_of(&b.loopdev), sha256_of(&b.file), "b was touched");
-    assert!(read_at(&b.loopdev, 0, 4096).iter().all(|&x| x == 0), "b was formatted");
+    assert!(
+        read_at(&b.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "b was formatted"
+    );
     volume::detach(&ctx_a, &a.volume_id(), None).unwrap();
 }
 
@@ -488,8 +702,14 @@ fn busy_detach_fails_naming_holders_then_succeeds_after_release() {
     assert!(matches!(err, volume::Error::Busy { .. }), "{msg}");
     assert_eq!(err.exit_status(), ExitStatus::Busy);
     assert!(msg.contains("open count 1"), "{msg}");
-    assert!(msg.contains(&std::process::id().to_string()), "our pid not named: {msg}");
-    assert!(waited >= std::time::Duration::from_millis(1400), "gave up after {waited:?}");
+    assert!(
+        msg.contains(&std::process::id().to_string()),
+        "our pid not named: {msg}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(1400),
+        "gave up after {waited:?}"
+    );
     assert!(v.active());
     drop(held);
     let d = volume::detach(&ctx, &v.volume_id(), None).unwrap();
@@ -512,10 +732,18 @@ fn extend_after_growing_the_loop_device() {
         volume::attach(&ctx, &v.request(provider, "sym-1", "", "")).unwrap();
         let before = sh(&format!("blockdev --getsize64 {}", v.mapper().display()));
         let before: u64 = before.trim().parse().unwrap();
-        std::fs::OpenOptions::new().write(true).open(&v.file).unwrap().set_len(48 << 20).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.file)
+            .unwrap()
+            .set_len(48 << 20)
+            .unwrap();
         sh(&format!("losetup -c {}", v.loopdev.display()));
         let out = volume::extend(&ctx, &v.volume_id()).unwrap();
-        let after: u64 = sh(&format!("blockdev --getsize64 {}", v.mapper().display())).trim().parse().unwrap();
+        let after: u64 = sh(&format!("blockdev --getsize64 {}", v.mapper().display()))
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(after, before + (16 << 20), "{provider}: {out:?}");
         assert_eq!(out.new_size_bytes, after);
         volume::detach(&ctx, &v.volume_id(), None).unwrap();
@@ -537,7 +765,11 @@ fn wrong_key_is_exit_2_naming_the_key_and_leaves_nothing() {
     assert!(matches!(err, volume::Error::WrongKey { .. }), "{err}");
     assert_eq!(err.exit_status(), ExitStatus::NoKey);
     assert!(err.to_string().contains("sym-2"), "{err}");
-    assert_eq!(sha256_of(&v.loopdev), header, "a wrong key must never lead to a format");
+    assert_eq!(
+        sha256_of(&v.loopdev),
+        header,
+        "a wrong key must never lead to a format"
+    );
     v.assert_nothing_left();
 }
 
@@ -551,7 +783,47 @@ fn unknown_key_id_leaves_nothing() {
     let ctx = v.ctx(&k);
     let err = volume::attach(&ctx, &v.request("luks2", "no-such-key", "", "")).unwrap_err();
     assert!(err.to_string().contains("no-such-key"), "{err}");
-    assert!(read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0), "formatted without a key");
+    assert!(
+        read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "formatted without a key"
+    );
+    v.assert_nothing_left();
+}
+
+#[test]
+fn unreachable_barbican_is_exit_2_and_leaves_nothing() {
+    if skip() {
+        return;
+    }
+    let v = Vol::new("nobarb", 32);
+    // Nothing listens on port 9 of the loopback: connection refused, fast.
+    let cfg = Config::from_toml(
+        "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"http://127.0.0.1:9\"\n\
+         retries = 1\nbackoff_initial = 0.05\nconnect_timeout = 1.0\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"p\"\n",
+        "<test>",
+    )
+    .unwrap();
+    let k = Keys {
+        km: volcrypt::keys::from_config(&cfg.key_manager).unwrap(),
+        ids: HashMap::new(),
+        _dir: None,
+    };
+    let ctx = v.ctx(&k);
+    let err = volume::attach(
+        &ctx,
+        &v.request("luks2", "3e1b0f0a-0000-4000-8000-000000000001", "", ""),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("unreachable") && msg.contains("3e1b0f0a"),
+        "{msg}"
+    );
+    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert!(
+        read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
+        "formatted without a key"
+    );
     v.assert_nothing_left();
 }
 
@@ -571,11 +843,19 @@ fn perf_flags_reach_the_kernel_and_status_and_4k_sectors_for_luks2() {
     );
     volume::attach(&ctx, &req).unwrap();
     let table = sh(&format!("dmsetup table {}", v.name));
-    for f in ["allow_discards", "no_read_workqueue", "no_write_workqueue", "sector_size:4096"] {
+    for f in [
+        "allow_discards",
+        "no_read_workqueue",
+        "no_write_workqueue",
+        "sector_size:4096",
+    ] {
         assert!(table.contains(f), "{f} missing in kernel table");
     }
     let st = volume::status(&ctx).unwrap();
-    assert_eq!(st[0].flags, vec!["allow_discards", "no_read_workqueue", "no_write_workqueue"]);
+    assert_eq!(
+        st[0].flags,
+        vec!["allow_discards", "no_read_workqueue", "no_write_workqueue"]
+    );
     assert_eq!(st[0].sector_size, Some(4096));
     assert_eq!(st[0].open_count, Some(0));
     // status never shows key material.
@@ -609,9 +889,164 @@ fn cli_malformed_request_changes_nothing() {
             ),
             input,
         );
-        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(!String::from_utf8_lossy(&o.stderr).is_empty());
     }
     v.assert_nothing_left();
-    assert!(!v.dir.path().join("state").exists() || std::fs::read_dir(v.dir.path().join("state")).unwrap().count() == 0);
+    assert!(
+        !v.dir.path().join("state").exists()
+            || std::fs::read_dir(v.dir.path().join("state"))
+                .unwrap()
+                .count()
+                == 0
+    );
+}
+
+/// A scsi_debug disk: unlike a loop device, it can be deleted while dm-crypt holds it, which
+/// is what an iSCSI logout or a path failure does to a real volume.
+fn scsi_debug_disk() -> Option<PathBuf> {
+    let drv = Path::new("/sys/bus/pseudo/drivers/scsi_debug");
+    // sd_mod turns the SCSI disk into /dev/sdX; udev's own modprobe cannot load it in the VM.
+    let mut sd = Command::new("modprobe");
+    if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
+        sd.arg("-d").arg(root);
+    }
+    let _ = sd.arg("sd_mod").status();
+    if !drv.exists() {
+        // The harness exports where the guest kernel's modules are.
+        let mut cmd = Command::new("modprobe");
+        if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
+            cmd.arg("-d").arg(root);
+        }
+        let ok = cmd
+            .args(["scsi_debug", "add_host=0", "dev_size_mb=32"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return None;
+        }
+    }
+    let list = || -> Vec<String> {
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sd"))
+            .filter(|n| {
+                std::fs::read_to_string(format!("/sys/block/{n}/device/model"))
+                    .is_ok_and(|m| m.contains("scsi_debug"))
+            })
+            .collect()
+    };
+    let before = list();
+    std::fs::write(drv.join("add_host"), "1").ok()?;
+    for _ in 0..100 {
+        if let Some(n) = list().into_iter().find(|n| !before.contains(n)) {
+            let dev = PathBuf::from("/dev").join(&n);
+            for _ in 0..50 {
+                if dev.exists() {
+                    return Some(dev);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn stale_mapping_is_reported_and_replaced_only_when_unused() {
+    if skip() {
+        return;
+    }
+    let Some(disk) = scsi_debug_disk() else {
+        notice("skipped: needs the scsi_debug module to make a backing device vanish");
+        return;
+    };
+    let v = Vol::new("stale", 32);
+    // The volume's device path points at the SCSI disk first.
+    std::fs::remove_file(&v.link).unwrap();
+    std::os::unix::fs::symlink(&disk, &v.link).unwrap();
+    let k = keys();
+    let ctx = v.ctx(&k);
+    // scsi_debug disks share one store: zero its start so it probes blank.
+    write_at(&disk, 0, &vec![0u8; 1 << 20]);
+    volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
+    let base = disk.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::write(format!("/sys/block/{base}/device/delete"), "1").unwrap();
+    for _ in 0..50 {
+        if !disk.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = volume::status(&ctx).unwrap();
+    assert!(
+        st[0].active && st[0].stale && !st[0].backing_present,
+        "{:?}",
+        st[0]
+    );
+
+    // The volume comes back on another device (the loop device) under the same path.
+    std::fs::remove_file(&v.link).unwrap();
+    std::os::unix::fs::symlink(&v.loopdev, &v.link).unwrap();
+    let held = std::fs::File::open(v.mapper()).unwrap();
+    let err = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap_err();
+    assert!(matches!(err, volume::Error::StaleBusy { .. }), "{err}");
+    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert!(v.active());
+    drop(held);
+    let out = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
+    assert!(out.replaced_stale && out.formatted, "{out:?}");
+    assert_eq!(out.backing_device.as_deref(), Some(v.loopdev.as_path()));
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+}
+
+/// With udevd running (harness `--udev`), the stable link in /dev/disk/by-id survives udev
+/// `change`/`add` events on both the mapping and the backing device.
+#[test]
+fn stable_link_survives_udev_events() {
+    if skip() {
+        return;
+    }
+    if !Path::new("/run/udev/control").exists() {
+        notice("skipped: needs a running udevd (run the VM with --udev)");
+        return;
+    }
+    let v = Vol::new("udev", 32);
+    let k = keys();
+    let mut ctx = v.ctx(&k);
+    ctx.config.by_id_dir = PathBuf::from("/dev/disk/by-id");
+    let out = volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    let link = out.stable_link.clone().unwrap();
+    assert!(link.starts_with("/dev/disk/by-id"));
+    for action in ["change", "add", "change"] {
+        sh(&format!(
+            "udevadm trigger --action={action} {} /dev/mapper/{} && udevadm settle",
+            v.loopdev.display(),
+            v.name
+        ));
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            v.mapper(),
+            "udev took the link back after {action}"
+        );
+    }
+    let st = volume::status(&ctx).unwrap();
+    assert!(st[0].stable_link_ok);
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    assert!(std::fs::symlink_metadata(&link).is_err());
+}
+
+/// Print past the test harness's output capture, so skips are visible in a normal run.
+fn notice(msg: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use crate::cli::volume::VolumeCommand;
 use crate::error::Error;
 use crate::request::AttachRequest;
-use crate::rpc::{self, client, config::ServeConfig, routes::percent_encode};
+use crate::rpc::{self, client, routes::percent_encode};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -25,7 +25,7 @@ pub struct ServeArgs {
 
 /// Run the agent until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs) -> Result<(), Error> {
-    let mut config = ServeConfig::load(args.config.as_deref())?;
+    let mut config = rpc::config::load(args.config.as_deref())?;
     if let Some(s) = args.socket {
         config.server.socket = s;
     }

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::config::Config;
 use crate::error::Error;
+use crate::keys::KeyManager;
 use crate::request::AttachRequest;
-use crate::volume::{self, Context, KeySource, VolumeConfig};
+use crate::volume::{self, Context, VolumeConfig};
 
 /// Options shared by the volume commands.
 #[derive(Debug, Clone, Args)]
@@ -22,10 +24,10 @@ pub struct VolumeOpts {
     /// /dev/disk/by-id].
     #[arg(long, global = true)]
     pub by_id_dir: Option<PathBuf>,
-    /// Attach-engine settings as JSON (the `[volume]` section: perf-flag defaults, KDF for new
-    /// formats, detach timeout) [env VOLCRYPT_VOLUME_CONFIG].
+    /// Configuration file (TOML: [key_manager] and [volume]) [default
+    /// /etc/volcrypt/volcrypt.toml if it exists].
     #[arg(long, global = true)]
-    pub volume_config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Send the command to a running `volcrypt serve` on this socket instead of acting directly.
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
@@ -70,34 +72,28 @@ pub struct StatusArgs {
 }
 
 /// Build the configuration: file (if any), then environment, then flags.
-pub fn load_config(opts: &VolumeOpts) -> Result<VolumeConfig, Error> {
-    let file = opts
-        .volume_config
-        .clone()
-        .or_else(|| std::env::var_os("VOLCRYPT_VOLUME_CONFIG").map(PathBuf::from));
-    let mut config = match file {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                Error::Usage(format!("cannot read volume config {}: {e}", path.display()))
-            })?;
-            serde_json::from_str(&text)
-                .map_err(|e| Error::Usage(format!("volume config {}: {e}", path.display())))?
-        }
-        None => VolumeConfig::default(),
-    };
+pub fn load_config(opts: &VolumeOpts) -> Result<(Config, VolumeConfig), Error> {
+    let mut config = Config::load_or_default(opts.config.as_deref())?;
+    let mut volume = std::mem::take(&mut config.volume);
     if let Some(d) = std::env::var_os("VOLCRYPT_STATE_DIR") {
-        config.state_dir = d.into();
+        volume.state_dir = d.into();
     }
     if let Some(d) = std::env::var_os("VOLCRYPT_BY_ID_DIR") {
-        config.by_id_dir = d.into();
+        volume.by_id_dir = d.into();
     }
     if let Some(d) = &opts.state_dir {
-        config.state_dir = d.clone();
+        volume.state_dir = d.clone();
     }
     if let Some(d) = &opts.by_id_dir {
-        config.by_id_dir = d.clone();
+        volume.by_id_dir = d.clone();
     }
-    Ok(config)
+    Ok((config, volume))
+}
+
+/// The key manager the configuration names. Built only when an operation needs a key, so a
+/// raw attach, a detach or status work even where the key manager is unreachable.
+fn key_manager(config: &Config) -> Result<Box<dyn KeyManager>, Error> {
+    Ok(crate::keys::from_config(&config.key_manager)?)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
@@ -107,39 +103,55 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
     Ok(())
 }
 
-pub fn attach(args: AttachArgs, keys: &dyn KeySource) -> Result<(), Error> {
-    let config = load_config(&args.opts)?;
+pub fn attach(args: AttachArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
     let request = AttachRequest::read(&args.request)?;
-    let ctx = Context { keys, config };
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
     let outcome = volume::attach(&ctx, &request)?;
     print_json(&outcome)
 }
 
-pub fn detach(args: DetachArgs, keys: &dyn KeySource) -> Result<(), Error> {
-    let mut config = load_config(&args.opts)?;
+pub fn detach(args: DetachArgs) -> Result<(), Error> {
+    let (config, mut volume) = load_config(&args.opts)?;
     if let Some(t) = args.timeout {
         if !(0.0..=3600.0).contains(&t) {
             return Err(Error::Usage(format!(
                 "--timeout {t}: must be 0 to 3600 seconds"
             )));
         }
-        config.detach_timeout_ms = (t * 1000.0) as u64;
+        volume.detach_timeout_ms = (t * 1000.0) as u64;
     }
-    let ctx = Context { keys, config };
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
     let outcome = volume::detach(&ctx, &args.volume_id, args.device_path.as_deref())?;
     print_json(&outcome)
 }
 
-pub fn extend(args: ExtendArgs, keys: &dyn KeySource) -> Result<(), Error> {
-    let config = load_config(&args.opts)?;
-    let ctx = Context { keys, config };
+pub fn extend(args: ExtendArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
     let outcome = volume::extend(&ctx, &args.volume_id)?;
     print_json(&outcome)
 }
 
-pub fn status(args: StatusArgs, keys: &dyn KeySource) -> Result<(), Error> {
-    let config = load_config(&args.opts)?;
-    let ctx = Context { keys, config };
+pub fn status(args: StatusArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    let keys = key_manager(&config)?;
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: volume,
+    };
     let list = volume::status(&ctx)?;
     if args.json {
         return print_json(&list);
@@ -206,39 +218,16 @@ pub fn status(args: StatusArgs, keys: &dyn KeySource) -> Result<(), Error> {
     Ok(())
 }
 
-/// The key manager the volume commands use.
-/// (Until the key-manager layer is merged there is none: commands that need a key fail.)
-pub fn key_source() -> Result<Box<dyn KeySource>, Error> {
-    struct Unavailable;
-    impl KeySource for Unavailable {
-        fn kind(&self) -> String {
-            "none".into()
-        }
-        fn passphrase(
-            &self,
-            key_id: &str,
-        ) -> Result<(crate::secret::SecretBytes, crate::secret::Derivation), crate::keys::Error>
-        {
-            Err(crate::keys::Error::NotFound {
-                key_id: key_id.to_owned(),
-                manager: "none",
-            })
-        }
-    }
-    Ok(Box::new(Unavailable))
-}
-
 /// Dispatch one volume command.
 pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
     if let Some(result) = super::serve::remote(&cmd) {
         return result;
     }
-    let keys = key_source()?;
     match cmd {
-        VolumeCommand::Attach(a) => attach(a, keys.as_ref()),
-        VolumeCommand::Detach(a) => detach(a, keys.as_ref()),
-        VolumeCommand::Extend(a) => extend(a, keys.as_ref()),
-        VolumeCommand::Status(a) => status(a, keys.as_ref()),
+        VolumeCommand::Attach(a) => attach(a),
+        VolumeCommand::Detach(a) => detach(a),
+        VolumeCommand::Extend(a) => extend(a),
+        VolumeCommand::Status(a) => status(a),
     }
 }
 

@@ -104,7 +104,9 @@ impl Http {
                 ureq::tls::RootCerts::Specific(Arc::new(certs))
             }
         };
-        let tls = ureq::tls::TlsConfig::builder().root_certs(root_certs).build();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(root_certs)
+            .build();
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -448,7 +450,9 @@ impl KeyManager for Barbican {
             .and_then(|c| c.default)
             .ok_or_else(|| proto("secret has no payload (no content_types.default)".into()))?;
         if !is_header_safe(&content_type) {
-            return Err(proto("content_types.default is not a valid header value".into()));
+            return Err(proto(
+                "content_types.default is not a valid header value".into(),
+            ));
         }
 
         let payload_url = format!("{meta_url}/payload");
@@ -464,12 +468,14 @@ impl KeyManager for Barbican {
             }
             _ => return Err(self.status_error(answer, &payload_url, Some(key_id))),
         }
-        let payload = read_body(&mut answer.resp, MAX_PAYLOAD_BYTES, &payload_url, Some(key_id))?;
+        let payload = read_body(
+            &mut answer.resp,
+            MAX_PAYLOAD_BYTES,
+            &payload_url,
+            Some(key_id),
+        )?;
         tracing::debug!(key_id, %secret_type, bytes = payload.len(), "fetched secret from Barbican");
-        Ok(Secret::new(
-            secret_type,
-            SecretBytes::new(payload.to_vec()),
-        ))
+        Ok(Secret::new(secret_type, SecretBytes::new(payload.to_vec())))
     }
 
     /// Lists at most one secret: proves the server answers and accepts our credentials.
@@ -489,8 +495,7 @@ impl KeyManager for Barbican {
 fn normalize_endpoint(e: &str) -> Result<String, Error> {
     let e = e.trim().trim_end_matches('/');
     let e = e.strip_suffix("/v1").unwrap_or(e);
-    if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains(char::is_whitespace)
-    {
+    if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains(char::is_whitespace) {
         return Err(Error::Config {
             field: "key_manager.barbican.endpoint".into(),
             reason: format!("{e:?} is not an http:// or https:// URL"),

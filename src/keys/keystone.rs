@@ -253,7 +253,11 @@ impl Keystone {
                 Some((u, d))
             }
         };
-        match (&a.application_credential_id, &a.application_credential_name, &user) {
+        match (
+            &a.application_credential_id,
+            &a.application_credential_name,
+            &user,
+        ) {
             (Some(_), None, _) | (None, Some(_), Some(_)) => {}
             _ => {
                 return Err(Error::Config {
@@ -264,7 +268,10 @@ impl Keystone {
                 });
             }
         }
-        secret_str(&a.application_credential_secret, "application_credential_secret")?;
+        secret_str(
+            &a.application_credential_secret,
+            "application_credential_secret",
+        )?;
         Ok(Keystone {
             http,
             tokens_url: tokens_url(&a.auth_url)?,
@@ -389,7 +396,9 @@ impl Keystone {
                 field: "key_manager.barbican.endpoint".into(),
                 reason: format!(
                     "not set, and Keystone's catalog has no {interface} {service_type} endpoint{}",
-                    region.map(|r| format!(" in region {r}")).unwrap_or_default()
+                    region
+                        .map(|r| format!(" in region {r}"))
+                        .unwrap_or_default()
                 ),
             })
     }
@@ -438,7 +447,11 @@ impl Keystone {
         };
         let lifetime = expires.duration_since(started).unwrap_or(Duration::ZERO);
         let margin = RENEW_MARGIN.min(lifetime / 2);
-        tracing::debug!(url, lifetime_s = lifetime.as_secs(), "Keystone token issued");
+        tracing::debug!(
+            url,
+            lifetime_s = lifetime.as_secs(),
+            "Keystone token issued"
+        );
         Ok(CachedToken {
             value,
             renew_at: expires.checked_sub(margin).unwrap_or(started),
@@ -497,12 +510,21 @@ mod tests {
     #[test]
     fn keystone_timestamps_parse() {
         let t = parse_iso8601_utc("2026-11-25T22:15:03.000000Z").unwrap();
-        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 1_795_644_903);
+        assert_eq!(
+            t.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            1_795_644_903
+        );
         let t = parse_iso8601_utc("1970-01-01T00:00:00Z").unwrap();
         assert_eq!(t, UNIX_EPOCH);
         let t = parse_iso8601_utc("2000-03-01T00:00:00+00:00").unwrap();
         assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 951_868_800);
-        for bad in ["", "2026-13-01T00:00:00Z", "yesterday", "2026-01-01", "2026-01-01T25:00:00Z"] {
+        for bad in [
+            "",
+            "2026-13-01T00:00:00Z",
+            "yesterday",
+            "2026-01-01",
+            "2026-01-01T25:00:00Z",
+        ] {
             assert!(parse_iso8601_utc(bad).is_none(), "{bad}");
         }
     }

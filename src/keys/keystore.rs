@@ -202,7 +202,11 @@ impl Keystore {
             Err(e) => return Err(Error::io(path, e)),
         };
         if !link_meta.file_type().is_file() {
-            return Err(invalid(key_id, &path, "not a regular file (symlinks are refused)"));
+            return Err(invalid(
+                key_id,
+                &path,
+                "not a regular file (symlinks are refused)",
+            ));
         }
         let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let meta = f.metadata().map_err(|e| Error::io(&path, e))?;

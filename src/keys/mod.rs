@@ -140,15 +140,24 @@ pub enum Error {
         manager: &'static str,
     },
     #[error("invalid key id {key_id}: {reason}")]
-    InvalidKeyId { key_id: String, reason: &'static str },
-    #[error("key manager at {url} unreachable{} after {attempts} attempt(s): {reason}", fmt_key(key_id))]
+    InvalidKeyId {
+        key_id: String,
+        reason: &'static str,
+    },
+    #[error(
+        "key manager at {url} unreachable{} after {attempts} attempt(s): {reason}",
+        fmt_key(key_id)
+    )]
     Unreachable {
         url: String,
         key_id: Option<String>,
         attempts: u32,
         reason: String,
     },
-    #[error("key manager at {url} answered HTTP {status}{} after {attempts} attempt(s)", fmt_key(key_id))]
+    #[error(
+        "key manager at {url} answered HTTP {status}{} after {attempts} attempt(s)",
+        fmt_key(key_id)
+    )]
     Server {
         url: String,
         key_id: Option<String>,

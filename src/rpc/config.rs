@@ -25,17 +25,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+#[cfg(test)]
 use crate::volume::VolumeConfig;
 
-/// The whole agent configuration: the agent's own `[server]` section, the attach engine's
-/// `[volume]` and the key manager's `[key_manager]` (same syntax as the CLI's config file).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServeConfig {
-    pub server: ServerConfig,
-    pub volume: VolumeConfig,
-    pub key_manager: crate::config::KeyManagerConfig,
-}
+/// The whole agent configuration is the crate's one configuration file
+/// ([`crate::config::Config`]): the agent's own `[server]` section, the attach engine's
+/// `[volume]` and the key manager's `[key_manager]`, so the CLI and the agent share one file.
+pub type ServeConfig = crate::config::Config;
 
 /// The `[server]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,49 +90,54 @@ fn mem_total_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-impl ServeConfig {
-    /// Read the TOML file; `None` gives the embedded defaults.
-    pub fn load(path: Option<&Path>) -> Result<ServeConfig, Error> {
-        let Some(path) = path else {
-            return Ok(ServeConfig::default());
-        };
-        let text = std::fs::read_to_string(path).map_err(|error| Error::Config {
-            path: path.to_owned(),
-            detail: error.to_string(),
-        })?;
-        ServeConfig::parse(&text).map_err(|detail| Error::Config {
-            path: path.to_owned(),
-            detail,
-        })
-    }
+/// Read the configuration (`--config FILE`, else /etc/volcrypt/volcrypt.toml if present, else
+/// the defaults) and check the `[server]` values.
+pub fn load(path: Option<&Path>) -> Result<ServeConfig, Error> {
+    let c = ServeConfig::load_or_default(path)?;
+    c.server.check().map_err(|detail| Error::Config {
+        path: path
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH)),
+        detail,
+    })?;
+    Ok(c)
+}
 
-    pub fn parse(text: &str) -> Result<ServeConfig, String> {
-        let c: ServeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        if c.server.max_body_bytes == 0 || c.server.max_body_bytes > 16 * 1024 * 1024 {
+/// Parse configuration text (tests, embedded configs) and check the `[server]` values.
+pub fn parse(text: &str) -> Result<ServeConfig, String> {
+    let c = ServeConfig::from_toml(text, "<string>").map_err(|e| e.to_string())?;
+    c.server.check()?;
+    Ok(c)
+}
+
+impl ServerConfig {
+    /// Bounds that keep a typo from disabling a limit.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_body_bytes == 0 || self.max_body_bytes > 16 * 1024 * 1024 {
             return Err(format!(
                 "server.max_body_bytes = {}: must be 1 to 16777216",
-                c.server.max_body_bytes
+                self.max_body_bytes
             ));
         }
-        if c.server.request_timeout_secs == 0 || c.server.request_timeout_secs > 86_400 {
+        if self.request_timeout_secs == 0 || self.request_timeout_secs > 86_400 {
             return Err(format!(
                 "server.request_timeout_secs = {}: must be 1 to 86400",
-                c.server.request_timeout_secs
+                self.request_timeout_secs
             ));
         }
-        if c.server.shutdown_grace_secs > 3600 {
+        if self.shutdown_grace_secs > 3600 {
             return Err(format!(
                 "server.shutdown_grace_secs = {}: must be at most 3600",
-                c.server.shutdown_grace_secs
+                self.shutdown_grace_secs
             ));
         }
-        if !c.server.socket.is_absolute() {
+        if !self.socket.is_absolute() {
             return Err(format!(
                 "server.socket = {}: must be an absolute path",
-                c.server.socket.display()
+                self.socket.display()
             ));
         }
-        Ok(c)
+        Ok(())
     }
 }
 
@@ -146,7 +147,7 @@ mod tests {
 
     #[test]
     fn empty_file_gives_documented_defaults() {
-        let c = ServeConfig::parse("").unwrap();
+        let c = parse("").unwrap();
         assert_eq!(c.server, ServerConfig::default());
         assert_eq!(c.volume, VolumeConfig::default());
         assert_eq!(c.server.socket, PathBuf::from("/run/volcrypt/api.sock"));
@@ -156,7 +157,7 @@ mod tests {
 
     #[test]
     fn sections_parse_and_typos_are_rejected() {
-        let c = ServeConfig::parse(
+        let c = parse(
             "[server]\nsocket = \"/tmp/x.sock\"\ngroup = \"disk\"\nkdf_memory_budget_mib = 2048\n\
              [volume]\nstate_dir = \"/tmp/st\"\n\
              [key_manager.keystore]\ndir = \"/tmp/keys\"\n",
@@ -166,11 +167,11 @@ mod tests {
         assert_eq!(c.server.kdf_budget_mib(), 2048);
         assert_eq!(c.volume.state_dir, PathBuf::from("/tmp/st"));
         assert_eq!(c.key_manager.keystore.dir, PathBuf::from("/tmp/keys"));
-        let e = ServeConfig::parse("[server]\nsokcet = \"/x\"\n").unwrap_err();
+        let e = parse("[server]\nsokcet = \"/x\"\n").unwrap_err();
         assert!(e.contains("sokcet"), "{e}");
-        let e = ServeConfig::parse("[server]\nmax_body_bytes = 0\n").unwrap_err();
+        let e = parse("[server]\nmax_body_bytes = 0\n").unwrap_err();
         assert!(e.contains("max_body_bytes"), "{e}");
-        let e = ServeConfig::parse("[server]\nsocket = \"rel.sock\"\n").unwrap_err();
+        let e = parse("[server]\nsocket = \"rel.sock\"\n").unwrap_err();
         assert!(e.contains("absolute"), "{e}");
     }
 }

@@ -17,8 +17,6 @@ use std::sync::Arc;
 
 use crate::error::ExitStatus;
 use crate::keys::KeyManager;
-use crate::secret::{Derivation, SecretBytes};
-use crate::volume::KeySource;
 
 pub mod client;
 pub mod config;
@@ -29,49 +27,35 @@ pub mod peer;
 pub mod routes;
 pub mod server;
 
-/// Makes the key source for one engine operation (the engine's [`KeySource`] is not `Send`;
-/// building one is a cheap wrapper around the shared key manager).
-pub type KeyFactory = Arc<dyn Fn() -> Result<Box<dyn KeySource>, String> + Send + Sync>;
+/// Hands each engine operation its key manager. Production: the one shared, thread-safe
+/// manager built from `[key_manager]`; tests: a manager that takes a known time to arrive, to
+/// measure scheduling through the API.
+pub type KeyFactory = Arc<dyn Fn() -> Result<Arc<dyn KeyManager>, String> + Send + Sync>;
 
 /// Where the agent's engine operations get keys, and what `GET /v1/health` probes.
 #[derive(Clone)]
 pub struct Keys {
     pub factory: KeyFactory,
-    /// The key manager behind the factory, for its health probe (`None`: no probe).
+    /// The key manager behind the factory, for its health probe (`None`: not probed).
     pub manager: Option<Arc<dyn KeyManager>>,
 }
 
 impl Keys {
-    /// One shared, thread-safe key manager (the production case).
+    /// One shared key manager (the production case).
     pub fn from_manager(manager: Arc<dyn KeyManager>) -> Keys {
         let m = manager.clone();
         Keys {
-            factory: Arc::new(move || Ok(Box::new(Managed(m.clone())) as Box<dyn KeySource>)),
+            factory: Arc::new(move || Ok(m.clone())),
             manager: Some(manager),
         }
     }
 
-    /// Any factory (tests: a key source with a known delay).
+    /// Any factory (tests).
     pub fn from_factory(factory: KeyFactory) -> Keys {
         Keys {
             factory,
             manager: None,
         }
-    }
-}
-
-/// The engine's view of a key manager: fetch the secret, derive the passphrase by the
-/// OpenStack rule (`passphrase` verbatim, other types lowercase hex).
-pub struct Managed(pub Arc<dyn KeyManager>);
-
-impl KeySource for Managed {
-    fn kind(&self) -> String {
-        self.0.kind().to_owned()
-    }
-
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), crate::keys::Error> {
-        let secret = self.0.get(key_id)?;
-        Ok((secret.passphrase(), secret.secret_type.derivation()))
     }
 }
 
@@ -82,6 +66,8 @@ pub enum Error {
     Config { path: PathBuf, detail: String },
     #[error("socket {path}: {detail}")]
     Socket { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Settings(#[from] crate::config::Error),
     #[error("key manager: {0}")]
     Keys(#[from] crate::keys::Error),
     #[error("cannot start the async runtime: {0}")]

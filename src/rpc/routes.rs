@@ -691,7 +691,7 @@ async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
                 },
             }],
             (None, Ok(k)) => vec![KeyManagerHealth {
-                kind: k.kind(),
+                kind: k.kind().to_owned(),
                 reachable: None,
                 detail: "configured; this key source has no reachability probe".into(),
             }],

@@ -194,7 +194,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
                 });
             }
             tracing::warn!(mapping = %name, backing = %held_by, "replacing stale mapping whose backing device is gone");
-            if crypt::close(&name)? == Closed::Busy {
+            if !dm.remove(&name)? {
                 return Err(Error::StaleBusy {
                     name,
                     backing: held_by,
@@ -220,13 +220,13 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         tracing::debug!(device = %real.display(), dm_name = %other, "backing device is a dm device");
     }
 
-    let (passphrase, derivation) =
-        ctx.keys
-            .passphrase(&plan.key_id)
-            .map_err(|source| Error::Key {
-                key_id: plan.key_id.clone(),
-                source,
-            })?;
+    let secret = ctx.keys.get(&plan.key_id).map_err(|source| Error::Key {
+        key_id: plan.key_id.clone(),
+        source,
+    })?;
+    let derivation = secret.secret_type.derivation();
+    let passphrase = secret.passphrase();
+    drop(secret);
     let flags = PerfFlags::resolve(&ctx.config, &v.options);
     let formatted = open_mapping(
         ctx,
@@ -262,7 +262,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
             format: plan.format,
             cipher: plan.cipher.clone(),
             key_size: plan.key_size,
-            key_manager: ctx.keys.kind(),
+            key_manager: ctx.keys.kind().to_owned(),
             key_id: plan.key_id.clone(),
             derivation: derivation.to_string(),
             flags,
@@ -465,7 +465,7 @@ fn finish_existing(
             format: plan.format,
             cipher: plan.cipher.clone(),
             key_size: plan.key_size,
-            key_manager: ctx.keys.kind(),
+            key_manager: ctx.keys.kind().to_owned(),
             key_id: plan.key_id.clone(),
             derivation: "unknown (opened before volcrypt managed it)".into(),
             flags,
@@ -535,8 +535,23 @@ pub fn detach(
     let start = Instant::now();
     let deadline = start + ctx.config.detach_timeout();
     let mut delay = Duration::from_millis(50);
+    // A stale mapping (backing device gone) is removed through device-mapper directly:
+    // libcryptsetup cannot load it properly without its device.
+    let stale = dm
+        .info(&name)?
+        .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| !d.exists()));
+    let close = |name: &str| -> Result<Closed, Error> {
+        if stale {
+            return Ok(match dm.info(name)? {
+                None => Closed::NotActive,
+                Some(_) if dm.remove(name)? => Closed::Closed,
+                Some(_) => Closed::Busy,
+            });
+        }
+        crypt::close(name)
+    };
     let was_active = loop {
-        match crypt::close(&name)? {
+        match close(&name)? {
             Closed::Closed => break true,
             Closed::NotActive => break false,
             Closed::Busy => {
@@ -620,12 +635,12 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
         crate::secret::SecretBytes::new(Vec::new())
     } else {
         ctx.keys
-            .passphrase(&record.key_id)
+            .get(&record.key_id)
             .map_err(|source| Error::Key {
                 key_id: record.key_id.clone(),
                 source,
             })?
-            .0
+            .passphrase()
     };
     crypt::resize(name, passphrase.expose(), &record.key_id)?;
     let new = info.devno.size_bytes().unwrap_or(0);
@@ -645,7 +660,14 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
     let mut out = Vec::new();
     for r in records {
         let info = dm.info(&r.mapping_name)?;
-        let active = crypt::active_info(&r.mapping_name)?;
+        let deps_present = info
+            .as_ref()
+            .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| d.exists()));
+        let active = if deps_present {
+            crypt::active_info(&r.mapping_name)?
+        } else {
+            None
+        };
         let mapper = links::mapper_path(&r.mapping_name);
         let backing_present = r.backing_devno.exists();
         let stable_link_ok = r
@@ -661,7 +683,7 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
             backing_device: r.backing_device.clone(),
             backing_devno: r.backing_devno,
             backing_present,
-            stale: info.is_some() && !backing_present,
+            stale: info.is_some() && !deps_present,
             format: r.format,
             kind: active.as_ref().map(|a| a.kind.clone()),
             cipher: active.as_ref().map(|a| a.cipher.clone()),

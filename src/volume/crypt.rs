@@ -412,14 +412,14 @@ pub struct ActiveInfo {
     pub cipher: String,
     pub key_bits: u32,
     pub sector_size: u32,
-    pub backing_device: String,
     /// Size in 512-byte sectors.
     pub size_sectors: u64,
     pub flags: PerfFlags,
     pub key_in_keyring: bool,
 }
 
-/// Describe active mapping `name`, or `None` when it is not active.
+/// Describe active mapping `name`, or `None` when it is not an active crypt mapping.
+/// Never call this for a mapping whose backing device has vanished (see below).
 pub fn active_info(name: &str) -> Result<Option<ActiveInfo>, Error> {
     install_log_callback();
     match libcryptsetup_rs::status(None, name) {
@@ -432,24 +432,23 @@ pub fn active_info(name: &str) -> Result<Option<ActiveInfo>, Error> {
         _ => return Ok(None),
     }
     let mut cd = init_by_name(name)?;
+    // libcryptsetup-rs turns C strings into Rust without NULL checks, and libcryptsetup
+    // returns NULL for the cipher of an untyped context and for the device path of a mapping
+    // whose backing device is gone: ask only what is known to be set (callers skip mappings
+    // with a vanished backing device; the backing device itself comes from dm deps).
     let kind = match cd.format_handle().get_type() {
         Ok(EncryptionFormat::Luks1) => "LUKS1",
         Ok(EncryptionFormat::Luks2) => "LUKS2",
         Ok(EncryptionFormat::Plain) => "PLAIN",
-        Ok(_) => "OTHER",
-        Err(_) => "UNKNOWN",
+        _ => return Ok(None),
     }
     .to_owned();
-    let (cipher, key_bits, backing_device) = {
+    let (cipher, key_bits) = {
         let mut s = cd.status_handle();
         let c = s.get_cipher().unwrap_or_default();
         let m = s.get_cipher_mode().unwrap_or_default();
         let bits = u32::try_from(s.get_volume_key_size()).unwrap_or(0) * 8;
-        let dev = s
-            .get_device_path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        (format!("{c}-{m}"), bits, dev)
+        (format!("{c}-{m}"), bits)
     };
     let sector_size = u32::try_from(libcryptsetup_rs::get_sector_size(Some(&mut cd))).unwrap_or(0);
     let active = cd
@@ -461,7 +460,6 @@ pub fn active_info(name: &str) -> Result<Option<ActiveInfo>, Error> {
         cipher,
         key_bits,
         sector_size,
-        backing_device,
         size_sectors: active.size,
         flags: PerfFlags {
             allow_discards: active.flags.contains(CryptActivate::ALLOW_DISCARDS),

@@ -207,6 +207,32 @@ impl Dm {
         }))
     }
 
+    /// Remove mapping `name` directly through device-mapper. Used for stale mappings, whose
+    /// missing backing device can stop libcryptsetup from loading them. `Ok(false)`: busy.
+    pub fn remove(&self, name: &str) -> Result<bool, Error> {
+        let dm_name = DmName::new(name).map_err(|e| Error::Dm {
+            op: "name",
+            target: name.to_owned(),
+            detail: e.to_string(),
+        })?;
+        match self
+            .0
+            .device_remove(&DevId::Name(dm_name), DmOptions::default())
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                if self.info(name)?.is_some_and(|i| i.open_count > 0) {
+                    return Ok(false);
+                }
+                Err(Error::Dm {
+                    op: "remove",
+                    target: name.to_owned(),
+                    detail: e.to_string(),
+                })
+            }
+        }
+    }
+
     /// Names of every active mapping.
     pub fn list_names(&self) -> Result<Vec<String>, Error> {
         Ok(self

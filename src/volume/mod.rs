@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ExitStatus;
-use crate::secret::{Derivation, SecretBytes};
+use crate::keys::KeyManager;
 
 pub mod attach;
 pub mod crypt;
@@ -31,16 +31,6 @@ pub mod state;
 pub use attach::{
     AttachOutcome, DetachOutcome, ExtendOutcome, VolumeStatus, attach, detach, extend, status,
 };
-
-/// Where a volume's passphrase comes from. The key-manager layer implements this; the
-/// controller only needs the passphrase (already derived by the OpenStack rule), how it was
-/// derived, and a name for the source to show in `status`.
-pub trait KeySource {
-    /// Short name of the key manager (`keystore`, `barbican`, `fixed-key`).
-    fn kind(&self) -> String;
-    /// Fetch `key_id` and derive the LUKS passphrase from it.
-    fn passphrase(&self, key_id: &str) -> Result<(SecretBytes, Derivation), crate::keys::Error>;
-}
 
 /// Settings of the attach engine: the `[volume]` part of the agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,9 +87,9 @@ impl VolumeConfig {
     }
 }
 
-/// What every operation needs: the key source and the configuration.
+/// What every operation needs: the key manager and the configuration.
 pub struct Context<'a> {
-    pub keys: &'a dyn KeySource,
+    pub keys: &'a dyn KeyManager,
     pub config: VolumeConfig,
 }
 

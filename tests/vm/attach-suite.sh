@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The attach-engine VM stage: build the volume test binaries on the host, then boot the VM
+# (tests/vm/run.sh, with udevd; the stale-mapping test loads scsi_debug itself) and run them there against real dm-crypt.
+# With VOLCRYPT_TEST_BARBICAN_URL=http://127.0.0.1:PORT set (scripts/barbican-test-server.sh),
+# the guest reaches that Barbican at 10.0.2.100:9311 and the tests use it too.
+#
+#   tests/vm/attach-suite.sh [TEST-NAME-FILTER]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+filter=${1:-}
+echo "attach-suite: building test binaries"
+mapfile -t bins < <(cargo test --no-run --message-format=json --test volume_vm --test volume_native 2>/dev/null |
+    python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])')
+((${#bins[@]})) || { echo "attach-suite: no test binaries built" >&2; exit 1; }
+
+args=(--udev --timeout "${VOLCRYPT_VM_TIMEOUT:-900}" --mem 1536)
+url=${VOLCRYPT_TEST_BARBICAN_URL:-}
+if [[ $url =~ ^https?://127\.0\.0\.1:([0-9]+)/?$ ]]; then
+    args+=(--forward "10.0.2.100:9311=127.0.0.1:${BASH_REMATCH[1]}"
+           --env VOLCRYPT_TEST_BARBICAN_URL=http://10.0.2.100:9311)
+else
+    echo "attach-suite: VOLCRYPT_TEST_BARBICAN_URL not set to a 127.0.0.1 URL: Barbican parts are skipped"
+fi
+[[ -n $filter ]] && args+=(--env "VOLCRYPT_TEST_ARGS=$filter")
+
+tests/vm/prepare.sh
+start=$(date +%s)
+set +e
+tests/vm/run.sh "${args[@]}" -- "$PWD/tests/vm/guest-attach.sh" "${bins[@]}"
+rc=$?
+set -e
+echo "attach-suite: VM round (boot + tests + poweroff) took $(( $(date +%s) - start )) s, exit $rc"
+exit $rc
