@@ -27,13 +27,18 @@ impl Agent {
     /// Start `volcrypt serve` with a config in a fresh temp dir; `extra_server` is appended to
     /// the `[server]` section.
     pub fn start(extra_server: &str) -> Agent {
+        Agent::start_with(extra_server, "")
+    }
+
+    /// Like [`Agent::start`], with lines appended to the `[volume]` section too.
+    pub fn start_with(extra_server: &str, extra_volume: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/api.sock");
         let config = dir.path().join("volcrypt.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\nsocket = \"{}\"\n{extra_server}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n\
+                "[server]\nsocket = \"{}\"\n{extra_server}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n{extra_volume}\n\
                  [key_manager.keystore]\ndir = \"{}\"\n",
                 socket.display(),
                 dir.path().join("state").display(),
