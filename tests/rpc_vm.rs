@@ -64,6 +64,14 @@ impl Loops {
 impl Drop for Loops {
     fn drop(&mut self) {
         for l in &self.0 {
+            // A failed test may leave its mapping: close it first so nothing leaks.
+            if let Some(base) = l.file_name() {
+                let _ = Command::new("cryptsetup")
+                    .arg("close")
+                    .arg(format!("crypt-{}", base.to_string_lossy()))
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
             let _ = Command::new("losetup").arg("-d").arg(l).status();
         }
     }
@@ -142,15 +150,7 @@ fn attach_status_detach_through_the_api() {
     assert_eq!(s, 200);
     assert_eq!(v["attachments"].as_array().unwrap().len(), 1);
 
-    // Wrong key on a LUKS device: 422, nothing attached. Unknown key id: 404.
-    let (s, v) = agent.checked(
-        "POST",
-        "/v1/attachments",
-        "/v1/attachments",
-        Some(request("vm-vol-1b", dev, "luks2", "sym-2").as_bytes()),
-    );
-    // The name crypt-<loop> is held by vm-vol-1 (same device): the engine answers for it.
-    assert!([200, 409, 422].contains(&s), "{v}");
+    // Unknown key id: 404, naming the field.
     let (s, v) = agent.checked(
         "POST",
         "/v1/attachments",
@@ -196,7 +196,7 @@ fn attach_status_detach_through_the_api() {
     assert!(v["error"]["message"].as_str().unwrap().contains("sym-2"));
 }
 
-/// 20 attaches at once, each an Argon2id keyslot of 32 MiB, with a 96 MiB budget: all succeed
+/// 20 attaches at once, each an Argon2id keyslot of 8 MiB, with a 24 MiB budget (3 at a time): all succeed
 /// and the KDF memory admitted never exceeds the budget (sampled from /metrics meanwhile).
 #[test]
 fn twenty_concurrent_attaches_stay_within_the_kdf_budget() {
@@ -204,7 +204,7 @@ fn twenty_concurrent_attaches_stay_within_the_kdf_budget() {
         return;
     }
     const N: usize = 20;
-    const BUDGET: i64 = 96;
+    const BUDGET: i64 = 24;
     let agent = Arc::new(Agent::start_with(
         &format!("kdf_memory_budget_mib = {BUDGET}\nrequest_timeout_secs = 600"),
         "",
@@ -217,7 +217,7 @@ fn twenty_concurrent_attaches_stay_within_the_kdf_budget() {
     for dev in &loops.0 {
         sh(&format!(
             "cryptsetup luksFormat --batch-mode --type luks2 --luks2-metadata-size 16k \
-             --luks2-keyslots-size 1m --pbkdf argon2id --pbkdf-memory 32768 \
+             --luks2-keyslots-size 1m --pbkdf argon2id --pbkdf-memory 8192 \
              --pbkdf-force-iterations 4 --pbkdf-parallel 1 --key-file {} {}",
             pass.display(),
             dev.display()
@@ -261,10 +261,10 @@ fn twenty_concurrent_attaches_stay_within_the_kdf_budget() {
     }
     let peak = peak.load(Ordering::SeqCst);
     eprintln!(
-        "{N} concurrent Argon2 (32 MiB) attaches in {took:?}; peak KDF memory admitted {peak} MiB of {BUDGET}"
+        "{N} concurrent Argon2 (8 MiB) attaches in {took:?}; peak KDF memory admitted {peak} MiB of {BUDGET}"
     );
     assert!(peak <= BUDGET, "budget exceeded: {peak} MiB");
-    assert!(peak >= 32, "sampler saw no attach in flight");
+    assert!(peak >= 8, "sampler saw no attach in flight");
     let m = String::from_utf8(agent.call("GET", "/metrics", None).body).unwrap();
     assert!(
         m.contains(&format!("volcrypt_kdf_budget_wait_seconds_count {N}")),

@@ -74,11 +74,12 @@ impl ServerConfig {
         Duration::from_secs(self.shutdown_grace_secs)
     }
 
-    /// The KDF budget in MiB: the configured value, else half of MemTotal (at least 64 MiB).
+    /// The KDF budget in MiB: the configured value exactly, else half of MemTotal (1 GiB if
+    /// unknown). Never below 1 MiB: a single KDF larger than the budget runs alone.
     pub fn kdf_budget_mib(&self) -> u64 {
         self.kdf_memory_budget_mib
             .unwrap_or_else(|| mem_total_mib().map(|m| m / 2).unwrap_or(1024))
-            .max(64)
+            .max(1)
     }
 }
 
@@ -152,7 +153,16 @@ mod tests {
         assert_eq!(c.volume, VolumeConfig::default());
         assert_eq!(c.server.socket, PathBuf::from("/run/volcrypt/api.sock"));
         assert_eq!(c.server.max_body_bytes, crate::request::MAX_REQUEST_BYTES);
-        assert!(c.server.kdf_budget_mib() >= 64);
+        assert!(c.server.kdf_budget_mib() >= 1);
+        let small = ServerConfig {
+            kdf_memory_budget_mib: Some(24),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            small.kdf_budget_mib(),
+            24,
+            "a configured budget is honoured exactly"
+        );
     }
 
     #[test]
