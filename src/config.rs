@@ -392,6 +392,6 @@ impl<'de> Deserialize<'de> for ConfigSecret {
                 Err(V::wrong())
             }
         }
-        d.deserialize_str(V)
+        d.deserialize_any(V)
     }
 }

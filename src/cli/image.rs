@@ -9,7 +9,9 @@ use crate::error::Error;
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Detect and validate a LUKS header and print what it holds.
-    Inspect { image: std::path::PathBuf },
+    Inspect {
+        image: std::path::PathBuf,
+    },
 }
 
 pub fn run(cmd: ImageCommand) -> Result<(), Error> {

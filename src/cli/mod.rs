@@ -10,13 +10,10 @@ pub mod image;
 pub mod serve;
 #[cfg(feature = "system")]
 pub mod volume;
+pub mod keys;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "volcrypt",
-    version,
-    about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace"
-)]
+#[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
 pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
@@ -36,6 +33,8 @@ pub enum Command {
     #[cfg(feature = "system")]
     #[command(flatten)]
     Volume(volume::VolumeCommand),
+    /// Manage the local keystore: add, list, remove secrets, show their metadata.
+    Keystore(keys::KeystoreArgs),
     /// Run the agent: the attach API on a Unix socket (HTTP/1.1 + JSON), until SIGTERM.
     #[cfg(feature = "system")]
     Serve(serve::ServeArgs),
@@ -53,6 +52,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Image(cmd) => image::run(cmd),
         #[cfg(feature = "system")]
         Command::Volume(cmd) => volume::run(cmd),
+        Command::Keystore(args) => keys::run(args),
         #[cfg(feature = "system")]
         Command::Serve(args) => serve::run(args),
     }

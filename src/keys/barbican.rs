@@ -154,7 +154,7 @@ impl Http {
                         url: url.to_string(),
                         key_id: key_id.map(str::to_string),
                         attempts: attempt,
-                        reason: e.to_string(),
+                        reason: describe(&e),
                     });
                 }
             }
@@ -163,17 +163,30 @@ impl Http {
     }
 }
 
-/// Transport failures worth another try (the server may be restarting); TLS and URL errors
-/// are not.
+/// Transport failures worth another try (the server may be restarting). Not retried: TLS
+/// failures (rustls reports them as I/O errors of kind InvalidData: an untrusted certificate
+/// stays untrusted), URL and configuration errors.
 fn retryable(e: &ureq::Error) -> bool {
-    matches!(
-        e,
-        ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
-            | ureq::Error::HostNotFound
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::Protocol(_)
-    )
+    match e {
+        ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
+        ureq::Error::Timeout(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+/// ureq's message, with a hint where the fix is a setting.
+fn describe(e: &ureq::Error) -> String {
+    let text = e.to_string();
+    if text.contains("certificate") {
+        format!(
+            "{text} (TLS: is the server's CA in the system roots, or key_manager.barbican.ca_file?)"
+        )
+    } else {
+        text
+    }
 }
 
 /// Read a response body into memory, bounded.

@@ -67,19 +67,24 @@ impl KeyManager for FixedKey {
 /// Decode Cinder's `fixed_key` hex string (either case; surrounding whitespace ignored).
 /// Errors say what is wrong without echoing the key.
 pub fn decode_hex_key(hex: &[u8]) -> Result<SecretBytes, Error> {
-    let bad = |reason: &str| Error::Config {
+    decode_hex(hex, 1024).map_err(|reason| Error::Config {
         field: "key_manager.fixed_key".into(),
         reason: reason.into(),
-    };
+    })
+}
+
+/// Hex (either case, surrounding whitespace ignored) to bytes, at most `max_bytes`; the error
+/// describes the problem, never the input.
+pub fn decode_hex(hex: &[u8], max_bytes: usize) -> Result<SecretBytes, &'static str> {
     let hex = hex.trim_ascii();
     if hex.is_empty() {
-        return Err(bad("it is empty"));
+        return Err("it is empty");
     }
-    if hex.len() % 2 != 0 {
-        return Err(bad("it has an odd number of hex digits"));
+    if !hex.len().is_multiple_of(2) {
+        return Err("it has an odd number of hex digits");
     }
-    if hex.len() > 2 * 1024 {
-        return Err(bad("it is longer than 1024 bytes"));
+    if hex.len() / 2 > max_bytes {
+        return Err("it is too long");
     }
     let nibble = |c: u8| match c {
         b'0'..=b'9' => Some(c - b'0'),
@@ -91,7 +96,7 @@ pub fn decode_hex_key(hex: &[u8]) -> Result<SecretBytes, Error> {
     for pair in hex.chunks_exact(2) {
         match (nibble(pair[0]), nibble(pair[1])) {
             (Some(h), Some(l)) => out.push(h << 4 | l),
-            _ => return Err(bad("it contains a character that is not a hex digit")),
+            _ => return Err("it contains a character that is not a hex digit"),
         }
     }
     Ok(SecretBytes::new(std::mem::take(&mut *out)))

@@ -20,7 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
@@ -191,28 +191,32 @@ impl Keystore {
         want_payload: bool,
     ) -> Result<(SecretType, Option<SecretBytes>), Error> {
         let path = self.path_of(key_id)?;
-        let link_meta = match fs::symlink_metadata(&path) {
-            Ok(m) => m,
+        // O_NOFOLLOW refuses a symlink atomically (no check-then-open race with a concurrent
+        // rename); O_NONBLOCK keeps a FIFO planted in the directory from blocking us.
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound {
                     key_id: key_id.into(),
                     manager: "keystore",
                 });
             }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(invalid(
+                    key_id,
+                    &path,
+                    "is a symlink (symlinks are refused)",
+                ));
+            }
             Err(e) => return Err(Error::io(path, e)),
         };
-        if !link_meta.file_type().is_file() {
-            return Err(invalid(
-                key_id,
-                &path,
-                "not a regular file (symlinks are refused)",
-            ));
-        }
-        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let meta = f.metadata().map_err(|e| Error::io(&path, e))?;
-        // Check the opened file itself (it could have been swapped since symlink_metadata).
-        if !meta.file_type().is_file() || meta.ino() != link_meta.ino() {
-            return Err(invalid(key_id, &path, "changed while being opened"));
+        if !meta.file_type().is_file() {
+            return Err(invalid(key_id, &path, "not a regular file"));
         }
         check_private(&path, &meta)?;
         if meta.len() > MAX_SECRET_FILE {

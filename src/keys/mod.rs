@@ -200,7 +200,7 @@ pub enum Error {
          (chmod go-rwx)"
     )]
     InsecurePermissions { path: PathBuf, mode: u32 },
-    #[error("secret {key_id} already exists in {path} (remove it first, or replace it)")]
+    #[error("secret {key_id} already exists in {path} (remove it first, or add with --replace)")]
     AlreadyExists { key_id: String, path: PathBuf },
     #[error("configuration {field}: {reason}")]
     Config { field: String, reason: String },

@@ -105,6 +105,8 @@ KROOT=$(readlink -f "$VM_DIR/kernel")
     die "VOLCRYPT_VM_DIR must not be under /tmp, /var/tmp, /var/lib or /run (the guest hides them)"
 
 mkdir -p "$VM_DIR/runs"
+# Failed runs are kept for inspection; drop those older than a day.
+find "$VM_DIR/runs" -mindepth 1 -maxdepth 1 -name 'run.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
 RUN=$(mktemp -d "$VM_DIR/runs/run.XXXXXX")
 SHARE=$RUN/share
 mkdir -p "$SHARE"
@@ -214,7 +216,7 @@ wait "$QPID" 2>/dev/null || qrc=$?
 QPID=""
 wait "$TPID" 2>/dev/null || true
 TPID=""
-ELAPSED=$(echo "$(date +%s.%N) - $START" | bc 2>/dev/null || echo "?")
+ELAPSED=$(awk -v a="$START" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
 
 show_failure() {
     echo "vm-run: $1" >&2

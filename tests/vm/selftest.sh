@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Host-side self-test of the VM harness (needs root; about 1-2 minutes on 2 idle cores):
+#   1. smoke.sh without udev (DM_DISABLE_UDEV=1): LUKS2 on a loop device through dm-crypt;
+#   2. smoke.sh with --udev: plus the by-id links and udev's LUKS probe;
+#   3. a failing command: its exit status (7), stdout and stderr, --env and --rw come back,
+#      and --forward reaches a host 127.0.0.1 server while the user-mode gateway stays closed;
+#   4. --timeout: QEMU is killed and run.sh exits 124;
+#   5. bad arguments exit 125 without booting; no QEMU is left running afterwards.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+export VOLCRYPT_VM_DIR=${VOLCRYPT_VM_DIR:-$REPO/.work/vm}
+RUN=$HERE/run.sh
+
+fails=0
+pass() { echo "selftest: PASS $*"; }
+failed() { echo "selftest: FAIL $*" >&2; fails=$((fails + 1)); }
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+
+t=$(now)
+"$HERE/prepare.sh"
+echo "selftest: prepare took $(secs "$t")s"
+
+cd "$REPO"
+scratch=$(mktemp -d "$VOLCRYPT_VM_DIR/selftest.XXXXXX")
+HTTPD_PID=""
+cleanup() {
+    [[ -n $HTTPD_PID ]] && kill "$HTTPD_PID" 2>/dev/null && wait "$HTTPD_PID" 2>/dev/null
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+# 1 + 2: the smoke test, without and with udevd.
+for mode in plain udev; do
+    args=()
+    [[ $mode == udev ]] && args=(--udev)
+    t=$(now)
+    if "$RUN" "${args[@]}" -- tests/vm/smoke.sh >"$scratch/smoke-$mode.out" 2>&1; then
+        pass "smoke ($mode) in $(secs "$t")s"
+    else
+        failed "smoke ($mode), exit $?:"; cat "$scratch/smoke-$mode.out" >&2
+    fi
+done
+
+# 3: exit status, output, --env, --rw, --forward.
+mkdir -p "$scratch/www" "$scratch/rw"
+echo "served-by-host" >"$scratch/www/probe.txt"
+port=$((20000 + RANDOM % 20000))
+busybox httpd -f -p "127.0.0.1:$port" -h "$scratch/www" &
+HTTPD_PID=$!
+sleep 0.3
+t=$(now)
+rc=0
+"$RUN" --env SELFTEST_VALUE='two words' --rw "$scratch/rw" \
+    --forward "10.0.2.100:9311=127.0.0.1:$port" -- sh -c '
+        echo "env=$SELFTEST_VALUE"
+        echo "to-stderr" >&2
+        echo written-in-guest >"$1/file"
+        busybox wget -q -O- http://10.0.2.100:9311/probe.txt
+        busybox wget -q -O- http://10.0.2.100:9311/probe.txt
+        if busybox wget -q -T 5 -O- "http://10.0.2.2:$2/probe.txt"; then echo gateway-open; fi
+        exit 7' guest "$scratch/rw" "$port" >"$scratch/c.out" 2>"$scratch/c.err" || rc=$?
+secs_c=$(secs "$t")
+if [[ $rc == 7 ]] && grep -qx 'env=two words' "$scratch/c.out" && grep -qx to-stderr "$scratch/c.out" &&
+   [[ $(grep -cx served-by-host "$scratch/c.out") == 2 ]] && ! grep -q gateway-open "$scratch/c.out" &&
+   [[ $(cat "$scratch/rw/file" 2>/dev/null) == written-in-guest ]] &&
+   grep -q 'exited with status 7' "$scratch/c.err"; then
+    pass "exit status 7, output, --env, --rw and --forward (restricted) in ${secs_c}s"
+else
+    failed "status/env/rw/forward run: exit $rc"; cat "$scratch/c.out" "$scratch/c.err" >&2
+fi
+kill "$HTTPD_PID"; wait "$HTTPD_PID" 2>/dev/null || true; HTTPD_PID=""
+
+# 4: timeout.
+t=$(now)
+rc=0
+"$RUN" --timeout 3 -- sleep 600 >"$scratch/t.out" 2>&1 || rc=$?
+if [[ $rc == 124 ]] && grep -q 'timed out after 3s' "$scratch/t.out"; then
+    pass "timeout gives 124 in $(secs "$t")s"
+else
+    failed "timeout: exit $rc"; cat "$scratch/t.out" >&2
+fi
+
+# 5: bad arguments, and nothing left running.
+for bad in "--forward 192.168.1.1:80=127.0.0.1:80" "--forward 10.0.2.100:80=10.0.0.1:80" \
+           "--env 1BAD=x" "--timeout 0" "--bogus"; do
+    rc=0
+    # shellcheck disable=SC2086
+    "$RUN" $bad -- true >"$scratch/bad.out" 2>&1 || rc=$?
+    if [[ $rc == 125 ]]; then pass "rejects $bad"; else failed "'$bad' gave exit $rc"; fi
+done
+if pgrep -f "qemu-system-x86_64.*$VOLCRYPT_VM_DIR/runs/" >/dev/null; then
+    failed "a QEMU of this harness is still running"
+else
+    pass "no QEMU left running"
+fi
+
+if ((fails)); then echo "selftest: $fails failure(s)" >&2; exit 1; fi
+echo "selftest: all passed"
