@@ -1,17 +1,75 @@
-//! The userspace engine's cryptographic primitives.
+//! The userspace engine's cryptographic primitives: hashes and PBKDF2 ([`hash`]), the LUKS key
+//! derivation functions with cost limits ([`kdf`]), the anti-forensic splitter ([`af`]), cipher
+//! specifications and whole-sector encryption ([`cipher`]), and the fast AES-XTS engine behind
+//! it ([`xts`], built on the AES implementations in [`aes_impl`]).
 //!
-//! (Skeleton: filled in by the crypto work — sector ciphers, KDFs with limits, AF splitter.)
+//! Everything here is a plain function or a small value type; the LUKS layer decides what to
+//! call with which parameters.
 
 use crate::error::ExitStatus;
 
+pub mod aes_impl;
+pub mod af;
+pub mod cbc;
+pub mod cipher;
+pub mod hash;
+pub mod kdf;
+pub mod xts;
+
+pub use af::{af_merge, af_split};
+pub use cipher::{CipherSpec, IvMode, Mode, SectorCipher};
+pub use hash::{HashAlg, pbkdf2};
+pub use kdf::{Argon2Variant, Kdf, KdfLimits, argon2_time_for, pbkdf2_iterations_for};
+
+/// Errors of the crypto layer. Messages name the offending value (never key material).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unsupported cipher {0:?}")]
+    /// A cipher specification volcrypt cannot process (e.g. serpent, twofish, cbc-benbi, lrw).
+    #[error(
+        "unsupported cipher {0:?} (supported: aes-xts-plain64, aes-xts-plain, aes-cbc-essiv:sha256, aes-cbc-plain, aes-cbc-plain64)"
+    )]
     UnsupportedCipher(String),
+    /// A hash name volcrypt does not implement.
+    #[error("unsupported hash {0:?} (supported: sha1, sha224, sha256, sha384, sha512, ripemd160)")]
+    UnsupportedHash(String),
+    /// A key whose length does not fit the cipher.
+    #[error("invalid key length for {spec}: {got} bytes (expected {expected})")]
+    InvalidKeyLength {
+        spec: String,
+        got: usize,
+        expected: &'static str,
+    },
+    /// A KDF cost above the configured limit; refused before any work is done.
+    #[error("{kdf} {parameter} {value} exceeds the configured limit {limit}")]
+    KdfLimitExceeded {
+        kdf: &'static str,
+        parameter: &'static str,
+        value: u64,
+        limit: u64,
+    },
+    /// KDF parameters that are out of range (zero iterations, too little memory for the lanes...).
+    #[error("invalid KDF parameters: {0}")]
+    InvalidKdfParameters(String),
+    /// Anti-forensic splitter parameters that do not fit together.
+    #[error("invalid anti-forensic split parameters: {0}")]
+    InvalidAfParameters(String),
+    /// The operating system's random number generator failed.
+    #[error("the OS random number generator failed: {0}")]
+    Rng(String),
 }
 
 impl Error {
+    /// Maps onto cryptsetup's exit codes: a KDF cost above the limit is "out of memory" (3),
+    /// everything else is "wrong parameters or invalid data" (1).
     pub fn exit_status(&self) -> ExitStatus {
-        ExitStatus::Invalid
+        match self {
+            Error::KdfLimitExceeded { .. } => ExitStatus::OutOfMemory,
+            _ => ExitStatus::Invalid,
+        }
     }
+}
+
+/// Fills `buf` from the operating system's random number generator (getrandom(2)).
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
+    getrandom::fill(buf).map_err(|e| Error::Rng(e.to_string()))
 }

@@ -1,0 +1,588 @@
+//! LUKS2: two binary header copies (each with its JSON area and checksum), strict JSON
+//! validation, keyslot priorities, unbound keyslots, tokens kept intact, requirements.
+//!
+//! Reading never writes: when one copy is damaged or older, the other is simply used.
+
+pub mod binary;
+pub mod json;
+
+use std::io::{Read, Seek};
+
+use super::keyslot::{self, SlotParams};
+use super::summary::{
+    DigestSummary, KdfSummary, KeyslotSummary, SegmentSummary, Summary, TokenSummary,
+};
+use super::{Error, util};
+use crate::crypto::cipher::CipherSpec;
+use crate::crypto::hash::HashAlg;
+use crate::crypto::kdf::{Argon2Variant, Kdf, KdfLimits};
+use crate::secret::SecretBytes;
+use binary::{BINARY_LEN, BinaryHeader, HDR_SIZES};
+use json::{CryptParams, KdfDesc, Metadata, Segment};
+
+const H: &str = "LUKS2";
+
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// The binary header of the copy in use.
+    pub binary: BinaryHeader,
+    /// hdr_size bytes (binary + JSON area) of the copy in use, unchanged.
+    pub raw: Vec<u8>,
+    pub meta: Metadata,
+    /// Cipher of the data segment.
+    pub data_cipher: CipherSpec,
+    data_segment: u32,
+    /// Copies of the data segment and its crypt parameters (taken from `meta`).
+    data_entry: Segment,
+    data_crypt: CryptParams,
+    volume_key_len: usize,
+}
+
+/// One copy, read and fully validated.
+fn load_copy(
+    r: &mut (impl Read + Seek),
+    offset: u64,
+    primary: bool,
+) -> Result<(BinaryHeader, Vec<u8>, Metadata), Error> {
+    let mut bin = vec![0u8; BINARY_LEN];
+    let got = util::read_at_most(r, offset, &mut bin)?;
+    if got < BINARY_LEN {
+        return if got >= 6
+            && bin[..6]
+                == if primary {
+                    super::LUKS_MAGIC
+                } else {
+                    binary::SECONDARY_MAGIC
+                }
+        {
+            Err(Error::invalid(
+                H,
+                "header",
+                format!(
+                    "{}: truncated binary header",
+                    binary::copy_name(primary, offset)
+                ),
+            ))
+        } else {
+            Err(Error::NotLuks)
+        };
+    }
+    let b = BinaryHeader::parse(&bin, offset, primary)?;
+    // hdr_size was validated (≤ 4 MiB) before this allocation.
+    let json_len = usize::try_from(b.hdr_size)
+        .map_err(|_| Error::invalid(H, "hdr_size", "too large"))?
+        - BINARY_LEN;
+    let mut area = vec![0u8; json_len];
+    util::read_exact_at(
+        r,
+        offset + BINARY_LEN as u64,
+        &mut area,
+        H,
+        &format!("JSON area ({})", binary::copy_name(primary, offset)),
+    )?;
+    binary::verify_checksum(&b, &bin, &area)?;
+    let end = area.iter().position(|&c| c == 0).ok_or_else(|| {
+        Error::invalid(
+            H,
+            "JSON area",
+            "not NUL-terminated (the JSON fills the whole area)",
+        )
+    })?;
+    if area[end..].iter().any(|&c| c != 0) {
+        return Err(Error::invalid(
+            H,
+            "JSON area",
+            "non-NUL bytes after the JSON text",
+        ));
+    }
+    if area.first() != Some(&b'{') {
+        return Err(Error::invalid(H, "JSON area", "does not start with '{'"));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&area[..end])
+        .map_err(|e| Error::invalid(H, "JSON area", format!("not valid JSON: {e}")))?;
+    let meta = Metadata::from_json(value, b.hdr_size)?;
+    bin.extend_from_slice(&area);
+    Ok((b, bin, meta))
+}
+
+/// The primary copy's error, mentioning the secondary's when it differs.
+fn annotate(e: Error, other: &Error) -> Error {
+    if e.to_string() == other.to_string() {
+        return e;
+    }
+    match e {
+        Error::Invalid {
+            header,
+            field,
+            reason,
+        } => Error::Invalid {
+            header,
+            field,
+            reason: format!("{reason} (the other copy is unusable too: {other})"),
+        },
+        e => e,
+    }
+}
+
+impl Header {
+    /// Reads both copies, validates each, and uses the valid one with the higher seqid.
+    pub fn read(r: &mut (impl Read + Seek), device_size: Option<u64>) -> Result<Header, Error> {
+        let primary = load_copy(r, 0, true);
+        let primary_hdr_size = {
+            let mut bin = [0u8; BINARY_LEN];
+            let got = util::read_at_most(r, 0, &mut bin)?;
+            if got == BINARY_LEN {
+                BinaryHeader::parse(&bin, 0, true).ok().map(|b| b.hdr_size)
+            } else {
+                None
+            }
+        };
+        let secondary = match primary_hdr_size {
+            Some(sz) => load_copy(r, sz, false),
+            None => {
+                let mut found = Err(Error::NotLuks);
+                for off in HDR_SIZES {
+                    found = load_copy(r, off, false);
+                    if !matches!(found, Err(Error::NotLuks)) {
+                        break;
+                    }
+                }
+                found
+            }
+        };
+        let chosen = match (primary, secondary) {
+            (Ok(p), Ok(s)) => {
+                if s.0.seqid > p.0.seqid {
+                    s
+                } else {
+                    p
+                }
+            }
+            (Ok(p), Err(_)) => p,
+            (Err(_), Ok(s)) => s,
+            (Err(Error::NotLuks), Err(e)) => return Err(e),
+            (Err(e), Err(Error::NotLuks)) => return Err(e),
+            (Err(e), Err(other)) => return Err(annotate(e, &other)),
+        };
+        Self::from_parts(chosen.0, chosen.1, chosen.2, device_size)
+    }
+
+    fn from_parts(
+        binary: BinaryHeader,
+        raw: Vec<u8>,
+        meta: Metadata,
+        device_size: Option<u64>,
+    ) -> Result<Header, Error> {
+        let (data_segment, seg) = meta
+            .segments
+            .iter()
+            .find(|(_, s)| s.crypt.is_some() && !s.flags.iter().any(|f| f.starts_with("backup-")))
+            .map(|(id, s)| (*id, s.clone()))
+            .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
+        let crypt = seg
+            .crypt
+            .clone()
+            .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
+        let data_cipher = CipherSpec::parse(&crypt.encryption)?;
+        let (digest_id, digest) = meta
+            .digests
+            .iter()
+            .find(|(_, d)| d.segments.contains(&data_segment))
+            .ok_or_else(|| {
+                Error::invalid(
+                    H,
+                    format!("segments.{data_segment}"),
+                    "not assigned to any digest",
+                )
+            })?;
+        let volume_key_len = digest
+            .keyslots
+            .iter()
+            .filter_map(|k| meta.keyslots.get(k))
+            .find(|k| k.kind == "luks2")
+            .map(|k| k.key_size as usize)
+            .ok_or_else(|| {
+                Error::invalid(
+                    H,
+                    format!("digests.{digest_id}.keyslots"),
+                    "the data segment's digest has no luks2 keyslot",
+                )
+            })?;
+        data_cipher.check_key_len(volume_key_len).map_err(|e| {
+            Error::invalid(
+                H,
+                format!("digests.{digest_id}.keyslots"),
+                format!("volume key size: {e}"),
+            )
+        })?;
+        let metadata_end = 2 * binary.hdr_size + meta.config.keyslots_size;
+        if let Some(dev) = device_size {
+            let field = format!("segments.{data_segment}.offset");
+            if seg.offset == 0 {
+                return Err(Error::invalid(
+                    H,
+                    field,
+                    "0 (detached-header layout) but the header is on the data device",
+                ));
+            }
+            if seg.offset < metadata_end {
+                return Err(Error::invalid(
+                    H,
+                    field,
+                    format!(
+                        "data at byte {} overlaps the header and keyslots area (ends at {metadata_end})",
+                        seg.offset
+                    ),
+                ));
+            }
+            let end = seg.offset.saturating_add(seg.size.unwrap_or(0));
+            if end > dev {
+                return Err(Error::invalid(
+                    H,
+                    field,
+                    format!(
+                        "data (bytes {}..{end}) extends beyond the device end ({dev} bytes)",
+                        seg.offset
+                    ),
+                ));
+            }
+        }
+        Ok(Header {
+            binary,
+            raw,
+            meta,
+            data_cipher,
+            data_segment,
+            data_entry: seg,
+            data_crypt: crypt,
+            volume_key_len,
+        })
+    }
+
+    pub fn volume_key_len(&self) -> usize {
+        self.volume_key_len
+    }
+
+    /// The segment holding the data (the first crypt segment that is not a backup).
+    pub fn data_segment_entry(&self) -> &Segment {
+        &self.data_entry
+    }
+
+    pub fn data_segment(&self) -> &CryptParams {
+        &self.data_crypt
+    }
+
+    pub fn check_activation_allowed(&self) -> Result<(), Error> {
+        if let Some(req) = self.meta.config.requirements.first() {
+            return Err(Error::UnsupportedRequirement(req.clone()));
+        }
+        if self.data_segment().integrity {
+            return Err(Error::UnsupportedFeature(format!(
+                "LUKS2 header: segments.{}.integrity (authenticated encryption with dm-integrity)",
+                self.data_segment
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether a keyslot's digest covers the data segment.
+    fn is_bound(&self, slot: u32) -> bool {
+        self.meta
+            .digest_of_keyslot(slot)
+            .is_some_and(|(_, d)| d.segments.contains(&self.data_segment))
+    }
+
+    /// Why a keyslot cannot unlock the data, or None when it can.
+    fn unusable_reason(&self, slot: u32) -> Option<String> {
+        let ks = self.meta.keyslots.get(&slot)?;
+        if ks.kind != "luks2" {
+            return Some(format!(
+                "keyslot type {:?} cannot unlock the volume key",
+                ks.kind
+            ));
+        }
+        if let Some(KdfDesc::Unknown(t)) = &ks.kdf {
+            return Some(format!("unsupported KDF type {t:?}"));
+        }
+        if !self.is_bound(slot) {
+            return Some("is unbound (its key is not the volume key of the data segment); it is never used to unlock data".into());
+        }
+        None
+    }
+
+    fn kdf_of<'a>(ks: &'a json::Keyslot, field: &str) -> Result<(Kdf, &'a [u8]), Error> {
+        match &ks.kdf {
+            Some(KdfDesc::Pbkdf2 {
+                hash,
+                iterations,
+                salt,
+            }) => {
+                let hash = HashAlg::from_name(hash)
+                    .map_err(|e| Error::invalid(H, format!("{field}.kdf.hash"), e.to_string()))?;
+                Ok((
+                    Kdf::Pbkdf2 {
+                        hash,
+                        iterations: *iterations,
+                    },
+                    salt,
+                ))
+            }
+            Some(KdfDesc::Argon2 {
+                id,
+                time,
+                memory,
+                cpus,
+                salt,
+            }) => Ok((
+                Kdf::Argon2 {
+                    variant: if *id {
+                        Argon2Variant::Argon2id
+                    } else {
+                        Argon2Variant::Argon2i
+                    },
+                    time: *time,
+                    memory_kib: *memory,
+                    parallel: *cpus,
+                },
+                salt,
+            )),
+            _ => Err(Error::invalid(H, format!("{field}.kdf"), "unsupported KDF")),
+        }
+    }
+
+    fn try_slot(
+        &self,
+        r: &mut (impl Read + Seek),
+        slot: u32,
+        passphrase: &[u8],
+        limits: &KdfLimits,
+    ) -> Result<Option<SecretBytes>, Error> {
+        let field = format!("keyslots.{slot}");
+        let ks = self
+            .meta
+            .keyslots
+            .get(&slot)
+            .ok_or_else(|| Error::Keyslot {
+                slot,
+                reason: "is not active".into(),
+            })?;
+        let (kdf, salt) = Self::kdf_of(ks, &field)?;
+        let encryption = ks.area.encryption.as_deref().unwrap_or_default();
+        let cipher = CipherSpec::parse(encryption)?;
+        let af_hash = HashAlg::from_name(&ks.af_hash)
+            .map_err(|e| Error::invalid(H, format!("{field}.af.hash"), e.to_string()))?;
+        let params = SlotParams {
+            header: H,
+            field: field.clone(),
+            kdf,
+            salt,
+            kdf_key_size: ks.area.key_size.unwrap_or(ks.key_size) as usize,
+            key_size: ks.key_size as usize,
+            stripes: ks.af_stripes,
+            af_hash,
+            cipher: &cipher,
+            area_offset: ks.area.offset,
+            area_len: ks.area.size,
+        };
+        let key = keyslot::candidate_key(r, &params, passphrase, limits)?;
+        let Some((did, digest)) = self.meta.digest_of_keyslot(slot) else {
+            return Ok(None);
+        };
+        let dhash = HashAlg::from_name(&digest.hash)
+            .map_err(|e| Error::invalid(H, format!("digests.{did}.hash"), e.to_string()))?;
+        let ok = keyslot::digest_matches(
+            dhash,
+            key.expose(),
+            &digest.salt,
+            digest.iterations,
+            &digest.digest,
+            limits,
+        )?;
+        Ok(ok.then_some(key))
+    }
+
+    pub fn unlock(
+        &self,
+        r: &mut (impl Read + Seek),
+        passphrase: &[u8],
+        slot: Option<u32>,
+        limits: &KdfLimits,
+    ) -> Result<(u32, SecretBytes), Error> {
+        let order: Vec<u32> = match slot {
+            Some(s) => {
+                if !self.meta.keyslots.contains_key(&s) {
+                    return Err(Error::Keyslot {
+                        slot: s,
+                        reason: "is not active".into(),
+                    });
+                }
+                if let Some(reason) = self.unusable_reason(s) {
+                    return Err(Error::Keyslot { slot: s, reason });
+                }
+                vec![s]
+            }
+            None => {
+                let mut v: Vec<(u8, u32)> = self
+                    .meta
+                    .keyslots
+                    .iter()
+                    .filter(|(id, ks)| ks.priority != 0 && self.unusable_reason(**id).is_none())
+                    .map(|(id, ks)| (ks.priority, *id))
+                    .collect();
+                // High priority (2) first, then normal; by id within a priority.
+                v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                v.into_iter().map(|(_, id)| id).collect()
+            }
+        };
+        let mut deferred = None;
+        for s in order {
+            match self.try_slot(r, s, passphrase, limits) {
+                Ok(Some(key)) => return Ok((s, key)),
+                Ok(None) => {}
+                // Over the KDF limits or an unsupported algorithm in this slot: try the
+                // others, and report it only if no slot accepts the passphrase.
+                Err(Error::Crypto(e)) if slot.is_none() => {
+                    deferred.get_or_insert(Error::Crypto(e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(deferred.unwrap_or(Error::NoKey))
+    }
+
+    pub fn summary(&self) -> Summary {
+        let m = &self.meta;
+        let keyslots = m
+            .keyslots
+            .iter()
+            .map(|(id, ks)| {
+                let kdf = ks.kdf.as_ref().map(|k| match k {
+                    KdfDesc::Pbkdf2 {
+                        hash, iterations, ..
+                    } => KdfSummary {
+                        kind: "pbkdf2".into(),
+                        hash: Some(hash.clone()),
+                        iterations: Some(*iterations),
+                        time: None,
+                        memory_kib: None,
+                        parallel: None,
+                    },
+                    KdfDesc::Argon2 {
+                        id,
+                        time,
+                        memory,
+                        cpus,
+                        ..
+                    } => KdfSummary {
+                        kind: if *id { "argon2id" } else { "argon2i" }.into(),
+                        hash: None,
+                        iterations: None,
+                        time: Some(*time),
+                        memory_kib: Some(*memory),
+                        parallel: Some(*cpus),
+                    },
+                    KdfDesc::Unknown(t) => KdfSummary {
+                        kind: t.clone(),
+                        hash: None,
+                        iterations: None,
+                        time: None,
+                        memory_kib: None,
+                        parallel: None,
+                    },
+                });
+                let luks2 = ks.kind == "luks2";
+                let reason = self.unusable_reason(*id);
+                KeyslotSummary {
+                    id: *id,
+                    state: ks.kind.clone(),
+                    kind: Some(ks.kind.clone()),
+                    priority: Some(
+                        match ks.priority {
+                            0 => "ignore",
+                            2 => "high",
+                            _ => "normal",
+                        }
+                        .into(),
+                    ),
+                    key_bits: ks.key_size as usize * 8,
+                    kdf,
+                    af_stripes: luks2.then_some(ks.af_stripes),
+                    af_hash: luks2.then(|| ks.af_hash.clone()),
+                    area_offset: ks.area.offset,
+                    area_size: ks.area.size,
+                    area_encryption: ks.area.encryption.clone(),
+                    digest: m.digest_of_keyslot(*id).map(|(d, _)| d),
+                    bound: self.is_bound(*id),
+                    usable: reason.is_none(),
+                    note: reason,
+                }
+            })
+            .collect();
+        let seg = self.data_segment_entry();
+        let crypt = self.data_segment();
+        Summary {
+            version: 2,
+            uuid: self.binary.uuid.clone(),
+            label: (!self.binary.label.is_empty()).then(|| self.binary.label.clone()),
+            subsystem: (!self.binary.subsystem.is_empty()).then(|| self.binary.subsystem.clone()),
+            cipher: crypt.encryption.clone(),
+            hash: None,
+            volume_key_bits: self.volume_key_len * 8,
+            sector_size: crypt.sector_size,
+            data_offset: seg.offset,
+            data_size: seg.size,
+            iv_tweak: crypt.iv_tweak,
+            hdr_size: Some(self.binary.hdr_size),
+            seqid: Some(self.binary.seqid),
+            checksum_alg: Some(self.binary.csum_alg.clone()),
+            header_copy: Some(
+                if self.binary.primary {
+                    "primary"
+                } else {
+                    "secondary"
+                }
+                .into(),
+            ),
+            keyslots_size: Some(m.config.keyslots_size),
+            mk_digest_iterations: None,
+            keyslots,
+            digests: m
+                .digests
+                .iter()
+                .map(|(id, d)| DigestSummary {
+                    id: *id,
+                    kind: d.kind.clone(),
+                    hash: Some(d.hash.clone()),
+                    iterations: Some(d.iterations),
+                    keyslots: d.keyslots.clone(),
+                    segments: d.segments.clone(),
+                })
+                .collect(),
+            segments: m
+                .segments
+                .iter()
+                .map(|(id, s)| SegmentSummary {
+                    id: *id,
+                    kind: s.kind.clone(),
+                    offset: s.offset,
+                    size: s.size,
+                    encryption: s.crypt.as_ref().map(|c| c.encryption.clone()),
+                    sector_size: s.crypt.as_ref().map(|c| c.sector_size),
+                    iv_tweak: s.crypt.as_ref().map(|c| c.iv_tweak),
+                    flags: s.flags.clone(),
+                })
+                .collect(),
+            tokens: m
+                .tokens
+                .iter()
+                .map(|(id, t)| TokenSummary {
+                    id: *id,
+                    kind: t.kind.clone(),
+                    keyslots: t.keyslots.clone(),
+                })
+                .collect(),
+            requirements: m.config.requirements.clone(),
+            flags: m.config.flags.clone(),
+        }
+    }
+}
