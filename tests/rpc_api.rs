@@ -27,6 +27,12 @@ fn health_reports_dm_crypt_state_and_budget() {
     assert_eq!(v["key_managers"].as_array().unwrap().len(), 1);
     assert_eq!(v["key_managers"][0]["kind"], "keystore");
     assert_eq!(v["key_managers"][0]["reachable"], true, "{v}");
+    let r = agent.health_after_reconcile();
+    if !dm_available() {
+        assert_eq!(r["reconcile"]["checked"], false, "{r}");
+        let d = r["reconcile"]["detail"].as_str().unwrap();
+        assert!(d.contains("device-mapper is not available"), "{d}");
+    }
     if dm_available() {
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["status"], "ok");

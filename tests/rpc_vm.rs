@@ -282,3 +282,71 @@ fn twenty_concurrent_attaches_stay_within_the_kdf_budget() {
     let left = sh("dmsetup ls --target crypt");
     assert!(!left.contains("crypt-loop"), "mappings left: {left}");
 }
+
+/// Restart after changes behind the agent's back: a recorded mapping closed by hand is reported
+/// inactive, a `crypt-*` mapping it did not create is reported foreign and left alone.
+#[test]
+fn restart_reports_inactive_and_foreign_mappings_without_touching_them() {
+    if skip() {
+        return;
+    }
+    let mut agent = Agent::start_with("", FAST_KDF);
+    let ks = keystore(&agent);
+    put(&ks, "pass-r", SecretType::Passphrase, b"reconcile");
+    let loops = Loops::new(agent.dir.path(), 2, 24);
+    let body = request("vm-rec-1", &loops.0[0], "luks2", "pass-r");
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(s, 201, "{v}");
+    let ours = v["mapping_name"].as_str().unwrap().to_owned();
+    let v = agent.health_after_reconcile();
+    assert_eq!(v["reconcile"]["checked"], true, "{v}");
+    assert_eq!(
+        v["reconcile"]["records"], 0,
+        "no record before the attach: {v}"
+    );
+
+    // Behind the agent's back: close ours, open a foreign one.
+    sh(&format!("cryptsetup close {ours}"));
+    let pass = agent.dir.path().join("foreign-pass");
+    std::fs::write(&pass, b"foreign").unwrap();
+    let foreign_dev = loops.0[1].display().to_string();
+    sh(&format!(
+        "cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+         --key-file {p} {foreign_dev} && cryptsetup open --key-file {p} {foreign_dev} crypt-foreign-x",
+        p = pass.display()
+    ));
+
+    agent.restart();
+    let v = agent.health_after_reconcile();
+    let r = &v["reconcile"];
+    assert_eq!(r["checked"], true, "{v}");
+    assert_eq!(r["records"], 1, "{v}");
+    assert_eq!(r["inactive"], serde_json::json!(["vm-rec-1"]), "{v}");
+    assert_eq!(r["foreign"], serde_json::json!(["crypt-foreign-x"]), "{v}");
+    assert!(
+        Path::new("/dev/mapper/crypt-foreign-x").exists(),
+        "foreign mapping touched"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("crypt mapping not created by volcrypt")
+    );
+
+    // Attaching again re-activates ours; the foreign one is still untouched.
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(body.as_bytes()),
+    );
+    assert!([200, 201].contains(&s), "{v}");
+    let r = agent.call("DELETE", "/v1/attachments/vm-rec-1", None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    sh("cryptsetup close crypt-foreign-x");
+}

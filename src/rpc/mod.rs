@@ -5,6 +5,7 @@
 //! - [`server`]: the socket (permissions, stale-file rule), accept loop, graceful shutdown;
 //! - [`peer`]: SO_PEERCRED and the access rule (root, the agent's user, the configured group);
 //! - [`routes`]: the endpoints, per-volume serialization, the KDF memory budget, deadlines;
+//! - [`reconcile`]: the read-only start-up check of records against active mappings;
 //! - [`kdf`]: the KDF memory of an attach, read from the LUKS header before unlocking;
 //! - [`errors`]: the JSON error body and the status of every engine error;
 //! - [`metrics`]: Prometheus metrics;
@@ -24,6 +25,7 @@ pub mod errors;
 pub mod kdf;
 pub mod metrics;
 pub mod peer;
+pub mod reconcile;
 pub mod routes;
 pub mod server;
 

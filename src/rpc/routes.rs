@@ -49,6 +49,8 @@ pub struct App {
     kdf_budget_mib: u32,
     in_flight: Arc<Semaphore>,
     shutting_down: AtomicBool,
+    /// The start-up reconcile report (`checked: false` until the check has run).
+    reconcile: Mutex<super::reconcile::Report>,
 }
 
 impl App {
@@ -67,7 +69,22 @@ impl App {
             kdf_budget_mib: budget,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
             shutting_down: AtomicBool::new(false),
+            reconcile: Mutex::new(super::reconcile::Report {
+                detail: "start-up check still running".into(),
+                ..Default::default()
+            }),
         }
+    }
+
+    /// Run the start-up reconcile check in the background, log it, keep it for health.
+    pub fn spawn_reconcile(self: &Arc<Self>) {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Reading status never fetches a key: the check does not use the key factory.
+            let report = super::reconcile::scan(&app.config.volume);
+            super::reconcile::log(&report);
+            *app.reconcile.lock().unwrap_or_else(|e| e.into_inner()) = report;
+        });
     }
 
     /// Refuse new operations, then wait until every running one has returned its token.
@@ -604,6 +621,7 @@ struct Health {
     key_managers: Vec<KeyManagerHealth>,
     operations_in_flight: usize,
     kdf_memory_budget_mib: u32,
+    reconcile: super::reconcile::Report,
 }
 
 #[derive(Serialize)]
@@ -711,6 +729,11 @@ async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
             key_managers,
             operations_in_flight: app2.operations_in_flight(),
             kdf_memory_budget_mib: app2.kdf_budget_mib,
+            reconcile: app2
+                .reconcile
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     })
     .await

@@ -134,6 +134,7 @@ pub async fn serve(
         kdf_budget_mib = app.config.server.kdf_budget_mib(),
         "volcrypt agent listening"
     );
+    app.spawn_reconcile();
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -48,20 +48,7 @@ impl Agent {
         )
         .unwrap();
         let log = dir.path().join("agent.log");
-        let child = Command::new(BIN)
-            .args([
-                "--log-level",
-                "info",
-                "--log-format",
-                "json",
-                "serve",
-                "--config",
-            ])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn(&config, &log);
         let mut agent = Agent {
             child,
             dir,
@@ -70,6 +57,26 @@ impl Agent {
         };
         agent.wait_ready();
         agent
+    }
+
+    /// SIGTERM the agent and start it again with the same configuration and directories.
+    pub fn restart(&mut self) {
+        assert!(self.terminate().success());
+        self.child = spawn(&self.dir.path().join("volcrypt.toml"), &self.log);
+        self.wait_ready();
+    }
+
+    /// The health document once the start-up reconcile check has finished.
+    pub fn health_after_reconcile(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, v) = self.checked("GET", "/v1/health", "/v1/health", None);
+            if v["reconcile"]["detail"] != "start-up check still running" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "reconcile check did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_ready(&mut self) {
@@ -132,6 +139,29 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+fn spawn(config: &Path, log: &Path) -> Child {
+    Command::new(BIN)
+        .args([
+            "--log-level",
+            "info",
+            "--log-format",
+            "json",
+            "serve",
+            "--config",
+        ])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Agent {
