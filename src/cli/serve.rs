@@ -14,8 +14,8 @@ use crate::rpc::{self, client, routes::percent_encode};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Agent configuration (TOML; every key has a default, see docs/openapi.yaml's description
-    /// and `rpc::config`). Without it: the embedded defaults.
+    /// Configuration file (TOML: [server], [volume], [key_manager]; every key has a default, see
+    /// `rpc::config`) [default /etc/volcrypt/volcrypt.toml if it exists, else the defaults].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Socket to listen on (overrides `server.socket`; default /run/volcrypt/api.sock).
