@@ -99,6 +99,10 @@ pub struct Config {
     /// LUKS2 sector size and KDF for new formats, detach timeout); see `volume::VolumeConfig`.
     #[cfg(feature = "system")]
     pub volume: crate::volume::VolumeConfig,
+    /// `[server]`: the agent (`volcrypt serve`: socket, group, limits, KDF memory budget); see
+    /// `rpc::config::ServerConfig`.
+    #[cfg(feature = "system")]
+    pub server: crate::rpc::config::ServerConfig,
 }
 
 impl Config {

@@ -47,6 +47,9 @@ pub enum Error {
     #[cfg(feature = "system")]
     #[error(transparent)]
     Volume(#[from] crate::volume::Error),
+    #[cfg(feature = "system")]
+    #[error(transparent)]
+    Rpc(#[from] crate::rpc::Error),
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
@@ -64,6 +67,8 @@ impl Error {
             Error::Request(e) => e.exit_status(),
             #[cfg(feature = "system")]
             Error::Volume(e) => e.exit_status(),
+            #[cfg(feature = "system")]
+            Error::Rpc(e) => e.exit_status(),
             Error::Config(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }

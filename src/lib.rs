@@ -24,6 +24,8 @@ pub mod image;
 pub mod keys;
 pub mod luks;
 pub mod request;
+#[cfg(feature = "system")]
+pub mod rpc;
 pub mod secret;
 #[cfg(feature = "system")]
 pub mod volume;

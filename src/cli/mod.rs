@@ -8,6 +8,8 @@ use crate::error::Error;
 pub mod bench;
 pub mod image;
 #[cfg(feature = "system")]
+pub mod serve;
+#[cfg(feature = "system")]
 pub mod volume;
 pub mod keys;
 
@@ -17,6 +19,9 @@ pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     pub log_level: String,
+    /// Log format: human-readable text, or one JSON object per line (for log collectors).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,6 +39,15 @@ pub enum Command {
     /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
     /// with `--features bench-openssl`.
     Bench(bench::BenchArgs),
+    /// Run the agent: the attach API on a Unix socket (HTTP/1.1 + JSON), until SIGTERM.
+    #[cfg(feature = "system")]
+    Serve(serve::ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Run one parsed command line.
@@ -44,5 +58,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Volume(cmd) => volume::run(cmd),
         Command::Keystore(args) => keys::run(args),
         Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "system")]
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -28,6 +28,9 @@ pub struct VolumeOpts {
     /// /etc/volcrypt/volcrypt.toml if it exists].
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Send the command to a running `volcrypt serve` on this socket instead of acting directly.
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +220,9 @@ pub fn status(args: StatusArgs) -> Result<(), Error> {
 
 /// Dispatch one volume command.
 pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
+    if let Some(result) = super::serve::remote(&cmd) {
+        return result;
+    }
     match cmd {
         VolumeCommand::Attach(a) => attach(a),
         VolumeCommand::Detach(a) => detach(a),

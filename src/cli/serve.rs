@@ -1,0 +1,87 @@
+//! `volcrypt serve [--config FILE] [--socket PATH]`, and the `--socket PATH` mode of
+//! attach/detach/extend/status, which sends the command to a running agent instead of acting
+//! directly (so operators use one tool, and the agent's locks and budget apply).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::cli::volume::VolumeCommand;
+use crate::error::Error;
+use crate::request::AttachRequest;
+use crate::rpc::{self, client, routes::percent_encode};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML: [server], [volume], [key_manager]; every key has a default, see
+    /// `rpc::config`) [default /etc/volcrypt/volcrypt.toml if it exists, else the defaults].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Socket to listen on (overrides `server.socket`; default /run/volcrypt/api.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+/// Run the agent until SIGTERM/SIGINT.
+pub fn run(args: ServeArgs) -> Result<(), Error> {
+    let mut config = rpc::config::load(args.config.as_deref())?;
+    if let Some(s) = args.socket {
+        config.server.socket = s;
+    }
+    let manager = crate::keys::from_config(&config.key_manager).map_err(rpc::Error::from)?;
+    let keys = rpc::Keys::from_manager(Arc::from(manager));
+    rpc::server::run_blocking(config, keys)?;
+    Ok(())
+}
+
+/// When the volume command names a socket, run it through the agent; `None`: act directly.
+pub fn remote(cmd: &VolumeCommand) -> Option<Result<(), Error>> {
+    let socket = match cmd {
+        VolumeCommand::Attach(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Detach(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Extend(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Status(a) => a.opts.socket.as_deref(),
+    }?;
+    Some(remote_at(socket, cmd))
+}
+
+fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
+    let reply = match cmd {
+        VolumeCommand::Attach(a) => {
+            let req = AttachRequest::read(&a.request)?;
+            let body = serde_json::to_vec(&req)
+                .map_err(|e| Error::Usage(format!("cannot encode the request: {e}")))?;
+            client::call(socket, "POST", "/v1/attachments", Some(body))?
+        }
+        VolumeCommand::Detach(a) => {
+            if a.timeout.is_some() {
+                return Err(Error::Usage(
+                    "--timeout applies without --socket only (the agent uses its configured detach timeout)".into(),
+                ));
+            }
+            let mut path = format!("/v1/attachments/{}", percent_encode(&a.volume_id));
+            if let Some(p) = &a.device_path {
+                path.push_str("?device_path=");
+                path.push_str(&percent_encode(&p.to_string_lossy()));
+            }
+            client::call(socket, "DELETE", &path, None)?
+        }
+        VolumeCommand::Extend(a) => client::call(
+            socket,
+            "POST",
+            &format!("/v1/attachments/{}/extend", percent_encode(&a.volume_id)),
+            None,
+        )?,
+        VolumeCommand::Status(_) => client::call(socket, "GET", "/v1/attachments", None)?,
+    };
+    let value = reply.into_result()?;
+    let value = match cmd {
+        VolumeCommand::Status(_) => value["attachments"].clone(),
+        _ => value,
+    };
+    let text = serde_json::to_string_pretty(&value)
+        .map_err(|e| Error::Usage(format!("cannot encode output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}

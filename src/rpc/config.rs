@@ -1,0 +1,187 @@
+//! The agent's configuration file (`volcrypt serve --config FILE`, TOML).
+//!
+//! Every key has a documented default, so the agent runs with no file at all:
+//!
+//! ```toml
+//! [server]
+//! socket = "/run/volcrypt/api.sock"   # HTTP/1.1 + JSON; created 0660, parent dir 0750
+//! group = "volcrypt"                  # optional: this group may use the API besides root
+//! request_timeout_secs = 120          # whole request, including waits for locks and budget
+//! max_body_bytes = 65536              # larger bodies get 413 (default: the request model's cap)
+//! kdf_memory_budget_mib = 8192        # default: half of MemTotal
+//! kdf_memory_estimate_mib = 1024      # cost of an attach whose header cannot be read
+//! shutdown_grace_secs = 30            # in-flight operations get this long after SIGTERM
+//!
+//! [volume]                            # the attach engine's settings (crate::volume::VolumeConfig)
+//! state_dir = "/var/lib/volcrypt/state"
+//!
+//! [key_manager]                       # crate::config::KeyManagerConfig (default: keystore in
+//! backend = "keystore"                # /var/lib/volcrypt/keys)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+#[cfg(test)]
+use crate::volume::VolumeConfig;
+
+/// The whole agent configuration is the crate's one configuration file
+/// ([`crate::config::Config`]): the agent's own `[server]` section, the attach engine's
+/// `[volume]` and the key manager's `[key_manager]`, so the CLI and the agent share one file.
+pub type ServeConfig = crate::config::Config;
+
+/// The `[server]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub socket: PathBuf,
+    /// Group (name or numeric gid) whose members may call the API, besides root.
+    pub group: Option<String>,
+    pub request_timeout_secs: u64,
+    pub max_body_bytes: u64,
+    /// Total memory the KDFs of concurrent attaches may use. `None`: half of MemTotal.
+    pub kdf_memory_budget_mib: Option<u64>,
+    /// Assumed KDF memory of an attach whose LUKS header cannot be read before unlocking
+    /// (missing device, not LUKS yet: a first-attach format uses the engine's default KDF, which
+    /// for LUKS2 is argon2id with up to 1 GiB).
+    pub kdf_memory_estimate_mib: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket: PathBuf::from("/run/volcrypt/api.sock"),
+            group: None,
+            request_timeout_secs: 120,
+            max_body_bytes: crate::request::MAX_REQUEST_BYTES,
+            kdf_memory_budget_mib: None,
+            kdf_memory_estimate_mib: 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The KDF budget in MiB: the configured value exactly, else half of MemTotal (1 GiB if
+    /// unknown). Never below 1 MiB: a single KDF larger than the budget runs alone.
+    pub fn kdf_budget_mib(&self) -> u64 {
+        self.kdf_memory_budget_mib
+            .unwrap_or_else(|| mem_total_mib().map(|m| m / 2).unwrap_or(1024))
+            .max(1)
+    }
+}
+
+/// MemTotal from /proc/meminfo, in MiB.
+fn mem_total_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Read the configuration (`--config FILE`, else /etc/volcrypt/volcrypt.toml if present, else
+/// the defaults) and check the `[server]` values.
+pub fn load(path: Option<&Path>) -> Result<ServeConfig, Error> {
+    let c = ServeConfig::load_or_default(path)?;
+    c.server.check().map_err(|detail| Error::Config {
+        path: path
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH)),
+        detail,
+    })?;
+    Ok(c)
+}
+
+/// Parse configuration text (tests, embedded configs) and check the `[server]` values.
+pub fn parse(text: &str) -> Result<ServeConfig, String> {
+    let c = ServeConfig::from_toml(text, "<string>").map_err(|e| e.to_string())?;
+    c.server.check()?;
+    Ok(c)
+}
+
+impl ServerConfig {
+    /// Bounds that keep a typo from disabling a limit.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_body_bytes == 0 || self.max_body_bytes > 16 * 1024 * 1024 {
+            return Err(format!(
+                "server.max_body_bytes = {}: must be 1 to 16777216",
+                self.max_body_bytes
+            ));
+        }
+        if self.request_timeout_secs == 0 || self.request_timeout_secs > 86_400 {
+            return Err(format!(
+                "server.request_timeout_secs = {}: must be 1 to 86400",
+                self.request_timeout_secs
+            ));
+        }
+        if self.shutdown_grace_secs > 3600 {
+            return Err(format!(
+                "server.shutdown_grace_secs = {}: must be at most 3600",
+                self.shutdown_grace_secs
+            ));
+        }
+        if !self.socket.is_absolute() {
+            return Err(format!(
+                "server.socket = {}: must be an absolute path",
+                self.socket.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.volume, VolumeConfig::default());
+        assert_eq!(c.server.socket, PathBuf::from("/run/volcrypt/api.sock"));
+        assert_eq!(c.server.max_body_bytes, crate::request::MAX_REQUEST_BYTES);
+        assert!(c.server.kdf_budget_mib() >= 1);
+        let small = ServerConfig {
+            kdf_memory_budget_mib: Some(24),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            small.kdf_budget_mib(),
+            24,
+            "a configured budget is honoured exactly"
+        );
+    }
+
+    #[test]
+    fn sections_parse_and_typos_are_rejected() {
+        let c = parse(
+            "[server]\nsocket = \"/tmp/x.sock\"\ngroup = \"disk\"\nkdf_memory_budget_mib = 2048\n\
+             [volume]\nstate_dir = \"/tmp/st\"\n\
+             [key_manager.keystore]\ndir = \"/tmp/keys\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.group.as_deref(), Some("disk"));
+        assert_eq!(c.server.kdf_budget_mib(), 2048);
+        assert_eq!(c.volume.state_dir, PathBuf::from("/tmp/st"));
+        assert_eq!(c.key_manager.keystore.dir, PathBuf::from("/tmp/keys"));
+        let e = parse("[server]\nsokcet = \"/x\"\n").unwrap_err();
+        assert!(e.contains("sokcet"), "{e}");
+        let e = parse("[server]\nmax_body_bytes = 0\n").unwrap_err();
+        assert!(e.contains("max_body_bytes"), "{e}");
+        let e = parse("[server]\nsocket = \"rel.sock\"\n").unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+    }
+}

@@ -1,0 +1,98 @@
+//! `volcrypt serve`: the attach engine as a long-running agent with an HTTP/1.1 + JSON API on a
+//! Unix socket (issue 4 §1, §2, §5).
+//!
+//! - [`config`]: the TOML configuration and its defaults;
+//! - [`server`]: the socket (permissions, stale-file rule), accept loop, graceful shutdown;
+//! - [`peer`]: SO_PEERCRED and the access rule (root, the agent's user, the configured group);
+//! - [`routes`]: the endpoints, per-volume serialization, the KDF memory budget, deadlines;
+//! - [`reconcile`]: the read-only start-up check of records against active mappings;
+//! - [`kdf`]: the KDF memory of an attach, read from the LUKS header before unlocking;
+//! - [`errors`]: the JSON error body and the status of every engine error;
+//! - [`metrics`]: Prometheus metrics;
+//! - [`client`]: the small client behind the CLI's `--socket` mode.
+//!
+//! The API is described in `docs/openapi.yaml`; `tests/rpc_openapi.rs` holds the server to it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::ExitStatus;
+use crate::keys::KeyManager;
+
+pub mod client;
+pub mod config;
+pub mod errors;
+pub mod kdf;
+pub mod metrics;
+pub mod peer;
+pub mod reconcile;
+pub mod routes;
+pub mod server;
+
+/// Hands each engine operation its key manager. Production: the one shared, thread-safe
+/// manager built from `[key_manager]`; tests: a manager that takes a known time to arrive, to
+/// measure scheduling through the API.
+pub type KeyFactory = Arc<dyn Fn() -> Result<Arc<dyn KeyManager>, String> + Send + Sync>;
+
+/// Where the agent's engine operations get keys, and what `GET /v1/health` probes.
+#[derive(Clone)]
+pub struct Keys {
+    pub factory: KeyFactory,
+    /// The key manager behind the factory, for its health probe (`None`: not probed).
+    pub manager: Option<Arc<dyn KeyManager>>,
+}
+
+impl Keys {
+    /// One shared key manager (the production case).
+    pub fn from_manager(manager: Arc<dyn KeyManager>) -> Keys {
+        let m = manager.clone();
+        Keys {
+            factory: Arc::new(move || Ok(m.clone())),
+            manager: Some(manager),
+        }
+    }
+
+    /// Any factory (tests).
+    pub fn from_factory(factory: KeyFactory) -> Keys {
+        Keys {
+            factory,
+            manager: None,
+        }
+    }
+}
+
+/// Agent and client errors (not API errors: those are [`errors::ApiError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {path}: {detail}")]
+    Config { path: PathBuf, detail: String },
+    #[error("socket {path}: {detail}")]
+    Socket { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Settings(#[from] crate::config::Error),
+    #[error("key manager: {0}")]
+    Keys(#[from] crate::keys::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(String),
+    #[error("agent at {socket}: {detail}")]
+    Client { socket: PathBuf, detail: String },
+    /// The agent answered with an error.
+    #[error("agent: {message} (HTTP {status}, {code}{})", field.as_deref().map(|f| format!(", field {f}")).unwrap_or_default())]
+    Remote {
+        status: u16,
+        code: String,
+        message: String,
+        field: Option<String>,
+    },
+}
+
+impl Error {
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Error::Remote { status, code, .. } => errors::ApiError::exit_status_for(*status, code),
+            Error::Socket { detail, .. } if detail.contains("another agent") => ExitStatus::Busy,
+            Error::Client { .. } => ExitStatus::WrongDevice,
+            _ => ExitStatus::Invalid,
+        }
+    }
+}

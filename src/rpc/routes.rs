@@ -1,0 +1,869 @@
+//! The API's routes and the engine calls behind them.
+//!
+//! Concurrency rules (issue 4 §2), all enforced here:
+//! - operations on one volume are serialized by a per-volume async mutex, different volumes
+//!   run in parallel;
+//! - attaches and extends (the operations that run a KDF) first take their KDF memory from a
+//!   budget semaphore weighted in MiB (see [`super::kdf`]);
+//! - engine calls are blocking (libcryptsetup's `CryptDevice` is not `Send`) and run on tokio's
+//!   blocking pool; the volume lock, the budget and an in-flight token move into that task, so a
+//!   request that hits its deadline (504) leaves the operation to finish with its lock held —
+//!   nothing else touches the volume until it has;
+//! - every request has a deadline (`server.request_timeout_secs`) covering lock and budget waits.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use super::config::ServeConfig;
+use super::errors::ApiError;
+use super::metrics::Metrics;
+use super::peer::{Access, Peer};
+use super::{Keys, kdf};
+use crate::request::{self, AttachRequest, Plan};
+use crate::volume::{self, Context, state};
+
+/// Upper bound on operations in flight (also the token count the shutdown waits to get back).
+const MAX_IN_FLIGHT: u32 = 4096;
+
+/// The server's shared state.
+pub struct App {
+    pub config: ServeConfig,
+    pub access: Access,
+    pub metrics: Metrics,
+    keys: Keys,
+    locks: VolumeLocks,
+    kdf_budget: Arc<Semaphore>,
+    kdf_budget_mib: u32,
+    in_flight: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    /// The start-up reconcile report (`checked: false` until the check has run).
+    reconcile: Mutex<super::reconcile::Report>,
+}
+
+impl App {
+    pub fn new(config: ServeConfig, access: Access, keys: Keys) -> App {
+        let budget = u32::try_from(config.server.kdf_budget_mib()).unwrap_or(u32::MAX >> 3);
+        let budget = budget.min(Semaphore::MAX_PERMITS as u32);
+        let metrics = Metrics::new();
+        metrics.kdf_memory_budget_mib.set(i64::from(budget));
+        App {
+            config,
+            access,
+            metrics,
+            keys,
+            locks: VolumeLocks::default(),
+            kdf_budget: Arc::new(Semaphore::new(budget as usize)),
+            kdf_budget_mib: budget,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+            shutting_down: AtomicBool::new(false),
+            reconcile: Mutex::new(super::reconcile::Report {
+                detail: "start-up check still running".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Run the start-up reconcile check in the background, log it, keep it for health.
+    pub fn spawn_reconcile(self: &Arc<Self>) {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Reading status never fetches a key: the check does not use the key factory.
+            let report = super::reconcile::scan(&app.config.volume);
+            super::reconcile::log(&report);
+            *app.reconcile.lock().unwrap_or_else(|e| e.into_inner()) = report;
+        });
+    }
+
+    /// Refuse new operations, then wait until every running one has returned its token.
+    pub async fn drain(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        if let Ok(all) = self.in_flight.acquire_many(MAX_IN_FLIGHT).await {
+            all.forget();
+        }
+    }
+
+    pub fn operations_in_flight(&self) -> usize {
+        MAX_IN_FLIGHT as usize - self.in_flight.available_permits()
+    }
+}
+
+/// One async mutex per volume id. Entries nobody holds or waits for are pruned on the next
+/// lock, so the map stays as small as the set of volumes being worked on.
+#[derive(Default)]
+struct VolumeLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl VolumeLocks {
+    async fn lock(&self, volume_id: &str) -> OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, m| Arc::strong_count(m) > 1);
+            map.entry(volume_id.to_owned()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+}
+
+/// What an engine task holds until it returns.
+struct Held {
+    _volume: Option<OwnedMutexGuard<()>>,
+    _kdf: Option<OwnedSemaphorePermit>,
+    kdf_mib: u32,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    match serde_json::to_vec(value) {
+        Ok(body) => with_body(status, "application/json", body),
+        Err(e) => error_response(&ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode response: {e}"),
+        )),
+    }
+}
+
+pub fn error_response(e: &ApiError) -> Resp {
+    with_body(e.status, "application/json", e.json().into_bytes())
+}
+
+fn with_body(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// The route templates (also the `route` metric label and what the OpenAPI test checks).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/attachments"),
+    ("GET", "/v1/attachments"),
+    ("GET", "/v1/attachments/{volume_id}"),
+    ("DELETE", "/v1/attachments/{volume_id}"),
+    ("POST", "/v1/attachments/{volume_id}/extend"),
+];
+
+/// Serve one request from an allowed peer: a span with the peer and the volume, the deadline,
+/// one log line with the outcome.
+pub async fn handle(app: Arc<App>, peer: Peer, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        %path,
+        peer_uid = peer.uid,
+        peer_pid = peer.pid,
+        volume_id = tracing::field::Empty,
+    );
+    async move {
+        let start = Instant::now();
+        let timeout = app.config.server.request_timeout();
+        let (route, result) = match tokio::time::timeout(timeout, route(&app, req)).await {
+            Ok(r) => r,
+            Err(_) => (
+                "timeout",
+                Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the request did not complete within {} s; an engine operation already \
+                         started keeps running and holds the volume until it ends: query \
+                         GET /v1/attachments/{{volume_id}}",
+                        timeout.as_secs()
+                    ),
+                )),
+            ),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(status = e.status.as_u16(), code = e.code, field = e.field.as_deref(), error = %e.message, "request failed");
+                error_response(&e)
+            }
+        };
+        app.metrics.request(route, resp.status().as_u16());
+        tracing::info!(
+            status = resp.status().as_u16(),
+            ms = start.elapsed().as_millis() as u64,
+            "request done"
+        );
+        Ok(resp)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Answer every request of a peer the access rule refuses.
+pub fn forbidden(app: &App, peer: &Peer) -> Resp {
+    app.metrics.rejected_peer();
+    app.metrics.request("forbidden", 403);
+    tracing::warn!(
+        peer_uid = peer.uid,
+        peer_gid = peer.gid,
+        peer_pid = peer.pid,
+        "refused request from a peer that is not root, the agent's user or in its group"
+    );
+    let group = match app.access.group {
+        Some(g) => format!("group {g}"),
+        None => "no group is configured".to_owned(),
+    };
+    error_response(&ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "peer uid {} gid {} (pid {}) may not use this API: only root, uid {} and members of \
+             the configured group ({group})",
+            peer.uid, peer.gid, peer.pid, app.access.own_uid
+        ),
+    ))
+}
+
+type Routed = (&'static str, Result<Resp, ApiError>);
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (segs.as_slice(), &method) {
+        (["v1", "health"], &Method::GET) => ("/v1/health", health(app).await),
+        (["metrics"], &Method::GET) => ("/metrics", metrics(app).await),
+        (["v1", "attachments"], &Method::POST) => {
+            let declared = header_len(&req_len(&req));
+            (
+                "/v1/attachments",
+                attach(app, req.into_body(), declared).await,
+            )
+        }
+        (["v1", "attachments"], &Method::GET) => ("/v1/attachments", list(app).await),
+        (["v1", "attachments", id], &Method::GET) => {
+            ("/v1/attachments/{volume_id}", get_one(app, id).await)
+        }
+        (["v1", "attachments", id], &Method::DELETE) => (
+            "/v1/attachments/{volume_id}",
+            detach(app, id, query.as_deref()).await,
+        ),
+        (["v1", "attachments", id, "extend"], &Method::POST) => {
+            ("/v1/attachments/{volume_id}/extend", extend(app, id).await)
+        }
+        (["v1", "health"] | ["metrics"] | ["v1", "attachments"], _)
+        | (["v1", "attachments", _], _)
+        | (["v1", "attachments", _, "extend"], _) => (
+            "method_not_allowed",
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            )),
+        ),
+        _ => (
+            "not_found",
+            Err(ApiError::not_found(format!("no route {method} {path}"))),
+        ),
+    }
+}
+
+fn req_len(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn header_len(v: &Option<String>) -> Option<u64> {
+    v.as_deref().and_then(|s| s.trim().parse().ok())
+}
+
+/// Read a body of at most `server.max_body_bytes`; more is 413 before anything is parsed.
+async fn read_body(app: &App, body: Incoming, declared: Option<u64>) -> Result<Bytes, ApiError> {
+    let max = app.config.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than {max} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("cannot read request body: {e}"),
+        )),
+    }
+}
+
+/// Parse the attach request, naming the field a type or unknown-field error is about.
+fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed: Result<AttachRequest, _> = serde_path_to_error::deserialize(&mut de);
+    let req = parsed.map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        let err = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not a valid attach request: {inner}"),
+        );
+        // serde reports a missing field at its parent's path and names it in the message.
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next());
+        // Syntax errors and truncation are about the document, not a field.
+        let data_error = e.inner().classify() == serde_json::error::Category::Data;
+        let known = data_error && !(path.is_empty() || path == "." || path == "?");
+        match (known, missing) {
+            (true, Some(m)) => err.with_field(format!("{path}.{m}")),
+            (false, Some(m)) => err.with_field(m),
+            (true, None) => err.with_field(path),
+            (false, None) => err,
+        }
+    })?;
+    de.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("trailing data after the attach request: {e}"),
+        )
+    })?;
+    Ok(req)
+}
+
+fn record_volume(volume_id: &str) {
+    tracing::Span::current().record("volume_id", volume_id);
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    request::check_volume_id(id).map_err(|e| ApiError::from(&e))
+}
+
+/// Take `mib` of the KDF budget (clamped to the whole budget, so one oversized KDF runs alone
+/// rather than never).
+async fn take_kdf(app: &App, mib: u64) -> Result<(OwnedSemaphorePermit, u32), ApiError> {
+    let n = u32::try_from(mib)
+        .unwrap_or(u32::MAX)
+        .clamp(1, app.kdf_budget_mib.max(1));
+    let t0 = Instant::now();
+    let permit = app
+        .kdf_budget
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map_err(|_| shutting_down())?;
+    app.metrics.observe_kdf_wait(t0.elapsed().as_secs_f64());
+    app.metrics.kdf_memory_in_use_mib.inc_by(i64::from(n));
+    tracing::debug!(kdf_mib = n, "KDF budget admitted");
+    Ok((permit, n))
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the agent is shutting down and takes no new operations",
+    )
+}
+
+/// Run one blocking engine call on the blocking pool with what it holds; record its latency and
+/// failure reason whatever happens to the request.
+async fn run_engine<T, F>(app: &Arc<App>, op: &'static str, held: Held, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Context<'_>) -> Result<T, ApiError> + Send + 'static,
+{
+    if app.shutting_down.load(Ordering::SeqCst) {
+        return Err(shutting_down());
+    }
+    let token = app
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| shutting_down())?;
+    let app2 = app.clone();
+    let span = tracing::Span::current();
+    let task = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let _token = token;
+        let held = held;
+        app2.metrics.in_flight.inc();
+        let t0 = Instant::now();
+        let result = match (app2.keys.factory)() {
+            Ok(keys) => {
+                let ctx = Context {
+                    keys: keys.as_ref(),
+                    config: app2.config.volume.clone(),
+                };
+                f(&ctx)
+            }
+            Err(message) => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "key_manager",
+                format!("key manager unavailable: {message}"),
+            )),
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        app2.metrics
+            .observe_operation(op, secs, result.as_ref().err().map(|e| e.code));
+        app2.metrics.in_flight.dec();
+        app2.metrics
+            .kdf_memory_in_use_mib
+            .dec_by(i64::from(held.kdf_mib));
+        tracing::info!(
+            op,
+            ms = (secs * 1000.0) as u64,
+            ok = result.is_ok(),
+            "engine operation done"
+        );
+        drop(held);
+        result
+    });
+    task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the {op} operation failed unexpectedly: {e}"),
+        )
+    })?
+}
+
+fn engine_err(e: volume::Error) -> ApiError {
+    ApiError::from(&e)
+}
+
+async fn attach(app: &Arc<App>, body: Incoming, declared: Option<u64>) -> Result<Resp, ApiError> {
+    let bytes = read_body(app, body, declared).await?;
+    let req = parse_attach(&bytes)?;
+    let valid = req.validate().map_err(|e| ApiError::from(&e))?;
+    record_volume(&valid.volume_id);
+    let volume_guard = app.locks.lock(&valid.volume_id).await;
+    let (kdf, kdf_mib) = match &valid.plan {
+        Plan::Raw { .. } => (None, 0),
+        Plan::Encrypted(p) => {
+            let cost = if p.format == request::VolumeFormat::Plain {
+                kdf::MIN_COST_MIB
+            } else {
+                let device = valid.device_path.clone();
+                let volume = app.config.volume.clone();
+                let estimate = app.config.server.kdf_memory_estimate_mib;
+                tokio::task::spawn_blocking(move || {
+                    kdf::attach_cost_mib(&device, &volume, estimate)
+                })
+                .await
+                .unwrap_or(estimate)
+            };
+            let (permit, n) = take_kdf(app, cost).await?;
+            (Some(permit), n)
+        }
+    };
+    let held = Held {
+        _volume: Some(volume_guard),
+        _kdf: kdf,
+        kdf_mib,
+    };
+    let outcome = run_engine(app, "attach", held, move |ctx| {
+        volume::attach(ctx, &req).map_err(engine_err)
+    })
+    .await?;
+    let status = if outcome.already_attached {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_response(status, &outcome))
+}
+
+#[derive(Serialize)]
+struct List {
+    attachments: Vec<volume::VolumeStatus>,
+}
+
+async fn list(app: &Arc<App>) -> Result<Resp, ApiError> {
+    let held = Held {
+        _volume: None,
+        _kdf: None,
+        kdf_mib: 0,
+    };
+    let all = run_engine(app, "status", held, |ctx| {
+        volume::status(ctx).map_err(engine_err)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &List { attachments: all }))
+}
+
+fn unknown_volume(id: &str, app: &App) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_volume",
+        format!(
+            "volume {id} is not managed by volcrypt (no state record in {})",
+            app.config.volume.state_dir.display()
+        ),
+    )
+}
+
+async fn get_one(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let held = Held {
+        _volume: None,
+        _kdf: None,
+        kdf_mib: 0,
+    };
+    let id2 = id.to_owned();
+    let not_found = unknown_volume(id, app);
+    let found = run_engine(app, "status", held, move |ctx| {
+        if state::load(&ctx.config.state_dir, &id2)
+            .map_err(engine_err)?
+            .is_none()
+        {
+            return Err(not_found);
+        }
+        volume::status(ctx)
+            .map_err(engine_err)?
+            .into_iter()
+            .find(|s| s.volume_id == id2)
+            .ok_or(not_found)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &found))
+}
+
+async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let device_path = query_param(query, "device_path")?.map(PathBuf::from);
+    let guard = app.locks.lock(id).await;
+    let held = Held {
+        _volume: Some(guard),
+        _kdf: None,
+        kdf_mib: 0,
+    };
+    let id2 = id.to_owned();
+    let not_found = unknown_volume(id, app);
+    let outcome = run_engine(app, "detach", held, move |ctx| {
+        // REST semantics: a volume with no record (and no device path to find an os-brick
+        // mapping by) is unknown, not "already detached".
+        if device_path.is_none()
+            && state::load(&ctx.config.state_dir, &id2)
+                .map_err(engine_err)?
+                .is_none()
+        {
+            return Err(not_found);
+        }
+        volume::detach(ctx, &id2, device_path.as_deref()).map_err(engine_err)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &outcome))
+}
+
+async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let guard = app.locks.lock(id).await;
+    // Resizing a LUKS mapping unlocks a keyslot again: it costs a KDF.
+    let state_dir = app.config.volume.state_dir.clone();
+    let id2 = id.to_owned();
+    let volume = app.config.volume.clone();
+    let estimate = app.config.server.kdf_memory_estimate_mib;
+    let cost = tokio::task::spawn_blocking(move || match state::load(&state_dir, &id2) {
+        Ok(Some(r)) if r.format != request::VolumeFormat::Plain => {
+            kdf::attach_cost_mib(&r.backing_device, &volume, estimate)
+        }
+        _ => kdf::MIN_COST_MIB,
+    })
+    .await
+    .unwrap_or(estimate);
+    let (permit, n) = take_kdf(app, cost).await?;
+    let held = Held {
+        _volume: Some(guard),
+        _kdf: Some(permit),
+        kdf_mib: n,
+    };
+    let id2 = id.to_owned();
+    let outcome = run_engine(app, "extend", held, move |ctx| {
+        volume::extend(ctx, &id2).map_err(engine_err)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &outcome))
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    version: &'static str,
+    dm_crypt: Check,
+    state_dir: Check,
+    key_managers: Vec<KeyManagerHealth>,
+    operations_in_flight: usize,
+    kdf_memory_budget_mib: u32,
+    reconcile: super::reconcile::Report,
+}
+
+#[derive(Serialize)]
+struct Check {
+    ok: bool,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct KeyManagerHealth {
+    kind: String,
+    /// `null`: the key-manager layer offers no reachability probe yet.
+    reachable: Option<bool>,
+    detail: String,
+}
+
+/// dm-crypt usable? device-mapper control answers and the `crypt` target is registered (or its
+/// module is present to be auto-loaded).
+fn dm_crypt_check() -> Check {
+    match devicemapper::DM::new() {
+        Err(e) => Check {
+            ok: false,
+            detail: format!("device-mapper is not available on this host: {e}"),
+        },
+        Ok(dm) => {
+            let targets = dm.list_versions().unwrap_or_default();
+            if let Some((_, a, b, c)) = targets.iter().find(|t| t.0 == "crypt") {
+                Check {
+                    ok: true,
+                    detail: format!("dm-crypt target v{a}.{b}.{c}"),
+                }
+            } else if std::path::Path::new("/sys/module/dm_crypt").exists() {
+                Check {
+                    ok: true,
+                    detail: "dm_crypt module present".into(),
+                }
+            } else {
+                Check {
+                    ok: true,
+                    detail: "device-mapper available; crypt target not loaded yet (dm_crypt is loaded on first use)".into(),
+                }
+            }
+        }
+    }
+}
+
+fn state_dir_check(dir: &std::path::Path) -> Check {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Check {
+            ok: true,
+            detail: dir.display().to_string(),
+        },
+        Ok(_) => Check {
+            ok: false,
+            detail: format!("{} is not a directory", dir.display()),
+        },
+        // The engine creates it on first attach; its parent must be usable.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Check {
+            ok: true,
+            detail: format!("{} (created on first attach)", dir.display()),
+        },
+        Err(e) => Check {
+            ok: false,
+            detail: format!("{}: {e}", dir.display()),
+        },
+    }
+}
+
+async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
+    let app2 = app.clone();
+    let h = tokio::task::spawn_blocking(move || {
+        let dm_crypt = dm_crypt_check();
+        let state_dir = state_dir_check(&app2.config.volume.state_dir);
+        let key_managers = match (&app2.keys.manager, (app2.keys.factory)()) {
+            (Some(m), _) => vec![match m.health() {
+                Ok(()) => KeyManagerHealth {
+                    kind: m.kind().to_owned(),
+                    reachable: Some(true),
+                    detail: "reachable".into(),
+                },
+                Err(e) => KeyManagerHealth {
+                    kind: m.kind().to_owned(),
+                    reachable: Some(false),
+                    detail: e.to_string(),
+                },
+            }],
+            (None, Ok(k)) => vec![KeyManagerHealth {
+                kind: k.kind().to_owned(),
+                reachable: None,
+                detail: "configured; this key source has no reachability probe".into(),
+            }],
+            (None, Err(e)) => vec![KeyManagerHealth {
+                kind: "unavailable".into(),
+                reachable: Some(false),
+                detail: e,
+            }],
+        };
+        let ok =
+            dm_crypt.ok && state_dir.ok && key_managers.iter().all(|k| k.reachable != Some(false));
+        Health {
+            status: if ok { "ok" } else { "degraded" },
+            version: env!("CARGO_PKG_VERSION"),
+            dm_crypt,
+            state_dir,
+            key_managers,
+            operations_in_flight: app2.operations_in_flight(),
+            kdf_memory_budget_mib: app2.kdf_budget_mib,
+            reconcile: app2
+                .reconcile
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let status = if h.status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json_response(status, &h))
+}
+
+async fn metrics(app: &Arc<App>) -> Result<Resp, ApiError> {
+    let dir = app.config.volume.state_dir.clone();
+    if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || state::list(&dir)).await {
+        app.metrics.active_attachments.set(records.len() as i64);
+    }
+    Ok(with_body(
+        StatusCode::OK,
+        super::metrics::CONTENT_TYPE,
+        app.metrics.encode().into_bytes(),
+    ))
+}
+
+/// One query parameter, percent-decoded (`%2F` → `/`).
+fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(q) = query else {
+        return Ok(None);
+    };
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            return percent_decode(v).map(Some).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("query parameter {name} is not valid percent-encoded UTF-8"),
+                )
+                .with_field(name)
+            });
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Percent-encode a query value (the client's side of [`query_param`]).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for &c in s.as_bytes() {
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(c as char);
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_round_trip() {
+        let p = "/dev/disk/by-path/ip-10.0.0.1:3260-iscsi-iqn.x-lun-1 &=%";
+        let q = format!("a=1&device_path={}", percent_encode(p));
+        assert_eq!(
+            query_param(Some(&q), "device_path").unwrap().as_deref(),
+            Some(p)
+        );
+        assert_eq!(query_param(Some("a=1"), "device_path").unwrap(), None);
+        assert!(query_param(Some("device_path=%zz"), "device_path").is_err());
+        assert!(query_param(Some("device_path=%f"), "device_path").is_err());
+    }
+
+    #[test]
+    fn attach_parse_errors_name_the_field() {
+        let e = parse_attach(br#"{"volume_id": 5, "device_path": "/dev/x"}"#).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.field.as_deref()),
+            (400, Some("volume_id"))
+        );
+        let e = parse_attach(b"{not json").unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.code, e.field),
+            (400, "invalid_json", None)
+        );
+        let e = parse_attach(br#"{"volume_id": "v"}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("device_path"));
+        let e = parse_attach(br#"{"volume_id":"v","device_path":"/d","optons":{}}"#).unwrap_err();
+        assert!(e.message.contains("optons"), "{}", e.message);
+        let e = parse_attach(br#"{"volume_id":"v","device_path":"/d"} x"#).unwrap_err();
+        assert_eq!(e.code, "invalid_json");
+    }
+
+    #[tokio::test]
+    async fn one_volume_serializes_and_locks_are_pruned() {
+        let locks = VolumeLocks::default();
+        let g = locks.lock("a").await;
+        // A different volume proceeds while "a" is held.
+        let _b = tokio::time::timeout(std::time::Duration::from_secs(1), locks.lock("b"))
+            .await
+            .expect("other volume not blocked");
+        // The same volume waits.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), locks.lock("a"))
+                .await
+                .is_err()
+        );
+        drop(g);
+        drop(_b);
+        let _c = locks.lock("c").await;
+        let n = locks.0.lock().unwrap().len();
+        assert_eq!(n, 1, "unused entries pruned");
+    }
+}

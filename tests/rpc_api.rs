@@ -1,0 +1,582 @@
+//! The real `volcrypt serve` binary on a socket in a temp dir, driven over HTTP: health, the
+//! status of every kind of bad request, unknown volumes, attach on this host, the peer check,
+//! socket permissions, metrics, the stale-socket rule and graceful shutdown. Every response is
+//! also checked against docs/openapi.yaml.
+//!
+//! Runs as root natively (the peer tests switch uid with setpriv); on a host without
+//! device-mapper an attach must fail with 503 and the engine's "device-mapper is not available".
+
+mod rpc_common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+use rpc_common::{Agent, BIN, OpenApi, assert_error, dm_available};
+
+const GOOD: &str = r#"{"volume_id": "vol-1", "device_path": "/dev/disk/by-path/nonexistent-lun-1",
+  "encryption": {"provider": "luks", "control_location": "front-end",
+                 "cipher": "aes-xts-plain64", "key_size": 256, "encryption_key_id": "key-1"}}"#;
+
+#[test]
+fn health_reports_dm_crypt_state_and_budget() {
+    let agent = Agent::start("kdf_memory_budget_mib = 3000");
+    let (status, v) = agent.checked("GET", "/v1/health", "/v1/health", None);
+    assert_eq!(v["kdf_memory_budget_mib"], 3000);
+    assert_eq!(v["operations_in_flight"], 0);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["key_managers"].as_array().unwrap().len(), 1);
+    assert_eq!(v["key_managers"][0]["kind"], "keystore");
+    assert_eq!(v["key_managers"][0]["reachable"], true, "{v}");
+    let r = agent.health_after_reconcile();
+    if !dm_available() {
+        assert_eq!(r["reconcile"]["checked"], false, "{r}");
+        let d = r["reconcile"]["detail"].as_str().unwrap();
+        assert!(d.contains("device-mapper is not available"), "{d}");
+    }
+    if dm_available() {
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["dm_crypt"]["ok"], true);
+    } else {
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["status"], "degraded");
+        assert_eq!(v["dm_crypt"]["ok"], false);
+        let d = v["dm_crypt"]["detail"].as_str().unwrap();
+        assert!(d.contains("device-mapper is not available"), "{d}");
+    }
+}
+
+#[test]
+fn health_reports_an_unusable_key_store() {
+    let agent = Agent::start("");
+    // Key material readable by others: the keystore refuses it, health says so.
+    let keys = agent.dir.path().join("keys");
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (status, v) = agent.checked("GET", "/v1/health", "/v1/health", None);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["status"], "degraded");
+    assert_eq!(v["key_managers"][0]["reachable"], false, "{v}");
+    assert!(
+        v["key_managers"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&keys.display().to_string()),
+        "{v}"
+    );
+}
+
+#[test]
+fn bad_requests_get_400_or_413_naming_the_field() {
+    let agent = Agent::start("");
+    let post =
+        |body: &[u8]| agent.checked("POST", "/v1/attachments", "/v1/attachments", Some(body));
+
+    let (s, v) = post(b"{\"volume_id\": ");
+    assert_error(s, &v, 400, "invalid_json", None);
+
+    let (s, v) = post(br#"{"volume_id": "v1"}"#);
+    assert_error(s, &v, 400, "invalid_json", Some("device_path"));
+
+    let (s, v) = post(br#"{"volume_id": "v1", "device_path": "/dev/x", "optons": {}}"#);
+    assert_error(s, &v, 400, "invalid_json", Some("optons"));
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("optons"),
+        "{v}"
+    );
+
+    let unknown_provider = GOOD.replace("\"luks\"", "\"rot13\"");
+    let (s, v) = post(unknown_provider.as_bytes());
+    assert_error(s, &v, 400, "invalid_request", Some("encryption.provider"));
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("rot13") && m.contains("luks2"), "{m}");
+
+    let no_key = GOOD.replace(", \"encryption_key_id\": \"key-1\"", "");
+    let (s, v) = post(no_key.as_bytes());
+    assert_error(
+        s,
+        &v,
+        400,
+        "invalid_request",
+        Some("encryption.encryption_key_id"),
+    );
+
+    let bad_id = GOOD.replace("vol-1", "../etc");
+    let (s, v) = post(bad_id.as_bytes());
+    assert_error(s, &v, 400, "invalid_request", Some("volume_id"));
+
+    // Over the limit: refused before parsing, whatever the content.
+    let mut big = Vec::from(&b"{\"volume_id\": \""[..]);
+    big.extend(std::iter::repeat_n(b'a', 70_000));
+    big.extend(b"\"}");
+    let (s, v) = post(&big);
+    assert_error(s, &v, 413, "body_too_large", None);
+
+    // A bad volume id in the path.
+    let (s, v) = agent.checked(
+        "GET",
+        "/v1/attachments/{volume_id}",
+        "/v1/attachments/.hidden",
+        None,
+    );
+    assert_error(s, &v, 400, "invalid_request", Some("volume_id"));
+
+    // Nothing was recorded by any of them.
+    assert!(
+        !agent.dir.path().join("state").exists()
+            || std::fs::read_dir(agent.dir.path().join("state"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+#[test]
+fn smaller_configured_body_limit_applies() {
+    let agent = Agent::start("max_body_bytes = 100");
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(GOOD.as_bytes()),
+    );
+    assert_error(s, &v, 413, "body_too_large", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100 bytes")
+    );
+}
+
+#[test]
+fn unknown_volumes_are_404() {
+    let agent = Agent::start("");
+    let r = "/v1/attachments/{volume_id}";
+    let (s, v) = agent.checked("GET", r, "/v1/attachments/no-such-vol", None);
+    assert_error(s, &v, 404, "unknown_volume", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-vol")
+    );
+    let (s, v) = agent.checked("DELETE", r, "/v1/attachments/no-such-vol", None);
+    assert_error(s, &v, 404, "unknown_volume", None);
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments/{volume_id}/extend",
+        "/v1/attachments/no-such-vol/extend",
+        None,
+    );
+    assert_error(s, &v, 404, "unknown_volume", None);
+    // Unknown routes and methods.
+    let r = agent.call("GET", "/v2/nothing", None);
+    assert_eq!(r.status, 404);
+    let r = agent.call("PUT", "/v1/attachments", None);
+    assert_eq!(r.status, 405);
+}
+
+#[test]
+fn attach_without_device_mapper_is_503_with_the_engine_message() {
+    if dm_available() {
+        eprintln!("skipped: this host has device-mapper (the VM suite covers real attaches)");
+        return;
+    }
+    let agent = Agent::start("");
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(GOOD.as_bytes()),
+    );
+    assert_error(s, &v, 503, "dm_unavailable", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("device-mapper is not available"),
+        "{v}"
+    );
+    let (s, v) = agent.checked("GET", "/v1/attachments", "/v1/attachments", None);
+    assert_error(s, &v, 503, "dm_unavailable", None);
+    // DELETE with a device path goes to the engine, which needs device-mapper too.
+    let (s, v) = agent.checked(
+        "DELETE",
+        "/v1/attachments/{volume_id}",
+        "/v1/attachments/vol-1?device_path=%2Fdev%2Fdisk%2Fby-path%2Fx",
+        None,
+    );
+    assert_error(s, &v, 503, "dm_unavailable", None);
+    // The failure is counted by reason.
+    let (_, m) = agent.checked("GET", "/metrics", "/metrics", None);
+    let m = m.as_str().unwrap();
+    assert!(
+        m.contains(r#"volcrypt_operation_failures_total{op="attach",reason="dm_unavailable"} 1"#),
+        "{m}"
+    );
+
+    // The CLI's --socket mode reports the same error with cryptsetup's exit code 1.
+    let req = agent.dir.path().join("req.json");
+    std::fs::write(&req, GOOD).unwrap();
+    let out = Command::new(BIN)
+        .args(["attach", "--request"])
+        .arg(&req)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device-mapper is not available") && err.contains("503"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_socket_mode_maps_404_to_exit_4() {
+    let agent = Agent::start("");
+    let out = Command::new(BIN)
+        .args(["detach", "gone-vol", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_volume"));
+}
+
+#[test]
+fn socket_and_directory_permissions() {
+    let agent = Agent::start("group = \"nogroup\"");
+    let sock = std::fs::symlink_metadata(&agent.socket).unwrap();
+    assert_eq!(sock.permissions().mode() & 0o7777, 0o660);
+    assert_eq!(sock.gid(), 65534);
+    let dir = std::fs::metadata(agent.socket.parent().unwrap()).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(dir.gid(), 65534);
+}
+
+/// Run the CLI as another uid/gid (setpriv), asking the agent to detach an unknown volume:
+/// an allowed peer gets 404 (exit 4), a refused one 403 (exit 1).
+fn detach_as(agent: &Agent, uid: u32, gid: u32) -> (Option<i32>, String) {
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg(BIN)
+        .args(["detach", "peer-test", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn peers_outside_root_and_the_group_get_403_and_are_logged() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to switch uid");
+        return;
+    }
+    let agent = Agent::start("group = \"nogroup\"");
+    // Open the filesystem fence so the SO_PEERCRED check is what decides.
+    let tmp = agent.dir.path();
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        agent.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let (code, err) = detach_as(&agent, 65533, 65533);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("403") && err.contains("forbidden") && err.contains("uid 65533"),
+        "{err}"
+    );
+
+    // In the configured group (primary gid): allowed, reaches the route.
+    let (code, err) = detach_as(&agent, 65533, 65534);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("unknown_volume"), "{err}");
+
+    let log = agent.log_text();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("refused request"))
+        .unwrap_or_else(|| panic!("no refusal logged: {log}"));
+    assert!(refused.contains("\"peer_uid\":65533"), "{refused}");
+    assert!(refused.contains("peer_pid"), "{refused}");
+    // Allowed requests are logged with the peer and the volume id.
+    assert!(
+        log.lines().any(|l| l.contains("request done")
+            && l.contains("\"peer_uid\":65533")
+            && l.contains("peer-test")),
+        "{log}"
+    );
+    let (_, m) = agent.checked("GET", "/metrics", "/metrics", None);
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("volcrypt_rejected_peers_total 1")
+    );
+}
+
+#[test]
+fn filesystem_permissions_keep_other_users_out_first() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to switch uid");
+        return;
+    }
+    let agent = Agent::start("group = \"nogroup\"");
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, err) = detach_as(&agent, 65533, 65533);
+    assert_eq!(code, Some(4), "cannot connect → wrong device exit: {err}");
+    assert!(err.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn metrics_exposition_parses() {
+    let agent = Agent::start("");
+    agent.call("GET", "/v1/attachments/nope", None);
+    agent.call("GET", "/v1/health", None);
+    let r = agent.call("GET", "/metrics", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.content_type
+            .as_deref()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = String::from_utf8(r.body).unwrap();
+    let mut types = std::collections::HashMap::new();
+    let mut samples = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&ty), "{line}");
+            types.insert(name.to_owned(), ty.to_owned());
+        } else if line.starts_with("# HELP ") || line == "# EOF" {
+        } else {
+            // name{labels} value
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line}"));
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value in {line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line}"
+            );
+            assert!(
+                types.keys().any(|t| name.starts_with(t.as_str())),
+                "sample {name} without a TYPE line"
+            );
+            let labels = &series[name.len()..];
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            }
+            samples += 1;
+        }
+    }
+    assert!(text.ends_with("# EOF\n"));
+    assert!(samples > 5);
+    assert_eq!(types["volcrypt_operation_duration_seconds"], "histogram");
+    assert_eq!(types["volcrypt_active_attachments"], "gauge");
+    assert!(
+        text.contains(
+            r#"volcrypt_http_requests_total{route="/v1/attachments/{volume_id}",status="404"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"volcrypt_operation_duration_seconds_count{op="status",result="error"} 1"#),
+        "{text}"
+    );
+}
+
+#[test]
+fn sigterm_removes_the_socket_and_exits_cleanly() {
+    let mut agent = Agent::start("");
+    assert!(agent.socket.exists());
+    let status = agent.terminate();
+    assert!(status.success(), "{status}: {}", agent.log_text());
+    assert!(!agent.socket.exists(), "socket left behind");
+    assert!(agent.log_text().contains("shutdown complete"));
+}
+
+#[test]
+fn stale_socket_is_replaced_live_one_is_not() {
+    let agent = Agent::start("");
+    // A second agent on the same socket refuses to start (exit 5, cryptsetup's "busy").
+    let cfg = agent.dir.path().join("volcrypt.toml");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another agent is listening"));
+    assert!(agent.socket.exists(), "the live socket was touched");
+    drop(agent);
+
+    // A socket file nobody listens on (a crashed agent's) is replaced.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    // Keep the key store and state out of /var/lib.
+    let own_cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &own_cfg,
+        format!(
+            "[volume]\nstate_dir = \"{0}/state\"\n[key_manager.keystore]\ndir = \"{0}/keys\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&own_cfg)
+        .arg("--socket")
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut ok = false;
+    while t0.elapsed() < std::time::Duration::from_secs(20) {
+        if let Ok(r) = volcrypt::rpc::client::call(&sock, "GET", "/v1/health", None) {
+            ok = r.status == 200 || r.status == 503;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "agent did not take over the stale socket");
+
+    // A regular file at the socket path is never replaced.
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&own_cfg)
+        .arg("--socket")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+}
+
+#[test]
+fn openapi_documents_every_served_route() {
+    let api = OpenApi::load();
+    for (method, route) in volcrypt::rpc::routes::ROUTES {
+        let op = api.operation(method, route);
+        let responses = op["responses"].as_object().unwrap();
+        // Every route documents the peer refusal and the deadline.
+        for s in ["403", "504"] {
+            assert!(responses.contains_key(s), "{method} {route} lacks {s}");
+        }
+        for (status, resp) in responses {
+            let resp = api.resolve(resp);
+            let status: u16 = status.parse().unwrap();
+            // Health answers 503 with its own body (status "degraded"), by design.
+            if status >= 400 && !(*route == "/v1/health" && status == 503) {
+                let schema = &resp["content"]["application/json"]["schema"];
+                assert_eq!(
+                    api.resolve(schema),
+                    api.resolve(&serde_json::json!({"$ref": "#/components/schemas/Error"})),
+                    "{method} {route} {status} does not use the error schema"
+                );
+            }
+        }
+    }
+    // No value lost to YAML flow syntax (an unquoted comma makes a key with a null value).
+    fn no_nulls(v: &serde_json::Value, at: &str) {
+        match v {
+            serde_json::Value::Null => {
+                panic!("null at {at} in docs/openapi.yaml (quote the text?)")
+            }
+            serde_json::Value::Object(m) => m
+                .iter()
+                .for_each(|(k, x)| no_nulls(x, &format!("{at}/{k}"))),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| no_nulls(x, at)),
+            _ => {}
+        }
+    }
+    no_nulls(&api.0, "");
+    // The documented paths are exactly the served ones.
+    let served: std::collections::BTreeSet<&str> = volcrypt::rpc::routes::ROUTES
+        .iter()
+        .map(|(_, r)| *r)
+        .collect();
+    let documented: std::collections::BTreeSet<&str> = api.0["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(served, documented);
+}
+
+/// The hardened unit parses (systemd-analyze verify, with ExecStart pointing at the built
+/// binary), and keeps the settings the agent relies on.
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/volcrypt.service"
+    ))
+    .unwrap();
+    for needed in [
+        "CapabilityBoundingSet=CAP_SYS_ADMIN",
+        "ProtectSystem=strict",
+        "RuntimeDirectory=volcrypt",
+        "StateDirectory=volcrypt",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
+        "DeviceAllow=/dev/mapper/control rw",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("volcrypt.service");
+    std::fs::write(&path, unit.replace("/usr/bin/volcrypt", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
