@@ -155,13 +155,20 @@ mod tests {
     #[test]
     fn passphrase_secrets_are_used_verbatim_including_newlines() {
         let p = SecretBytes::new(b"s3cret\n".to_vec());
-        assert_eq!(derive_passphrase(&SecretType::Passphrase, &p).expose(), b"s3cret\n");
+        assert_eq!(
+            derive_passphrase(&SecretType::Passphrase, &p).expose(),
+            b"s3cret\n"
+        );
     }
 
     #[test]
     fn other_secret_types_become_lowercase_hex_keeping_leading_zeros() {
         let p = SecretBytes::new(vec![0x07, 0xab, 0x00, 0xff]);
-        for t in [SecretType::Symmetric, SecretType::Opaque, SecretType::Private] {
+        for t in [
+            SecretType::Symmetric,
+            SecretType::Opaque,
+            SecretType::Private,
+        ] {
             assert_eq!(derive_passphrase(&t, &p).expose(), b"07ab00ff");
         }
     }

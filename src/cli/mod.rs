@@ -7,14 +7,18 @@ use crate::error::Error;
 
 pub mod bench;
 pub mod image;
+pub mod keys;
 #[cfg(feature = "system")]
 pub mod serve;
 #[cfg(feature = "system")]
 pub mod volume;
-pub mod keys;
 
 #[derive(Debug, Parser)]
-#[command(name = "volcrypt", version, about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace")]
+#[command(
+    name = "volcrypt",
+    version,
+    about = "Open LUKS volumes with dm-crypt the way OpenStack does, and inspect, check, decrypt and encrypt LUKS images in userspace"
+)]
 pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); VOLCRYPT_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
