@@ -42,6 +42,11 @@ if [ "${VOLCRYPT_SKIP_VM:-}" = 1 ]; then
   stage "VM tests: skipped (VOLCRYPT_SKIP_VM=1)"
 else
   stage "VM tests (real dm-crypt under QEMU)"
+  # The VM cache must not sit where the guest mounts tmpfs (see tests/vm/README.md).
+  case $repo in
+    /tmp/*|/var/tmp/*|/var/lib/*|/run/*) export VOLCRYPT_VM_DIR=${VOLCRYPT_VM_DIR:-/var/cache/volcrypt/vm} ;;
+  esac
   tests/vm/prepare.sh
-  tests/vm/run-suite.sh
+  tests/vm/selftest.sh
+  tests/vm/attach-suite.sh
 fi

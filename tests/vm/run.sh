@@ -94,6 +94,16 @@ for m in "${EXTRA_MODULES[@]}"; do
     [[ $m =~ ^[A-Za-z0-9_-]+$ ]] || die "bad --module '$m'"
 done
 
+# A checkout under a path the guest covers with tmpfs (a CI clone in /tmp, say) would hide this
+# harness and the test binaries: share the checkout read-write at its own path instead.
+REPO_DIR=$(cd "$HERE/../.." && pwd -P)
+case $REPO_DIR/ in
+    /tmp/*|/var/tmp/*|/var/lib/*|/run/*)
+        repo_shared=0
+        for d in "${RW_DIRS[@]}"; do [[ $REPO_DIR/ == "$d"/* ]] && repo_shared=1; done
+        ((repo_shared)) || RW_DIRS+=("$REPO_DIR") ;;
+esac
+
 CWD=$(pwd -P)
 cwd_shared=0
 for d in "${RW_DIRS[@]}"; do [[ $CWD/ == "$d"/* ]] && cwd_shared=1; done
