@@ -11,6 +11,7 @@
 //! - [`keys`]: key managers (local keystore, Barbican, Cinder fixed key).
 //! - [`request`]: the attach request (what Nova hands os-brick) and its validation.
 //! - `volume` (feature `system`): attach/detach/extend/status through libcryptsetup and dm.
+//! - `rpc` (feature `system`): `volcrypt serve`, the attach API on a Unix socket.
 //! - [`config`]: the TOML configuration file and its defaults.
 //! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
 //! - [`cli`]: the command-line front end.
