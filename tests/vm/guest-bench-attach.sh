@@ -169,6 +169,24 @@ print("mapping: volcrypt %s, subprocess bench-sub; %d rounds per path in %.0f s 
       % (first.get("mapping_name"), rounds, elapsed))
 line("attach overhead", rpc_a, sub_a, "0.5x")
 line("detach overhead", rpc_d, sub_d, None)
+
+# Where the RPC time goes: the agent's own engine-call histogram (includes the warm-up round).
+# Informational only; a missing metric is reported, not fatal.
+s, out, _ = call("GET", "/metrics")
+vals = {}
+for l in out.decode(errors="replace").splitlines():
+    for op in ("attach", "detach"):
+        for kind in ("sum", "count"):
+            key = 'volcrypt_operation_duration_seconds_%s{op="%s",result="ok"}' % (kind, op)
+            if l.startswith(key + " "):
+                vals[(op, kind)] = float(l.split()[-1])
+for op, client in (("attach", rpc_a), ("detach", rpc_d)):
+    if vals.get((op, "count")):
+        eng = vals[(op, "sum")] / vals[(op, "count")] * 1000.0
+        print("%s: agent engine time mean %.1f ms of the client-side mean %.1f ms (the rest: HTTP, JSON, locks, scheduling)"
+              % (op, eng, statistics.mean(client) * 1000.0))
+    else:
+        print("%s: volcrypt_operation_duration_seconds not in /metrics (status %d)" % (op, s))
 PY
 rc=$?
 set -e
