@@ -750,3 +750,65 @@ fn detached_header_puts_the_payload_at_offset_0() {
     ]));
     assert_same_bytes(&out.stdout, &f.plain, "detached");
 }
+
+/// Adds an unknown mandatory requirement to both header copies of a LUKS2 image,
+/// recomputing each copy's checksum so the header stays valid.
+fn add_mandatory_requirement(img: &Path, name: &str) {
+    let mut b = read_file(img);
+    let hdr = u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")) as usize;
+    let area = &b[4096..hdr];
+    let end = area
+        .iter()
+        .position(|&c| c == 0)
+        .expect("JSON ends with NUL");
+    let mut v: serde_json::Value = serde_json::from_slice(&area[..end]).expect("JSON");
+    v["config"]["requirements"] = serde_json::json!({ "mandatory": [name] });
+    let text = serde_json::to_vec(&v).expect("JSON text");
+    for at in [0, hdr] {
+        let area = &mut b[at + 4096..at + hdr];
+        area.fill(0);
+        area[..text.len()].copy_from_slice(&text);
+        b[at + 0x1C0..at + 0x200].fill(0);
+        let sum = volcrypt::crypto::HashAlg::Sha256.digest(&[&b[at..at + hdr]]);
+        b[at + 0x1C0..at + 0x1C0 + 32].copy_from_slice(&sum);
+    }
+    write_file(img, &b);
+}
+
+#[test]
+fn unknown_mandatory_requirement_refuses_decrypt_but_inspect_lists_it() {
+    let f = Fixture::new(64 << 10);
+    let img = f.encrypt("img", &[]);
+    add_mandatory_requirement(&img, "volcrypt-future-thing");
+
+    let out = check(vc(&["image", "inspect", "--json", arg(&img)]));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        json_has_string(&json["requirements"], "volcrypt-future-thing"),
+        "requirement not listed: {json}"
+    );
+    let text = stdout(&check(vc(&["image", "inspect", arg(&img)])));
+    assert!(text.contains("volcrypt-future-thing"), "{text}");
+
+    let plain = f.path("plain.out");
+    let out = run(vc(&[
+        "image",
+        "decrypt",
+        arg(&img),
+        "--key-file",
+        arg(&f.key),
+        "--output",
+        arg(&plain),
+    ]));
+    assert_eq!(code(&out), 1, "decrypt: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("volcrypt-future-thing") && err.contains("requirement"),
+        "message does not name the requirement: {err}"
+    );
+    assert!(
+        !plain.exists() || read_file(&plain).is_empty(),
+        "plaintext written despite the refusal"
+    );
+    assert_no_secret(&out, "decrypt");
+}
