@@ -139,6 +139,7 @@ pub enum Finding {
 /// First step: move corrupt records aside and check that device-mapper is there. Returns the
 /// report so far and the volume ids to reconcile one by one, or a `checked: false` report.
 /// Blocking.
+#[allow(clippy::result_large_err)] // called once at start-up
 pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
     let scan = match state::scan(&config.state_dir) {
         Ok(s) => s,

@@ -79,6 +79,7 @@ impl App {
     /// Run the start-up reconcile in the background, log it, keep it for health. Each record is
     /// resolved under its volume's lock, so a request for the same volume waits for (or goes
     /// before) it and the reconcile always acts on the record as it is then.
+    #[allow(clippy::result_large_err)]
     pub fn spawn_reconcile(self: &Arc<Self>) {
         use super::reconcile;
         let app = self.clone();
