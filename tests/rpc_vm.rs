@@ -326,7 +326,7 @@ fn restart_reports_inactive_and_foreign_mappings_without_touching_them() {
     let r = &v["reconcile"];
     assert_eq!(r["checked"], true, "{v}");
     assert_eq!(r["records"], 1, "{v}");
-    assert_eq!(r["inactive"], serde_json::json!(["vm-rec-1"]), "{v}");
+    assert_eq!(r["reactivated"], serde_json::json!(["vm-rec-1"]), "{v}");
     assert_eq!(r["foreign"], serde_json::json!(["crypt-foreign-x"]), "{v}");
     assert!(
         Path::new("/dev/mapper/crypt-foreign-x").exists(),

@@ -1,38 +1,107 @@
-//! The start-up check of recorded attachments against the kernel (read-only).
+//! The start-up reconcile of the journal (state records) against the kernel.
 //!
-//! After a restart (or a crash) the agent compares its state records with the active
-//! device-mapper mappings and reports, without changing anything:
-//! - records whose mapping is not active (the volume should be attached: attach it again);
-//! - records whose mapping is active but whose backing device is gone (stale);
-//! - `crypt-*` mappings (os-brick's naming) that no record explains — not created by this
-//!   agent, so never touched.
+//! The records are the journal of desired attachments, each in a phase written *before* the
+//! step it names (see `volume::state`). After a restart, crash or reboot, each record is
+//! compared with its device-mapper mapping and the pair resolved by [`decide`]:
 //!
-//! The report is logged at start and shown in `GET /v1/health` under `reconcile`. Repairing
-//! (re-activation, link repair) belongs to the crash-safe journal work (issue 4 §4).
+//! | phase \ mapping | absent                    | active on the recorded device | backing gone | held by another device |
+//! |-----------------|---------------------------|-------------------------------|--------------|------------------------|
+//! | attaching       | attach again (finish)     | set links, mark attached      | report stale | report conflict        |
+//! | attached        | attach again (re-activate)| repair links                  | report stale | report conflict        |
+//! | detaching       | finish detach             | finish detach                 | finish detach| report conflict        |
+//!
+//! Re-attaching needs the request stored in the record; a record of an older version has
+//! none and is reported `inactive` instead. A failed repair keeps the record and is reported
+//! under `failed`. Records that do not parse are moved aside and reported under `corrupt`.
+//! `crypt-*` mappings (os-brick's naming) that no record explains were not created by this
+//! agent: reported as `foreign`, never touched.
+//!
+//! The report is logged at start and shown in `GET /v1/health` under `reconcile`.
+
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::keys::KeyManager;
-use crate::volume::{self, Context, VolumeConfig, dm::Dm, state};
+use crate::volume::state::{self, Phase, Record};
+use crate::volume::{self, Context, VolumeConfig, dm, dm::Dm, links};
 
-/// What the start-up check found.
+/// What the start-up reconcile found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
     /// false: the check could not run (see `detail`).
     pub checked: bool,
     pub detail: String,
-    /// State records found.
+    /// State records found (corrupt ones not counted).
     pub records: usize,
-    /// Volume ids whose mapping is not active.
+    /// Volume ids whose mapping is not active and could not be re-activated (no stored request).
     pub inactive: Vec<String>,
     /// Volume ids whose mapping is active but whose backing device is gone.
     pub stale: Vec<String>,
     /// `crypt-*` mappings without a record (left untouched).
     pub foreign: Vec<String>,
+    /// Volume ids attached again because their record wanted them active.
+    pub reactivated: Vec<String>,
+    /// Volume ids whose links or phase were repaired (a half-done attach finished).
+    pub repaired: Vec<String>,
+    /// Volume ids whose interrupted detach was finished.
+    pub detached: Vec<String>,
+    /// Volume ids whose mapping name is held by a device other than the recorded one.
+    pub conflict: Vec<String>,
+    /// Repairs that failed (the record is kept).
+    pub failed: Vec<Failure>,
+    /// Record files that did not parse, and where they were moved.
+    pub corrupt: Vec<state::Corrupt>,
 }
 
-/// `volume::status` takes a key manager in its context but never asks it for a key; the check
-/// passes this one, which has none, so it can run before and apart from the real one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub volume_id: String,
+    pub action: &'static str,
+    pub error: String,
+}
+
+/// The kernel side of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmState {
+    Absent,
+    /// Active, mapping the recorded backing device.
+    Ours,
+    /// Active, but every device it maps is gone.
+    Stale,
+    /// Active on some other device (or without a table).
+    Conflict,
+}
+
+/// What to do about one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Run the stored attach request again.
+    Reactivate,
+    /// Set the links and mark the record attached.
+    RepairLinks,
+    /// Run the detach again (close if open, links, drop the record).
+    FinishDetach,
+    /// Should be active, but the record holds no request to attach it with.
+    ReportInactive,
+    ReportStale,
+    ReportConflict,
+}
+
+/// The decision table of the module doc. Pure: unit-tested for every combination.
+pub fn decide(phase: Phase, dm: DmState, has_request: bool) -> Action {
+    match (phase, dm) {
+        (_, DmState::Conflict) => Action::ReportConflict,
+        (Phase::Detaching, _) => Action::FinishDetach,
+        (_, DmState::Stale) => Action::ReportStale,
+        (_, DmState::Ours) => Action::RepairLinks,
+        (_, DmState::Absent) if has_request => Action::Reactivate,
+        (_, DmState::Absent) => Action::ReportInactive,
+    }
+}
+
+/// `volume::status`/`detach` take a key manager in their context but never ask it for a key;
+/// this one has none, used when no real one is available.
 struct NoKeys;
 
 impl KeyManager for NoKeys {
@@ -50,88 +119,235 @@ impl KeyManager for NoKeys {
     }
 }
 
-/// Compare records and mappings. Blocking (libdevmapper, state files).
-pub fn scan(config: &VolumeConfig) -> Report {
-    let records = match state::list(&config.state_dir) {
-        Ok(r) => r,
-        Err(e) => {
-            return Report {
-                detail: format!("cannot read the state records: {e}"),
-                ..Report::default()
-            };
-        }
-    };
-    let dm = match Dm::open() {
-        Ok(dm) => dm,
-        Err(e) => {
-            return Report {
-                detail: e.to_string(),
-                records: records.len(),
-                ..Report::default()
-            };
-        }
-    };
-    let ctx = Context {
-        keys: &NoKeys,
-        config: config.clone(),
-    };
-    let status = match volume::status(&ctx) {
+/// The result for one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// Nothing to do (or the record disappeared meanwhile).
+    Consistent,
+    Reactivated,
+    Repaired(Vec<String>),
+    Detached,
+    Inactive,
+    Stale,
+    Conflict,
+    Failed {
+        action: &'static str,
+        error: String,
+    },
+}
+
+/// First step: move corrupt records aside and check that device-mapper is there. Returns the
+/// report so far and the volume ids to reconcile one by one, or a `checked: false` report.
+/// Blocking.
+#[allow(clippy::result_large_err)] // called once at start-up
+pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
+    let scan = match state::scan(&config.state_dir) {
         Ok(s) => s,
         Err(e) => {
-            return Report {
-                detail: format!("cannot read the volumes' state: {e}"),
-                records: records.len(),
+            return Err(Report {
+                detail: format!("cannot read the state records: {e}"),
                 ..Report::default()
-            };
+            });
         }
     };
-    let names = match dm.list_names() {
-        Ok(n) => n,
-        Err(e) => {
-            return Report {
-                detail: e.to_string(),
-                records: records.len(),
-                ..Report::default()
-            };
-        }
+    let report = Report {
+        records: scan.records.len(),
+        corrupt: scan.corrupt,
+        ..Report::default()
     };
-    let ours: std::collections::HashSet<&str> =
-        records.iter().map(|r| r.mapping_name.as_str()).collect();
-    let mut foreign: Vec<String> = names
-        .into_iter()
-        .filter(|n| n.starts_with("crypt-") && !ours.contains(n.as_str()))
-        .collect();
-    foreign.sort();
-    let inactive: Vec<String> = status
-        .iter()
-        .filter(|s| !s.active)
-        .map(|s| s.volume_id.clone())
-        .collect();
-    let stale: Vec<String> = status
-        .iter()
-        .filter(|s| s.stale)
-        .map(|s| s.volume_id.clone())
-        .collect();
-    let detail = if inactive.is_empty() && stale.is_empty() && foreign.is_empty() {
-        "every record matches an active mapping".to_owned()
-    } else {
-        "attachments need attention (see inactive, stale, foreign)".to_owned()
-    };
-    Report {
-        checked: true,
-        detail,
-        records: records.len(),
-        inactive,
-        stale,
-        foreign,
+    if let Err(e) = Dm::open() {
+        return Err(Report {
+            detail: e.to_string(),
+            ..report
+        });
     }
+    let ids = scan.records.into_iter().map(|r| r.volume_id).collect();
+    Ok((report, ids))
+}
+
+fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, volume::Error> {
+    let Some(info) = dm.info(&r.mapping_name)? else {
+        return Ok(DmState::Absent);
+    };
+    if !info.deps.is_empty() && info.deps.iter().all(|d| !d.exists()) {
+        return Ok(DmState::Stale);
+    }
+    let now = std::fs::canonicalize(&r.backing_device)
+        .ok()
+        .and_then(|p| dm::devno_of(&p).ok());
+    if info.deps.contains(&r.backing_devno) || now.is_some_and(|d| info.deps.contains(&d)) {
+        Ok(DmState::Ours)
+    } else {
+        Ok(DmState::Conflict)
+    }
+}
+
+/// Reconcile one record (re-read now: a request may have changed it). Blocking; the caller
+/// holds the volume's lock.
+pub fn reconcile_one(
+    config: &VolumeConfig,
+    keys: Result<Arc<dyn KeyManager>, String>,
+    volume_id: &str,
+) -> Finding {
+    let failed = |action, e: &dyn std::fmt::Display| Finding::Failed {
+        action,
+        error: e.to_string(),
+    };
+    let record = match state::load(&config.state_dir, volume_id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Finding::Consistent,
+        Err(e) => return failed("read record", &e),
+    };
+    let dm = match Dm::open() {
+        Ok(d) => d,
+        Err(e) => return failed("open device-mapper", &e),
+    };
+    let dms = match dm_state(&dm, &record) {
+        Ok(s) => s,
+        Err(e) => return failed("read mapping", &e),
+    };
+    let action = decide(record.phase, dms, record.request.is_some());
+    tracing::info!(volume_id, phase = %record.phase, dm = ?dms, ?action, "reconcile");
+    let no_keys = NoKeys;
+    fn ctx<'a>(k: &'a dyn KeyManager, config: &VolumeConfig) -> Context<'a> {
+        Context {
+            keys: k,
+            config: config.clone(),
+        }
+    }
+    match action {
+        Action::ReportInactive => Finding::Inactive,
+        Action::ReportStale => Finding::Stale,
+        Action::ReportConflict => Finding::Conflict,
+        Action::RepairLinks => {
+            match volume::attach::repair_links(&ctx(&no_keys, config), &record) {
+                Ok(c) if c.is_empty() => Finding::Consistent,
+                Ok(c) => Finding::Repaired(c),
+                Err(e) => failed("repair links", &e),
+            }
+        }
+        Action::FinishDetach => match volume::detach(&ctx(&no_keys, config), volume_id, None) {
+            Ok(_) => Finding::Detached,
+            Err(e) => failed("finish detach", &e),
+        },
+        Action::Reactivate => {
+            let Some(req) = &record.request else {
+                return Finding::Inactive;
+            };
+            let keys = match keys {
+                Ok(k) => k,
+                Err(e) => return failed("re-activate", &format!("key manager unavailable: {e}")),
+            };
+            // A crash may have left device_path pointing at the (now absent) mapping: point it
+            // back where it was, so the request resolves to the backing device again.
+            let mapper = links::mapper_path(&record.mapping_name);
+            if let Some(prev) = &record.device_link_previous
+                && let Err(e) = links::restore_if_points_to(&record.device_path, &mapper, prev)
+            {
+                return failed("re-activate", &e);
+            }
+            match volume::attach(&ctx(keys.as_ref(), config), req) {
+                Ok(_) => Finding::Reactivated,
+                Err(e) => failed("re-activate", &e),
+            }
+        }
+    }
+}
+
+impl Report {
+    pub fn add(&mut self, volume_id: &str, finding: Finding) {
+        let id = volume_id.to_owned();
+        match finding {
+            Finding::Consistent => {}
+            Finding::Reactivated => self.reactivated.push(id),
+            Finding::Repaired(_) => self.repaired.push(id),
+            Finding::Detached => self.detached.push(id),
+            Finding::Inactive => self.inactive.push(id),
+            Finding::Stale => self.stale.push(id),
+            Finding::Conflict => self.conflict.push(id),
+            Finding::Failed { action, error } => self.failed.push(Failure {
+                volume_id: id,
+                action,
+                error,
+            }),
+        }
+    }
+
+    /// Last step: list foreign mappings (against the records as they are now) and sum up.
+    pub fn finish(mut self, config: &VolumeConfig) -> Report {
+        let names = match Dm::open().and_then(|dm| dm.list_names()) {
+            Ok(n) => n,
+            Err(e) => {
+                self.detail = format!("cannot list mappings: {e}");
+                return self;
+            }
+        };
+        let ours: std::collections::HashSet<String> = match state::list(&config.state_dir) {
+            Ok(r) => r.into_iter().map(|r| r.mapping_name).collect(),
+            Err(e) => {
+                self.detail = format!("cannot read the state records: {e}");
+                return self;
+            }
+        };
+        let mut foreign: Vec<String> = names
+            .into_iter()
+            .filter(|n| n.starts_with("crypt-") && !ours.contains(n))
+            .collect();
+        foreign.sort();
+        self.foreign = foreign;
+        self.checked = true;
+        self.detail = if self.inactive.is_empty()
+            && self.stale.is_empty()
+            && self.foreign.is_empty()
+            && self.conflict.is_empty()
+            && self.failed.is_empty()
+            && self.corrupt.is_empty()
+        {
+            "every record matches an active mapping".to_owned()
+        } else {
+            "attachments need attention (see inactive, stale, foreign, conflict, failed, corrupt)"
+                .to_owned()
+        };
+        self
+    }
+}
+
+/// The whole reconcile in one blocking call (no per-volume locking: for callers that own the
+/// state directory alone).
+pub fn run(config: &VolumeConfig, keys: Result<Arc<dyn KeyManager>, String>) -> Report {
+    let (mut report, ids) = match prepare(config) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    for id in ids {
+        let f = reconcile_one(config, keys.clone(), &id);
+        report.add(&id, f);
+    }
+    report.finish(config)
 }
 
 /// Log what a report says, one line per finding.
 pub fn log(report: &Report) {
+    for c in &report.corrupt {
+        tracing::error!(
+            file = %c.file.display(),
+            reason = %c.reason,
+            moved_to = ?c.moved_to,
+            "corrupt state record moved aside (its attachment is not managed until repaired)"
+        );
+    }
     if !report.checked {
         tracing::warn!(detail = %report.detail, records = report.records, "start-up reconcile check skipped");
         return;
+    }
+    for v in &report.reactivated {
+        tracing::info!(volume_id = %v, "recorded attachment was not active: attached it again");
+    }
+    for v in &report.repaired {
+        tracing::info!(volume_id = %v, "repaired links of recorded attachment");
+    }
+    for v in &report.detached {
+        tracing::info!(volume_id = %v, "finished interrupted detach");
     }
     for v in &report.inactive {
         tracing::warn!(volume_id = %v, "recorded attachment is not active (attach it again)");
@@ -139,14 +355,131 @@ pub fn log(report: &Report) {
     for v in &report.stale {
         tracing::warn!(volume_id = %v, "attachment is stale: its backing device is gone");
     }
+    for v in &report.conflict {
+        tracing::warn!(volume_id = %v, "mapping name is held by another device: left untouched");
+    }
+    for f in &report.failed {
+        tracing::error!(volume_id = %f.volume_id, action = f.action, error = %f.error, "reconcile failed (record kept)");
+    }
     for m in &report.foreign {
         tracing::warn!(mapping = %m, "crypt mapping not created by volcrypt: leaving it untouched");
     }
     tracing::info!(
         records = report.records,
+        reactivated = report.reactivated.len(),
+        repaired = report.repaired.len(),
+        detached = report.detached.len(),
         inactive = report.inactive.len(),
         stale = report.stale.len(),
+        conflict = report.conflict.len(),
+        failed = report.failed.len(),
+        corrupt = report.corrupt.len(),
         foreign = report.foreign.len(),
-        "start-up reconcile check done"
+        "start-up reconcile done"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PHASES: [Phase; 3] = [Phase::Attaching, Phase::Attached, Phase::Detaching];
+    const DMS: [DmState; 4] = [
+        DmState::Absent,
+        DmState::Ours,
+        DmState::Stale,
+        DmState::Conflict,
+    ];
+
+    #[test]
+    fn decision_table() {
+        use Action::*;
+        use DmState::*;
+        use Phase::*;
+        let cases = [
+            (Attaching, Absent, true, Reactivate),
+            (Attaching, Absent, false, ReportInactive),
+            (Attaching, Ours, true, RepairLinks),
+            (Attaching, Stale, true, ReportStale),
+            (Attaching, Conflict, true, ReportConflict),
+            (Attached, Absent, true, Reactivate),
+            (Attached, Absent, false, ReportInactive),
+            (Attached, Ours, true, RepairLinks),
+            (Attached, Ours, false, RepairLinks),
+            (Attached, Stale, true, ReportStale),
+            (Attached, Conflict, false, ReportConflict),
+            (Detaching, Absent, true, FinishDetach),
+            (Detaching, Ours, false, FinishDetach),
+            (Detaching, Stale, true, FinishDetach),
+            (Detaching, Conflict, true, ReportConflict),
+        ];
+        for (p, d, r, want) in cases {
+            assert_eq!(decide(p, d, r), want, "{p} {d:?} request={r}");
+        }
+    }
+
+    /// Invariants over every combination: a mapping on another device is never touched; a
+    /// detach is always finished unless the name belongs to someone else; nothing that should
+    /// be active is dropped (re-activated or reported).
+    #[test]
+    fn decision_invariants() {
+        for p in PHASES {
+            for d in DMS {
+                for r in [false, true] {
+                    let a = decide(p, d, r);
+                    if d == DmState::Conflict {
+                        assert_eq!(a, Action::ReportConflict);
+                    } else if p == Phase::Detaching {
+                        assert_eq!(a, Action::FinishDetach);
+                    }
+                    if p != Phase::Detaching {
+                        assert_ne!(a, Action::FinishDetach, "{p} {d:?}");
+                    }
+                    if a == Action::Reactivate {
+                        assert!(r && d == DmState::Absent);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn report_collects_findings_and_summarises() {
+        let mut r = Report::default();
+        r.add("a", Finding::Reactivated);
+        r.add("b", Finding::Consistent);
+        r.add(
+            "c",
+            Finding::Failed {
+                action: "re-activate",
+                error: "boom".into(),
+            },
+        );
+        r.add("d", Finding::Detached);
+        assert_eq!(r.reactivated, ["a"]);
+        assert_eq!(r.detached, ["d"]);
+        assert_eq!(r.failed[0].volume_id, "c");
+        assert_eq!(r.failed[0].error, "boom");
+    }
+
+    #[test]
+    fn prepare_moves_corrupt_records_aside_before_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VolumeConfig {
+            state_dir: dir.path().to_owned(),
+            ..VolumeConfig::default()
+        };
+        std::fs::write(dir.path().join("bad.json"), b"{\"volume_id\": \"ba").unwrap();
+        let report = match prepare(&config) {
+            Ok((r, ids)) => {
+                assert!(ids.is_empty());
+                r
+            }
+            Err(r) => r,
+        };
+        assert_eq!(report.corrupt.len(), 1, "{report:?}");
+        assert!(report.corrupt[0].file.ends_with("bad.json"));
+        assert!(report.corrupt[0].reason.contains("corrupt"));
+        assert!(report.corrupt[0].moved_to.as_ref().unwrap().exists());
+    }
 }

@@ -76,13 +76,48 @@ impl App {
         }
     }
 
-    /// Run the start-up reconcile check in the background, log it, keep it for health.
+    /// Run the start-up reconcile in the background, log it, keep it for health. Each record is
+    /// resolved under its volume's lock, so a request for the same volume waits for (or goes
+    /// before) it and the reconcile always acts on the record as it is then.
+    #[allow(clippy::result_large_err)]
     pub fn spawn_reconcile(self: &Arc<Self>) {
+        use super::reconcile;
         let app = self.clone();
-        tokio::task::spawn_blocking(move || {
-            // Reading status never fetches a key: the check does not use the key factory.
-            let report = super::reconcile::scan(&app.config.volume);
-            super::reconcile::log(&report);
+        tokio::spawn(async move {
+            let config = app.config.volume.clone();
+            let prepared = tokio::task::spawn_blocking(move || reconcile::prepare(&config)).await;
+            let report = match prepared {
+                Ok(Ok((mut report, ids))) => {
+                    for id in ids {
+                        let _guard = app.locks.lock(&id).await;
+                        let keys = (app.keys.factory)();
+                        let config = app.config.volume.clone();
+                        let id2 = id.clone();
+                        let finding = tokio::task::spawn_blocking(move || {
+                            reconcile::reconcile_one(&config, keys, &id2)
+                        })
+                        .await
+                        .unwrap_or_else(|e| reconcile::Finding::Failed {
+                            action: "reconcile",
+                            error: e.to_string(),
+                        });
+                        report.add(&id, finding);
+                    }
+                    let config = app.config.volume.clone();
+                    tokio::task::spawn_blocking(move || report.finish(&config))
+                        .await
+                        .unwrap_or_else(|e| reconcile::Report {
+                            detail: format!("reconcile task failed: {e}"),
+                            ..Default::default()
+                        })
+                }
+                Ok(Err(report)) => report,
+                Err(e) => reconcile::Report {
+                    detail: format!("reconcile task failed: {e}"),
+                    ..Default::default()
+                },
+            };
+            reconcile::log(&report);
             *app.reconcile.lock().unwrap_or_else(|e| e.into_inner()) = report;
         });
     }

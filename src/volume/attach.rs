@@ -14,7 +14,7 @@ use super::crypt::{self, Closed, LuksVersion};
 use super::dm::{self, DevNo, Dm};
 use super::links;
 use super::probe::{self, Probe};
-use super::state::{self, Record};
+use super::state::{self, Phase, Record};
 use super::{Context, Error, PerfFlags};
 use crate::request::{self, AttachRequest, EncryptedPlan, Plan, ValidRequest, VolumeFormat};
 
@@ -176,7 +176,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
                     *d,
                 );
             }
-            return finish_existing(ctx, &v, &plan, &name, backing);
+            return finish_existing(ctx, req, &v, &plan, &name, backing);
         }
         let gone = !info.deps.is_empty() && info.deps.iter().all(|d| !d.exists());
         let held_by = info
@@ -228,7 +228,45 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     let passphrase = secret.passphrase();
     drop(secret);
     let flags = PerfFlags::resolve(&ctx.config, &v.options);
-    let formatted = open_mapping(
+    let mapper = links::mapper_path(&name);
+    let stable = links::stable_link_path(&ctx.config.by_id_dir, &v.volume_id);
+
+    // Journal the attachment before the mapping exists: a crash from here on leaves an
+    // `attaching` record that the start-up reconcile finishes. The record already names where
+    // device_path points now, so a crash right after the link is replaced can still restore it.
+    let prior = state::load(&ctx.config.state_dir, &v.volume_id)?;
+    let prior_previous = prior.as_ref().and_then(|p| p.device_link_previous.clone());
+    let planned_previous = if v.options.replace_device_symlink
+        && links::is_replaceable(&v.device_path)
+        && links::read_link(&v.device_path).as_deref() != Some(mapper.as_path())
+    {
+        links::read_link(&v.device_path)
+    } else {
+        prior_previous.clone()
+    };
+    let mut record = Record {
+        volume_id: v.volume_id.clone(),
+        mapping_name: name.clone(),
+        device_path: v.device_path.clone(),
+        backing_device: real.clone(),
+        backing_devno: devno,
+        format: plan.format,
+        cipher: plan.cipher.clone(),
+        key_size: plan.key_size,
+        key_manager: ctx.keys.kind().to_owned(),
+        key_id: plan.key_id.clone(),
+        derivation: derivation.to_string(),
+        flags,
+        formatted: false,
+        stable_link: Some(stable.clone()),
+        device_link_previous: planned_previous,
+        attached_at: now_secs(),
+        phase: Phase::Attaching,
+        request: Some(req.clone()),
+    };
+    state::save(&ctx.config.state_dir, &record)?;
+    test_pause("attaching");
+    let formatted = match open_mapping(
         ctx,
         &v,
         &plan,
@@ -237,15 +275,20 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         &name,
         passphrase.expose(),
         flags,
-    )?;
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            restore_record(ctx, &v.volume_id, prior);
+            return Err(e);
+        }
+    };
+    test_pause("opened");
 
     // From here on the mapping exists: any failure closes it and undoes the links.
     let mut undo = Undo {
         name: name.clone(),
         links: Vec::new(),
     };
-    let mapper = links::mapper_path(&name);
-    let stable = links::stable_link_path(&ctx.config.by_id_dir, &v.volume_id);
     let result = (|| -> Result<AttachOutcome, Error> {
         let prev_stable = links::set_symlink(&stable, &mapper)?;
         undo.links.push((stable.clone(), prev_stable));
@@ -253,24 +296,9 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         if device_link == "replaced" {
             undo.links.push((v.device_path.clone(), previous.clone()));
         }
-        let record = Record {
-            volume_id: v.volume_id.clone(),
-            mapping_name: name.clone(),
-            device_path: v.device_path.clone(),
-            backing_device: real.clone(),
-            backing_devno: devno,
-            format: plan.format,
-            cipher: plan.cipher.clone(),
-            key_size: plan.key_size,
-            key_manager: ctx.keys.kind().to_owned(),
-            key_id: plan.key_id.clone(),
-            derivation: derivation.to_string(),
-            flags,
-            formatted,
-            stable_link: Some(stable.clone()),
-            device_link_previous: previous,
-            attached_at: now_secs(),
-        };
+        record.formatted = formatted;
+        record.device_link_previous = previous.or(prior_previous);
+        record.phase = Phase::Attached;
         state::save(&ctx.config.state_dir, &record)?;
         Ok(AttachOutcome {
             volume_id: v.volume_id.clone(),
@@ -295,9 +323,74 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         Ok(o) => Ok(o),
         Err(e) => {
             undo.run();
+            restore_record(ctx, &v.volume_id, prior);
             Err(e)
         }
     }
+}
+
+/// After a failed attach, put back the record that was there before it (a desired attachment
+/// is never lost to a failed retry), or remove the `attaching` one.
+fn restore_record(ctx: &Context<'_>, volume_id: &str, prior: Option<Record>) {
+    let r = match prior {
+        Some(p) => state::save(&ctx.config.state_dir, &p),
+        None => state::remove(&ctx.config.state_dir, volume_id),
+    };
+    if let Err(e) = r {
+        tracing::error!(volume_id, error = %e, "rollback could not restore the state record");
+    }
+}
+
+/// Test hook for the crash-safety VM test: with `VOLCRYPT_TEST_PAUSE_AT=<point>` (`attaching`:
+/// record written, no mapping yet; `opened`: mapping open, links not set; `detaching`: record
+/// marked, mapping not closed yet) the engine logs `test pause at <point>` and sleeps for an
+/// hour there, so the test can `kill -9` the agent at that exact point. Never set in production.
+fn test_pause(point: &str) {
+    if std::env::var_os("VOLCRYPT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
+        tracing::warn!("test pause at {point}");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Bring the links of an active, recorded mapping back in line with its record (start-up
+/// reconcile): the stable link, and `device_path` when the attachment replaced it. Marks the
+/// record `attached`. Returns what was changed (empty: nothing needed).
+pub fn repair_links(ctx: &Context<'_>, record: &Record) -> Result<Vec<String>, Error> {
+    let mapper = links::mapper_path(&record.mapping_name);
+    let stable = links::stable_link_path(&ctx.config.by_id_dir, &record.volume_id);
+    let mut changed = Vec::new();
+    let mut r = record.clone();
+    if links::read_link(&stable).as_deref() != Some(mapper.as_path()) {
+        links::set_symlink(&stable, &mapper)?;
+        changed.push(format!("{} -> {}", stable.display(), mapper.display()));
+    }
+    r.stable_link = Some(stable);
+    let replace = match &record.request {
+        Some(req) => req.options.replace_device_symlink,
+        None => record.device_link_previous.is_some(),
+    };
+    if replace
+        && links::is_replaceable(&record.device_path)
+        && links::read_link(&record.device_path).as_deref() != Some(mapper.as_path())
+    {
+        let previous = links::set_symlink(&record.device_path, &mapper)?;
+        if r.device_link_previous.is_none() {
+            r.device_link_previous = previous;
+        }
+        changed.push(format!(
+            "{} -> {}",
+            record.device_path.display(),
+            mapper.display()
+        ));
+    }
+    if r.phase != Phase::Attached {
+        changed.push(format!("record {} -> attached", r.phase));
+        r.phase = Phase::Attached;
+    }
+    if r != *record {
+        state::save(&ctx.config.state_dir, &r)?;
+    }
+    Ok(changed)
 }
 
 /// Rollback of a half-done attach: restore or remove the links we set, close the mapping.
@@ -436,6 +529,7 @@ fn replace_device_link(
 /// record exists, and return the existing mapping.
 fn finish_existing(
     ctx: &Context<'_>,
+    req: &AttachRequest,
     v: &ValidRequest,
     plan: &EncryptedPlan,
     name: &str,
@@ -454,6 +548,10 @@ fn finish_existing(
                 r.device_link_previous = previous;
             }
             r.stable_link = Some(stable.clone());
+            r.phase = Phase::Attached;
+            if r.request.is_none() {
+                r.request = Some(req.clone());
+            }
             r
         }
         None => Record {
@@ -473,6 +571,8 @@ fn finish_existing(
             stable_link: Some(stable.clone()),
             device_link_previous: previous,
             attached_at: now_secs(),
+            phase: Phase::Attached,
+            request: Some(req.clone()),
         },
     };
     state::save(&ctx.config.state_dir, &record)?;
@@ -532,6 +632,16 @@ pub fn detach(
             });
         }
     };
+    // Journal the detach before closing: a crash from here on leaves a `detaching` record that
+    // the start-up reconcile finishes (close if still open, links, record).
+    if let Some(r) = &record
+        && r.phase != Phase::Detaching
+    {
+        let mut d = r.clone();
+        d.phase = Phase::Detaching;
+        state::save(&ctx.config.state_dir, &d)?;
+    }
+    test_pause("detaching");
     let start = Instant::now();
     let deadline = start + ctx.config.detach_timeout();
     let mut delay = Duration::from_millis(50);
@@ -557,6 +667,10 @@ pub fn detach(
             Closed::Busy => {
                 let now = Instant::now();
                 if now >= deadline {
+                    // Still in use: the attachment stays, and so does its record as it was.
+                    if let Some(r) = &record {
+                        state::save(&ctx.config.state_dir, r)?;
+                    }
                     return Err(busy_error(&dm, &name, start.elapsed().as_millis()));
                 }
                 std::thread::sleep(delay.min(deadline - now));

@@ -1,7 +1,12 @@
 //! The record of what volcrypt manages: one JSON file per volume in the state directory,
 //! written atomically (temporary file, fsync, rename, fsync of the directory). It holds names,
 //! devices and the key *source* (manager kind, key id, derivation) — never key material.
-//! The agent (issue 4) replaces this with a journal; the record format stays.
+//!
+//! The records are the agent's journal of *desired* attachments: each carries a [`Phase`]
+//! written before the step it names (`attaching` before the mapping is created, `detaching`
+//! before it is closed), and the request it came from, so that after a crash the start-up
+//! reconcile (`rpc::reconcile`) can finish or redo whatever was half done. A record that does
+//! not parse is never dropped: [`scan`] moves it aside to `<file>.corrupt-<secs>` and names it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,11 +16,34 @@ use serde::{Deserialize, Serialize};
 use super::Error;
 use super::PerfFlags;
 use super::dm::DevNo;
-use crate::request::VolumeFormat;
+use crate::request::{AttachRequest, VolumeFormat};
 use crate::secret::Derivation;
 
 /// Largest record accepted when reading (they are a few hundred bytes).
 const MAX_RECORD_BYTES: u64 = 64 * 1024;
+
+/// Where an attachment stood when its record was last written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Written before the mapping is created: the mapping and links may or may not exist.
+    Attaching,
+    /// Mapping open, links set (records written before the journal had phases are this).
+    #[default]
+    Attached,
+    /// Written before the mapping is closed: it may or may not still be open.
+    Detaching,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Attaching => "attaching",
+            Phase::Attached => "attached",
+            Phase::Detaching => "detaching",
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -40,6 +68,12 @@ pub struct Record {
     pub device_link_previous: Option<PathBuf>,
     /// Seconds since the epoch.
     pub attached_at: u64,
+    #[serde(default)]
+    pub phase: Phase,
+    /// The request that made this attachment (no secrets in it: key ids only), so the agent
+    /// can attach it again after a crash or reboot. Absent in records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<AttachRequest>,
 }
 
 impl Record {
@@ -102,6 +136,84 @@ pub fn list(dir: &Path) -> Result<Vec<Record>, Error> {
         }
     }
     out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+    Ok(out)
+}
+
+/// A record file that could not be read as a record, and where it was moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Corrupt {
+    pub file: PathBuf,
+    pub reason: String,
+    /// `None`: it could not be moved (it stays where it is, and is reported again next time).
+    pub moved_to: Option<PathBuf>,
+}
+
+/// What [`scan`] found in the state directory.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub records: Vec<Record>,
+    pub corrupt: Vec<Corrupt>,
+}
+
+/// Every record in `dir`, sorted by volume id. A corrupt, truncated or oversized record is moved
+/// aside to `<file>.corrupt-<secs since epoch>` (never deleted) and listed in `corrupt`, so the
+/// others can still be reconciled and the agent can start. Leftover temporary files of a write
+/// that crashed before its rename are removed: they never were a record.
+pub fn scan(dir: &Path) -> Result<Scan, Error> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan::default()),
+        Err(e) => return Err(Error::io("list state directory", dir, e)),
+    };
+    let mut out = Scan::default();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io("list state directory", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let path = entry.path();
+        if name.starts_with('.') && name.ends_with(".json.tmp") {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::warn!(file = %path.display(), "removed the temporary file of an interrupted state write")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove temporary state file")
+                }
+            }
+            continue;
+        }
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        match load_path(&path) {
+            Ok(Some(r)) => out.records.push(r),
+            Ok(None) => {}
+            Err(Error::State { detail, .. }) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = dir.join(format!("{name}.corrupt-{stamp}"));
+                let moved_to = match std::fs::rename(&path, &aside) {
+                    Ok(()) => {
+                        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+                        Some(aside)
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "cannot move corrupt state record aside");
+                        None
+                    }
+                };
+                out.corrupt.push(Corrupt {
+                    file: path,
+                    reason: detail,
+                    moved_to,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.records.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
     Ok(out)
 }
 
@@ -169,6 +281,8 @@ mod tests {
             stable_link: None,
             device_link_previous: None,
             attached_at: 1,
+            phase: Phase::Attached,
+            request: None,
         }
     }
 
@@ -192,6 +306,66 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0);
+    }
+
+    #[test]
+    fn phase_and_request_round_trip_and_old_records_read_as_attached() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = sample("p");
+        r.phase = Phase::Detaching;
+        r.request =
+            Some(serde_json::from_str(r#"{"volume_id":"p","device_path":"/dev/loop0"}"#).unwrap());
+        save(dir.path(), &r).unwrap();
+        assert_eq!(load(dir.path(), "p").unwrap(), Some(r.clone()));
+        // A record written before phases existed.
+        let mut v = serde_json::to_value(sample("old")).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("phase");
+        o.remove("request");
+        std::fs::write(dir.path().join("old.json"), v.to_string()).unwrap();
+        let old = load(dir.path(), "old").unwrap().unwrap();
+        assert_eq!(old.phase, Phase::Attached);
+        assert_eq!(old.request, None);
+    }
+
+    #[test]
+    fn scan_moves_corrupt_and_truncated_records_aside_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        save(d, &sample("good")).unwrap();
+        let full = std::fs::read(d.join("good.json")).unwrap();
+        std::fs::write(d.join("cut.json"), &full[..full.len() / 2]).unwrap();
+        std::fs::write(d.join("junk.json"), b"\x00\x00garbage").unwrap();
+        std::fs::write(d.join(".half.json.tmp"), b"{").unwrap();
+        let s = scan(d).unwrap();
+        assert_eq!(s.records, vec![sample("good")]);
+        let mut files: Vec<_> = s
+            .corrupt
+            .iter()
+            .map(|c| c.file.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["cut.json", "junk.json"]);
+        for c in &s.corrupt {
+            assert!(c.reason.contains("corrupt"), "{c:?}");
+            let aside = c.moved_to.as_ref().unwrap();
+            assert!(aside.to_string_lossy().contains(".json.corrupt-"), "{c:?}");
+            assert!(aside.exists() && !c.file.exists(), "{c:?}");
+        }
+        // The truncated record's bytes are kept, byte for byte.
+        let cut = s
+            .corrupt
+            .iter()
+            .find(|c| c.file.ends_with("cut.json"))
+            .unwrap();
+        assert_eq!(
+            std::fs::read(cut.moved_to.as_ref().unwrap()).unwrap(),
+            &full[..full.len() / 2]
+        );
+        assert!(!d.join(".half.json.tmp").exists());
+        // Now the directory lists cleanly, and a second scan finds nothing new.
+        assert_eq!(list(d).unwrap(), vec![sample("good")]);
+        assert!(scan(d).unwrap().corrupt.is_empty());
     }
 
     #[test]
