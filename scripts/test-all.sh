@@ -23,7 +23,7 @@ trap cleanup EXIT
 
 stage "build"
 cargo build --all-targets
-cargo build --no-default-features --lib --bins
+cargo build --no-default-features --all-targets
 
 stage "real Barbican on 127.0.0.1"
 barbican_pid=started
