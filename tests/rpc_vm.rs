@@ -485,6 +485,15 @@ fn snapshot(agent: &Agent, loops: &Loops, hashed: &[PathBuf]) -> String {
     s
 }
 
+/// A bad request: what it is, its body, and the status, error code and field it must get.
+type BadCase = (
+    &'static str,
+    Vec<u8>,
+    u16,
+    &'static str,
+    Option<&'static str>,
+);
+
 /// Every kind of bad request against a live agent that holds one attachment: each gets its
 /// status and error code, and nothing changes — no mapping, record or link appears or goes, and
 /// no device is written (the LUKS device offered the wrong key is not reformatted, the blank
@@ -520,7 +529,7 @@ fn bad_requests_get_their_status_and_change_nothing() {
     let post =
         |body: &[u8]| agent.checked("POST", "/v1/attachments", "/v1/attachments", Some(body));
     let good_blank = request("bad-1", blank, "luks2", "good");
-    let mut cases: Vec<(&str, Vec<u8>, u16, &str, Option<&str>)> = vec![
+    let mut cases: Vec<BadCase> = vec![
         (
             "invalid JSON",
             b"{\"volume_id\": ".to_vec(),
