@@ -392,10 +392,23 @@ fn send_in_background(
     })
 }
 
-/// Crash during attach at `point`, with the volume detached (data on it) before.
-fn crash_during_attach(point: &str, mapping_before_kill: bool, report_key: &str) {
-    let mut vol = Vol::new(point);
+/// Crash during attach at `point`, with the volume detached (data on it) before. `inside_open`:
+/// also leave what a kill inside libcryptsetup's activation leaves (device-mapper's create done,
+/// table load not yet): a table-less device under the mapping name with the LUKS mapping's uuid.
+fn crash_during_attach(
+    label: &str,
+    point: &str,
+    inside_open: bool,
+    mapping_before_kill: bool,
+    report_key: &str,
+) {
+    let mut vol = Vol::new(label);
     vol.attach_and_write();
+    let uuid = sh(&format!(
+        "dmsetup info -c --noheadings -o uuid {}",
+        vol.mapping
+    ));
+    assert!(uuid.starts_with("CRYPT-LUKS2-"), "{uuid}");
     let (s, v) = vol.detach();
     assert_eq!(s, 200, "{v}");
     vol.assert_detached();
@@ -414,6 +427,13 @@ fn crash_during_attach(point: &str, mapping_before_kill: bool, report_key: &str)
     assert_eq!(vol.mapping_active(), mapping_before_kill, "at {point}");
     let linked = std::fs::read_link(vol.stable()).ok() == Some(vol.mapper());
     assert_eq!(linked, point == "linked", "stable link at {point}");
+    if inside_open {
+        sh(&format!(
+            "dmsetup create {} --notable -u {uuid}",
+            vol.mapping
+        ));
+        assert!(vol.mapping_active());
+    }
 
     // A truncated record beside it: reported and kept aside, the good record still reconciled.
     let cut = vol.agent.dir.path().join("state/cut-vol.json");
@@ -490,7 +510,17 @@ fn kill9_attach_before_open_reattaches() {
     if skip() {
         return;
     }
-    crash_during_attach("attaching", false, "reactivated");
+    crash_during_attach("attaching", "attaching", false, false, "reactivated");
+}
+
+/// Killed inside the activation itself: the table-less device it leaves is removed and the
+/// attach redone.
+#[test]
+fn kill9_attach_inside_open_removes_the_tableless_device_and_reattaches() {
+    if skip() {
+        return;
+    }
+    crash_during_attach("inside-open", "attaching", true, false, "reactivated");
 }
 
 /// Mapping open, no links yet → links set, record marked attached.
@@ -499,7 +529,7 @@ fn kill9_attach_after_open_repairs_links() {
     if skip() {
         return;
     }
-    crash_during_attach("opened", true, "repaired");
+    crash_during_attach("opened", "opened", false, true, "repaired");
 }
 
 /// Links set, record still `attaching` → record marked attached.
@@ -508,7 +538,7 @@ fn kill9_attach_after_links_marks_attached() {
     if skip() {
         return;
     }
-    crash_during_attach("linked", true, "repaired");
+    crash_during_attach("linked", "linked", false, true, "repaired");
 }
 
 /// Record `detaching` written, mapping still open → detach finished.
