@@ -266,8 +266,12 @@ impl Vol {
         let line = loop {
             let text = self.agent.log_text();
             let new = text.get(from as usize..).unwrap_or("");
-            if let Some(l) = new.lines().find(|l| l.contains(&want)) {
-                break l.to_owned();
+            // Whole lines only: the agent may be writing the next one right now.
+            if let Some(l) = new
+                .split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains(&want))
+            {
+                break l.trim_end().to_owned();
             }
             if let Some(st) = self.agent.child.try_wait().unwrap() {
                 panic!("agent exited ({st}) before pausing at {point}: {new}");

@@ -164,6 +164,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     {
         name = legacy;
     }
+    tracing::Span::current().record("mapping", name.as_str());
 
     // device_path may already point at our mapping (its link was replaced on a first attach):
     // then the device the request means is the mapping's backing device.
@@ -349,14 +350,15 @@ fn restore_record(ctx: &Context<'_>, volume_id: &str, prior: Option<Record>) {
 fn journal(ctx: &Context<'_>, record: &Record) -> Result<(), Error> {
     state::save(&ctx.config.state_dir, record)?;
     trace_phase(&record.mapping_name, &record.phase.to_string());
+    tracing::debug!(mapping = %record.mapping_name, phase = %record.phase, "journal record written");
     Ok(())
 }
 
+/// Note a mapping and its phase on the current span (no-op outside a request).
 fn trace_phase(mapping: &str, phase: &str) {
     tracing::Span::current()
         .record("mapping", mapping)
         .record("phase", phase);
-    tracing::debug!(mapping, phase, "journal");
 }
 
 /// Test hook for the crash-safety VM test (tests/journal_vm.rs): with
@@ -596,7 +598,7 @@ fn finish_existing(
             request: Some(req.clone()),
         },
     };
-    state::save(&ctx.config.state_dir, &record)?;
+    journal(ctx, &record)?;
     Ok(AttachOutcome {
         volume_id: v.volume_id.clone(),
         encrypted: true,
@@ -653,6 +655,7 @@ pub fn detach(
             });
         }
     };
+    tracing::Span::current().record("mapping", name.as_str());
     // Journal the detach before closing: a crash from here on leaves a `detaching` record that
     // the start-up reconcile finishes (close if still open, links, record).
     if let Some(r) = &record
@@ -760,6 +763,7 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
             volume_id: volume_id.to_owned(),
             state_dir: ctx.config.state_dir.clone(),
         })?;
+    trace_phase(&record.mapping_name, &record.phase.to_string());
     let dm = Dm::open()?;
     let name = &record.mapping_name;
     let info = dm.info(name)?.ok_or_else(|| Error::NoDevice {
