@@ -252,6 +252,11 @@ impl Vol {
     /// Stop the agent (SIGTERM) and start it again with the test hook set to `point`.
     fn restart_paused(&mut self, point: &str) -> u64 {
         assert!(self.agent.terminate().success());
+        self.start_paused(point)
+    }
+
+    /// Start the (dead) agent with the test hook set to `point`; returns the log offset.
+    fn start_paused(&mut self, point: &str) -> u64 {
         let from = log_len(&self.agent);
         self.agent.child = spawn(&self.agent, Some(point));
         wait_listening(&mut self.agent);
@@ -259,8 +264,9 @@ impl Vol {
     }
 
     /// Wait for the pause line (logged after `from`), check it carries the request span's
-    /// volume id, mapping and phase, then `kill -9` the agent.
-    fn kill_at(&mut self, point: &str, from: u64, phase: &str) {
+    /// volume id, mapping and phase (`None`: paused in the start-up reconcile, no request),
+    /// then `kill -9` the agent.
+    fn kill_at(&mut self, point: &str, from: u64, phase: Option<&str>) {
         let want = format!("test pause at {point}");
         let deadline = Instant::now() + Duration::from_secs(300);
         let line = loop {
@@ -284,9 +290,11 @@ impl Vol {
         };
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
-        assert_eq!(v["span"]["volume_id"], json!(self.id), "{line}");
-        assert_eq!(v["span"]["mapping"], json!(self.mapping), "{line}");
-        assert_eq!(v["span"]["phase"], phase, "{line}");
+        if let Some(phase) = phase {
+            assert_eq!(v["span"]["volume_id"], json!(self.id), "{line}");
+            assert_eq!(v["span"]["mapping"], json!(self.mapping), "{line}");
+            assert_eq!(v["span"]["phase"], phase, "{line}");
+        }
         // SIGKILL: no destructor, no shutdown, nothing flushed beyond what is on disk.
         self.agent.child.kill().unwrap();
         let st = self.agent.child.wait().unwrap();
@@ -424,7 +432,7 @@ fn crash_during_attach(
         "/v1/attachments".into(),
         Some(vol.body.clone()),
     );
-    vol.kill_at(point, from, "attaching");
+    vol.kill_at(point, from, Some("attaching"));
     client.join().unwrap();
     // Where the crash happened: the journal says attaching; the mapping is there or not.
     assert_eq!(vol.record_phase().as_deref(), Some("attaching"));
@@ -481,7 +489,7 @@ fn crash_during_detach(point: &str, mapping_before_kill: bool) {
         format!("/v1/attachments/{}", vol.id),
         None,
     );
-    vol.kill_at(point, from, "detaching");
+    vol.kill_at(point, from, Some("detaching"));
     client.join().unwrap();
     assert_eq!(vol.record_phase().as_deref(), Some("detaching"));
     assert_eq!(vol.mapping_active(), mapping_before_kill, "at {point}");
@@ -561,4 +569,76 @@ fn kill9_detach_after_close_finishes_detach() {
         return;
     }
     crash_during_detach("closed", false);
+}
+
+/// Killed at `attaching`, then killed again while the restart's reconcile re-attaches (mapping
+/// open, no links): the second restart finishes it.
+#[test]
+fn kill9_again_during_the_recovery_of_an_attach() {
+    if skip() {
+        return;
+    }
+    let mut vol = Vol::new("re-attach");
+    vol.attach_and_write();
+    let (s, v) = vol.detach();
+    assert_eq!(s, 200, "{v}");
+    let from = vol.restart_paused("attaching");
+    let client = send_in_background(
+        &vol.agent,
+        "POST",
+        "/v1/attachments".into(),
+        Some(vol.body.clone()),
+    );
+    vol.kill_at("attaching", from, Some("attaching"));
+    client.join().unwrap();
+    assert!(!vol.mapping_active());
+
+    let from = vol.start_paused("opened");
+    vol.kill_at("opened", from, None);
+    assert_eq!(vol.record_phase().as_deref(), Some("attaching"));
+    assert!(vol.mapping_active());
+
+    let r = vol.restart_after_crash();
+    assert_eq!(r["repaired"], json!([vol.id]), "{r}");
+    vol.assert_attached();
+    vol.assert_data();
+    let (s, v) = vol.detach();
+    assert_eq!(s, 200, "{v}");
+    vol.assert_detached();
+}
+
+/// Killed at `detaching`, then killed again while the restart's reconcile finishes the detach
+/// (mapping closed, links and record left): the second restart finishes it.
+#[test]
+fn kill9_again_during_the_recovery_of_a_detach() {
+    if skip() {
+        return;
+    }
+    let mut vol = Vol::new("re-detach");
+    vol.attach_and_write();
+    let from = vol.restart_paused("detaching");
+    let client = send_in_background(
+        &vol.agent,
+        "DELETE",
+        format!("/v1/attachments/{}", vol.id),
+        None,
+    );
+    vol.kill_at("detaching", from, Some("detaching"));
+    client.join().unwrap();
+    assert!(vol.mapping_active());
+
+    let from = vol.start_paused("closed");
+    vol.kill_at("closed", from, None);
+    assert_eq!(vol.record_phase().as_deref(), Some("detaching"));
+    assert!(!vol.mapping_active());
+
+    let r = vol.restart_after_crash();
+    assert_eq!(r["detached"], json!([vol.id]), "{r}");
+    vol.assert_detached();
+    let (s, v) = vol.attach();
+    assert_eq!(s, 201, "{v}");
+    vol.assert_data();
+    let (s, v) = vol.detach();
+    assert_eq!(s, 200, "{v}");
+    vol.assert_detached();
 }
