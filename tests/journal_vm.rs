@@ -294,6 +294,11 @@ impl Vol {
             assert_eq!(v["span"]["volume_id"], json!(self.id), "{line}");
             assert_eq!(v["span"]["mapping"], json!(self.mapping), "{line}");
             assert_eq!(v["span"]["phase"], phase, "{line}");
+            // The API shows the operation in progress (reads take no volume lock).
+            let (s, got) = self.get();
+            assert_eq!(s, 200, "{got}");
+            assert_eq!(got["phase"], phase, "{got}");
+            assert_eq!(got["active"], self.mapping_active(), "{got}");
         }
         // SIGKILL: no destructor, no shutdown, nothing flushed beyond what is on disk.
         self.agent.child.kill().unwrap();
