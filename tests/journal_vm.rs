@@ -337,6 +337,11 @@ impl Drop for Vol {
             .args(["close", &self.mapping])
             .stderr(Stdio::null())
             .status();
+        // A table-less device (the inside-open case) is removed by device-mapper alone.
+        let _ = Command::new("dmsetup")
+            .args(["remove", &self.mapping])
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("losetup")
             .arg("-d")
             .arg(&self.loop_dev)

@@ -208,7 +208,7 @@ fn remove_half_created(dm: &Dm, name: &str) -> Result<(), volume::Error> {
 /// No live table (dm-crypt's table always maps the backing device), unused, and a uuid that
 /// libcryptsetup made for exactly this name: `CRYPT-<TYPE>-<hex uuid>-<name>` (LUKS) or
 /// `CRYPT-<TYPE>-<name>` (plain).
-pub fn is_half_created(info: &dm::MapInfo, name: &str) -> bool {
+fn is_half_created(info: &dm::MapInfo, name: &str) -> bool {
     let made_for_name = info
         .uuid
         .as_deref()
