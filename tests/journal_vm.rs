@@ -652,3 +652,38 @@ fn kill9_again_during_the_recovery_of_a_detach() {
     assert_eq!(s, 200, "{v}");
     vol.assert_detached();
 }
+
+/// Killed after the first attach formatted and opened the blank device: the restart finishes
+/// the attach and the record still says volcrypt formatted it.
+#[test]
+fn kill9_first_attach_after_format_keeps_the_formatted_flag() {
+    if skip() {
+        return;
+    }
+    let mut vol = Vol::new("first");
+    let from = vol.restart_paused("opened");
+    let client = send_in_background(
+        &vol.agent,
+        "POST",
+        "/v1/attachments".into(),
+        Some(vol.body.clone()),
+    );
+    vol.kill_at("opened", from, Some("attaching"));
+    client.join().unwrap();
+    let r = vol.restart_after_crash();
+    assert_eq!(r["repaired"], json!([vol.id]), "{r}");
+    vol.assert_attached();
+    let (s, v) = vol.get();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["formatted_by_volcrypt"], true, "{v}");
+    vol.write_data();
+    let (s, v) = vol.detach();
+    assert_eq!(s, 200, "{v}");
+    vol.assert_detached();
+    let (s, v) = vol.attach();
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["formatted"], false, "{v}");
+    vol.assert_data();
+    let (s, v) = vol.detach();
+    assert_eq!(s, 200, "{v}");
+}

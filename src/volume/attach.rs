@@ -285,7 +285,6 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
             return Err(e);
         }
     };
-    test_pause("opened");
 
     // From here on the mapping exists: any failure closes it and undoes the links.
     let mut undo = Undo {
@@ -293,6 +292,13 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         links: Vec::new(),
     };
     let result = (|| -> Result<AttachOutcome, Error> {
+        if formatted {
+            // Journal the format at once, so a crash before the record says `attached` does
+            // not forget that volcrypt formatted this device (first attaches only).
+            record.formatted = true;
+            journal(ctx, &record)?;
+        }
+        test_pause("opened");
         let prev_stable = links::set_symlink(&stable, &mapper)?;
         undo.links.push((stable.clone(), prev_stable));
         let (device_link, previous) = replace_device_link(&v, &mapper)?;
