@@ -8,6 +8,9 @@
 //! (the stable `volcrypt-<id>` link and the replaced `device_path` symlink), the record's
 //! phase, that data written before the crash is intact, and that attach and detach through the
 //! API work afterwards. The semantics per point are in README.md ("Crash safety").
+//! Also: a kill inside the activation (simulated: the table-less device it leaves), a second
+//! kill during the restart's own recovery, the formatted flag of a first attach, and a truncated
+//! record beside the others (reported under `corrupt`, moved aside byte for byte).
 //!
 //! Needs root and dm-crypt: natively this prints `skipped: needs dm-crypt` and passes; in the VM
 //! run it with `tests/vm/attach-suite.sh kill9_`.
