@@ -580,3 +580,79 @@ fn systemd_unit_verifies() {
         "systemd-analyze verify: {err}"
     );
 }
+
+/// `--log-format json` (the harness starts `serve` with it): every log line is one JSON object,
+/// and a request's lines carry its span with the peer, the volume id and — once the record has
+/// been read — the mapping and the journal phase, which `GET /v1/attachments/{id}` also shows.
+#[test]
+fn json_logs_carry_the_request_span_with_volume_mapping_and_phase() {
+    use volcrypt::volume::dm::DevNo;
+    use volcrypt::volume::state::{self, Phase, Record};
+    let agent = Agent::start("");
+    let record = Record {
+        volume_id: "span-vol".into(),
+        mapping_name: "crypt-span-disk".into(),
+        device_path: "/dev/disk/by-path/span-disk".into(),
+        backing_device: "/dev/nonexistent-span".into(),
+        backing_devno: DevNo {
+            major: 7,
+            minor: 250,
+        },
+        format: volcrypt::request::VolumeFormat::Luks2,
+        cipher: None,
+        key_size: None,
+        key_manager: "keystore".into(),
+        key_id: "k".into(),
+        derivation: "raw".into(),
+        flags: volcrypt::volume::PerfFlags::default(),
+        formatted: false,
+        stable_link: None,
+        device_link_previous: None,
+        attached_at: 1,
+        phase: Phase::Detaching,
+        request: None,
+    };
+    state::save(&agent.dir.path().join("state"), &record).unwrap();
+    let (s, v) = agent.checked(
+        "GET",
+        "/v1/attachments/{volume_id}",
+        "/v1/attachments/span-vol",
+        None,
+    );
+    if dm_available() {
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["phase"], "detaching", "{v}");
+    } else {
+        assert_error(s, &v, 503, "dm_unavailable", None);
+    }
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 2, "{log}");
+    for l in &lines {
+        assert!(
+            l["level"].is_string() && l["fields"]["message"].is_string(),
+            "{l}"
+        );
+    }
+    let done = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"] == "request done"
+                && l["span"]["path"] == "/v1/attachments/span-vol"
+        })
+        .unwrap_or_else(|| panic!("no request line: {log}"));
+    let span = &done["span"];
+    assert_eq!(span["name"], "request", "{done}");
+    assert_eq!(span["volume_id"], "span-vol", "{done}");
+    assert_eq!(span["mapping"], "crypt-span-disk", "{done}");
+    assert_eq!(span["phase"], "detaching", "{done}");
+    assert!(
+        span["peer_uid"].is_u64() && span["peer_pid"].is_u64(),
+        "{done}"
+    );
+    assert_eq!(done["fields"]["status"], s, "{done}");
+}

@@ -10,6 +10,10 @@
 //! | attached        | attach again (re-activate)| repair links                  | report stale | report conflict        |
 //! | detaching       | finish detach             | finish detach                 | finish detach| report conflict        |
 //!
+//! Before that, a record still `attaching` whose mapping name holds a table-less device created
+//! by libcryptsetup (the agent was killed inside the activation) has that device removed, so
+//! the row "absent" applies (see [`remove_half_created`]).
+//!
 //! Re-attaching needs the request stored in the record; a record of an older version has
 //! none and is reported `inactive` instead. A failed repair keeps the record and is reported
 //! under `failed`. Records that do not parse are moved aside and reported under `corrupt`.
@@ -182,6 +186,44 @@ fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, volume::Error> {
     }
 }
 
+/// A kill inside libcryptsetup's activation (after device-mapper's create, before the table is
+/// loaded and resumed) leaves a device with no live table under the mapping name, whose uuid
+/// libcryptsetup set (`CRYPT-<type>-<uuid>-<name>`). It maps nothing, so it holds no data and
+/// nobody can be using it: for a record still `attaching`, remove it so the attach is redone
+/// (otherwise it would block the name as a conflict forever). Anything else is left alone.
+fn remove_half_created(dm: &Dm, name: &str) -> Result<(), volume::Error> {
+    let Some(info) = dm.info(name)? else {
+        return Ok(());
+    };
+    if !is_half_created(&info, name) {
+        return Ok(());
+    }
+    tracing::warn!(mapping = name, uuid = ?info.uuid, "removing the table-less device an interrupted activation left");
+    if !dm.remove(name)? {
+        tracing::warn!(mapping = name, "table-less device is busy: left in place");
+    }
+    Ok(())
+}
+
+/// No live table (dm-crypt's table always maps the backing device), unused, and a uuid that
+/// libcryptsetup made for exactly this name: `CRYPT-<TYPE>-<hex uuid>-<name>` (LUKS) or
+/// `CRYPT-<TYPE>-<name>` (plain).
+fn is_half_created(info: &dm::MapInfo, name: &str) -> bool {
+    let made_for_name = info
+        .uuid
+        .as_deref()
+        .and_then(|u| u.strip_prefix("CRYPT-"))
+        .and_then(|u| u.split_once('-'))
+        .is_some_and(|(kind, rest)| {
+            !kind.is_empty()
+                && (rest == name
+                    || rest.split_once('-').is_some_and(|(hex, n)| {
+                        n == name && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                    }))
+        });
+    made_for_name && info.deps.is_empty() && info.open_count == 0
+}
+
 /// Reconcile one record (re-read now: a request may have changed it). Blocking; the caller
 /// holds the volume's lock.
 pub fn reconcile_one(
@@ -202,6 +244,11 @@ pub fn reconcile_one(
         Ok(d) => d,
         Err(e) => return failed("open device-mapper", &e),
     };
+    if record.phase == Phase::Attaching
+        && let Err(e) = remove_half_created(&dm, &record.mapping_name)
+    {
+        return failed("remove half-created mapping", &e);
+    }
     let dms = match dm_state(&dm, &record) {
         Ok(s) => s,
         Err(e) => return failed("read mapping", &e),
@@ -441,6 +488,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_an_unused_tableless_device_made_for_the_name_is_half_created() {
+        let info = |uuid: Option<&str>, deps: usize, open: i32| dm::MapInfo {
+            name: "crypt-sdb".into(),
+            devno: dm::DevNo {
+                major: 253,
+                minor: 0,
+            },
+            uuid: uuid.map(str::to_owned),
+            open_count: open,
+            read_only: false,
+            suspended: false,
+            deps: vec![
+                dm::DevNo {
+                    major: 8,
+                    minor: 16
+                };
+                deps
+            ],
+        };
+        let luks = Some("CRYPT-LUKS2-0a1b2c3d4e5f67890a1b2c3d4e5f6789-crypt-sdb");
+        assert!(is_half_created(&info(luks, 0, 0), "crypt-sdb"));
+        assert!(is_half_created(
+            &info(Some("CRYPT-PLAIN-crypt-sdb"), 0, 0),
+            "crypt-sdb"
+        ));
+        // A table (it maps something), a user, another name, another owner: left alone.
+        assert!(!is_half_created(&info(luks, 1, 0), "crypt-sdb"));
+        assert!(!is_half_created(&info(luks, 0, 1), "crypt-sdb"));
+        assert!(!is_half_created(&info(luks, 0, 0), "sdb"));
+        assert!(!is_half_created(&info(luks, 0, 0), "b"));
+        assert!(!is_half_created(
+            &info(Some("LVM-abc-crypt-sdb"), 0, 0),
+            "crypt-sdb"
+        ));
+        assert!(!is_half_created(&info(None, 0, 0), "crypt-sdb"));
     }
 
     #[test]

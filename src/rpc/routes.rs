@@ -196,8 +196,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/attachments/{volume_id}/extend"),
 ];
 
-/// Serve one request from an allowed peer: a span with the peer and the volume, the deadline,
-/// one log line with the outcome.
+/// Serve one request from an allowed peer: a span with the peer and the volume (and, once the
+/// engine or the route has read or written the volume's journal record, its mapping and phase),
+/// the deadline, one log line with the outcome.
 pub async fn handle(app: Arc<App>, peer: Peer, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -208,6 +209,8 @@ pub async fn handle(app: Arc<App>, peer: Peer, req: Request<Incoming>) -> Result
         peer_uid = peer.uid,
         peer_pid = peer.pid,
         volume_id = tracing::field::Empty,
+        mapping = tracing::field::Empty,
+        phase = tracing::field::Empty,
     );
     async move {
         let start = Instant::now();
@@ -393,6 +396,13 @@ fn record_volume(volume_id: &str) {
     tracing::Span::current().record("volume_id", volume_id);
 }
 
+/// The mapping and journal phase of the volume's record, on the request span.
+fn record_phase(r: &state::Record) {
+    tracing::Span::current()
+        .record("mapping", r.mapping_name.as_str())
+        .record("phase", tracing::field::display(r.phase));
+}
+
 fn check_id(id: &str) -> Result<(), ApiError> {
     request::check_volume_id(id).map_err(|e| ApiError::from(&e))
 }
@@ -572,12 +582,10 @@ async fn get_one(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     let id2 = id.to_owned();
     let not_found = unknown_volume(id, app);
     let found = run_engine(app, "status", held, move |ctx| {
-        if state::load(&ctx.config.state_dir, &id2)
-            .map_err(engine_err)?
-            .is_none()
-        {
+        let Some(r) = state::load(&ctx.config.state_dir, &id2).map_err(engine_err)? else {
             return Err(not_found);
-        }
+        };
+        record_phase(&r);
         volume::status(ctx)
             .map_err(engine_err)?
             .into_iter()
@@ -603,12 +611,10 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     let outcome = run_engine(app, "detach", held, move |ctx| {
         // REST semantics: a volume with no record (and no device path to find an os-brick
         // mapping by) is unknown, not "already detached".
-        if device_path.is_none()
-            && state::load(&ctx.config.state_dir, &id2)
-                .map_err(engine_err)?
-                .is_none()
-        {
-            return Err(not_found);
+        match state::load(&ctx.config.state_dir, &id2).map_err(engine_err)? {
+            Some(r) => record_phase(&r),
+            None if device_path.is_none() => return Err(not_found),
+            None => {}
         }
         volume::detach(ctx, &id2, device_path.as_deref()).map_err(engine_err)
     })

@@ -110,6 +110,8 @@ pub struct VolumeStatus {
     pub stable_link: Option<PathBuf>,
     pub stable_link_ok: bool,
     pub formatted_by_volcrypt: bool,
+    /// The journal phase of the record (`attached`, or a half-done `attaching`/`detaching`).
+    pub phase: Phase,
 }
 
 fn now_secs() -> u64 {
@@ -162,6 +164,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     {
         name = legacy;
     }
+    tracing::Span::current().record("mapping", name.as_str());
 
     // device_path may already point at our mapping (its link was replaced on a first attach):
     // then the device the request means is the mapping's backing device.
@@ -277,7 +280,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         phase: Phase::Attaching,
         request: Some(req.clone()),
     };
-    state::save(&ctx.config.state_dir, &record)?;
+    journal(ctx, &record)?;
     test_pause("attaching");
     let formatted = match open_mapping(
         ctx,
@@ -295,7 +298,6 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
             return Err(e);
         }
     };
-    test_pause("opened");
 
     // From here on the mapping exists: any failure closes it and undoes the links.
     let mut undo = Undo {
@@ -303,6 +305,13 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         links: Vec::new(),
     };
     let result = (|| -> Result<AttachOutcome, Error> {
+        if formatted {
+            // Journal the format at once, so a crash before the record says `attached` does
+            // not forget that volcrypt formatted this device (first attaches only).
+            record.formatted = true;
+            journal(ctx, &record)?;
+        }
+        test_pause("opened");
         let prev_stable = links::set_symlink(&stable, &mapper)?;
         undo.links.push((stable.clone(), prev_stable));
         let (device_link, previous) = replace_device_link(&v, &mapper)?;
@@ -311,8 +320,9 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         }
         record.formatted = formatted;
         record.device_link_previous = previous.or(prior_previous);
+        test_pause("linked");
         record.phase = Phase::Attached;
-        state::save(&ctx.config.state_dir, &record)?;
+        journal(ctx, &record)?;
         Ok(AttachOutcome {
             volume_id: v.volume_id.clone(),
             encrypted: true,
@@ -354,10 +364,29 @@ fn restore_record(ctx: &Context<'_>, volume_id: &str, prior: Option<Record>) {
     }
 }
 
-/// Test hook for the crash-safety VM test: with `VOLCRYPT_TEST_PAUSE_AT=<point>` (`attaching`:
-/// record written, no mapping yet; `opened`: mapping open, links not set; `detaching`: record
-/// marked, mapping not closed yet) the engine logs `test pause at <point>` and sleeps for an
+/// Write a journal record and note its mapping and phase on the current tracing span (the
+/// request's span under `volcrypt serve`), so every later log line of the request carries them.
+fn journal(ctx: &Context<'_>, record: &Record) -> Result<(), Error> {
+    state::save(&ctx.config.state_dir, record)?;
+    trace_phase(&record.mapping_name, &record.phase.to_string());
+    tracing::debug!(mapping = %record.mapping_name, phase = %record.phase, "journal record written");
+    Ok(())
+}
+
+/// Note a mapping and its phase on the current span (no-op outside a request).
+fn trace_phase(mapping: &str, phase: &str) {
+    tracing::Span::current()
+        .record("mapping", mapping)
+        .record("phase", phase);
+}
+
+/// Test hook for the crash-safety VM test (tests/journal_vm.rs): with
+/// `VOLCRYPT_TEST_PAUSE_AT=<point>` the engine logs `test pause at <point>` and sleeps for an
 /// hour there, so the test can `kill -9` the agent at that exact point. Never set in production.
+/// The points, in order: `attaching` (record `attaching` written, no mapping yet), `opened`
+/// (mapping open, no links), `linked` (links set, record still `attaching`), `detaching`
+/// (record `detaching` written, mapping still open), `closed` (mapping closed, links and record
+/// still there).
 fn test_pause(point: &str) {
     if std::env::var_os("VOLCRYPT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
         tracing::warn!("test pause at {point}");
@@ -588,7 +617,7 @@ fn finish_existing(
             request: Some(req.clone()),
         },
     };
-    state::save(&ctx.config.state_dir, &record)?;
+    journal(ctx, &record)?;
     Ok(AttachOutcome {
         volume_id: v.volume_id.clone(),
         encrypted: true,
@@ -645,6 +674,7 @@ pub fn detach(
             });
         }
     };
+    tracing::Span::current().record("mapping", name.as_str());
     // Journal the detach before closing: a crash from here on leaves a `detaching` record that
     // the start-up reconcile finishes (close if still open, links, record).
     if let Some(r) = &record
@@ -652,7 +682,7 @@ pub fn detach(
     {
         let mut d = r.clone();
         d.phase = Phase::Detaching;
-        state::save(&ctx.config.state_dir, &d)?;
+        journal(ctx, &d)?;
     }
     test_pause("detaching");
     let start = Instant::now();
@@ -691,6 +721,7 @@ pub fn detach(
             }
         }
     };
+    test_pause("closed");
     let mapper = links::mapper_path(&name);
     let stable = links::stable_link_path(&ctx.config.by_id_dir, volume_id);
     links::remove_if_points_to(&stable, &mapper)?;
@@ -710,6 +741,7 @@ pub fn detach(
             ));
         }
         state::remove(&ctx.config.state_dir, volume_id)?;
+        trace_phase(&name, "detached");
     }
     Ok(DetachOutcome {
         volume_id: volume_id.to_owned(),
@@ -750,6 +782,7 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
             volume_id: volume_id.to_owned(),
             state_dir: ctx.config.state_dir.clone(),
         })?;
+    trace_phase(&record.mapping_name, &record.phase.to_string());
     let dm = Dm::open()?;
     let name = &record.mapping_name;
     let info = dm.info(name)?.ok_or_else(|| Error::NoDevice {
@@ -827,6 +860,7 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
             stable_link: r.stable_link.clone(),
             stable_link_ok,
             formatted_by_volcrypt: r.formatted,
+            phase: r.phase,
         });
     }
     Ok(out)
