@@ -110,6 +110,8 @@ pub struct VolumeStatus {
     pub stable_link: Option<PathBuf>,
     pub stable_link_ok: bool,
     pub formatted_by_volcrypt: bool,
+    /// The record's phase: `attached`, or `waiting`/`lost` when its device went away.
+    pub phase: super::state::Phase,
 }
 
 fn now_secs() -> u64 {
@@ -814,6 +816,7 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
             stable_link: r.stable_link.clone(),
             stable_link_ok,
             formatted_by_volcrypt: r.formatted,
+            phase: r.phase,
         });
     }
     Ok(out)
