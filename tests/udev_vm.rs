@@ -270,6 +270,36 @@ fn udev_vm_loop_device_appearing_completes_a_waiting_attach() {
         "plaintext found on the backing device"
     );
     sh(&format!("losetup -d {}", loopdev.display()));
+
+    // A device_path request may wait too: for udev's /dev/disk/by-uuid link of the header.
+    settle();
+    let link = format!("/dev/disk/by-uuid/{uuid}");
+    assert!(!Path::new(&link).exists(), "{link} still there");
+    let socket = agent.socket.clone();
+    let body = format!(
+        r#"{{"volume_id": "udev-p", "device_path": "{link}", "wait_for_device": {{"timeout_secs": 120}},
+            "encryption": {{"provider": "luks2", "control_location": "front-end",
+                            "encryption_key_id": "udev-pass"}},
+            "options": {{"replace_device_symlink": false}}}}"#
+    );
+    let waiter = std::thread::spawn(move || {
+        volcrypt::rpc::client::call(&socket, "POST", "/v1/attachments", Some(body.into_bytes()))
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let loopdev = PathBuf::from(sh(&format!("losetup --find --show {}", img.display())));
+    let reply = waiter.join().unwrap();
+    let v: Value = reply.json().unwrap();
+    assert_eq!(reply.status, 201, "{v}");
+    assert_eq!(v["backing_device"], loopdev.display().to_string());
+    let mapper = PathBuf::from(v["device"].as_str().unwrap());
+    assert!(
+        read_dev(&mapper, data.len()) == data,
+        "path attach reads other data"
+    );
+    let r = agent.call("DELETE", "/v1/attachments/udev-p", None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    sh(&format!("losetup -d {}", loopdev.display()));
 }
 
 /// A scsi_debug disk (its data survives delete + rescan while the module stays loaded).
@@ -502,4 +532,36 @@ fn udev_vm_scsi_disk_removed_and_returned() {
     let r = agent.call("DELETE", "/v1/attachments/udev-s", None);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(!mapping_exists("crypt-udev-s"));
+
+    // And by its by-path link.
+    let by_path = disk.property("DEVLINKS").and_then(|l| {
+        l.split_whitespace()
+            .find(|p| p.starts_with("/dev/disk/by-path/"))
+            .map(str::to_owned)
+    });
+    match by_path {
+        Some(p) => {
+            let (s, v) = post(
+                &agent,
+                &request("udev-p", &format!(r#"{{"by_path": "{p}"}}"#), None),
+            );
+            assert_eq!(s, 201, "{v}");
+            assert_eq!(v["backing_device"], disk.dev.display().to_string());
+            assert!(
+                std::fs::symlink_metadata(&p)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink()
+            );
+            assert_eq!(
+                std::fs::canonicalize(&p).unwrap(),
+                disk.dev,
+                "udev's link was replaced"
+            );
+            let r = agent.call("DELETE", "/v1/attachments/udev-p", None);
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            eprintln!("udev: attached by serial {serial} and by-path {p}");
+        }
+        None => eprintln!("udev: scsi_debug disk has no by-path link here: by_path not covered"),
+    }
 }

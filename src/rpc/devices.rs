@@ -12,9 +12,10 @@
 //!   `volcrypt_lost_attachments`).
 //! - An add/change event matching a `waiting` or `lost` record (its selector, or its
 //!   `device_path` for path requests) attaches it again with the stored request.
-//! - At start, after the reconcile, the present devices are enumerated and `waiting`/`lost`
-//!   records whose device is there are attached; the monitor is listening before that, so
-//!   nothing that appears meanwhile is missed.
+//! - At start, after the reconcile: attached records whose backing device vanished while the
+//!   agent was down are handled as a remove event would have been; then the present devices
+//!   are enumerated and `waiting`/`lost` records whose device is there are attached. The
+//!   monitor is listening before that, so nothing that appears meanwhile is missed.
 //!
 //! Everything touching a volume runs under that volume's lock, like the API's own operations.
 
@@ -192,7 +193,7 @@ pub async fn resolve_for_attach(
         (None, Some((id, rx)), Some(timeout)) => {
             tracing::info!(want = ?want, timeout_secs = timeout.as_secs(), "waiting for the device to appear");
             match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(d)) => d,
+                Ok(Ok(d)) => confirm(&want, d).await?,
                 _ => {
                     app.devices.unregister(id);
                     app.metrics.failure("attach", "device_timeout");
@@ -229,6 +230,27 @@ pub async fn resolve_for_attach(
         (Want::Selector(_), Some(node)) => req.resolved(&node),
         _ => req.clone(),
     })
+}
+
+/// The event's device, checked against every device present now: a selector that has
+/// become ambiguous (a cloned LUKS header, a second disk with that serial) is refused, and a
+/// stack (multipath map over its paths) resolves to its top. Falls back to the event's device
+/// when udev's database does not list it (yet).
+async fn confirm(want: &Want, event_device: BlockDevice) -> Result<BlockDevice, ApiError> {
+    let Want::Selector(s) = want else {
+        return Ok(event_device);
+    };
+    let s = s.clone();
+    match tokio::task::spawn_blocking(move || udev::find(&s)).await {
+        Ok(Ok(Some(d))) => Ok(d),
+        Ok(Ok(None)) => Ok(event_device),
+        Ok(Err(e)) => Err(udev_error(e)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
+    }
 }
 
 fn describe(want: &Want) -> String {
@@ -290,7 +312,9 @@ fn is_waiting(r: &Record) -> bool {
     matches!(r.phase, Phase::Waiting | Phase::Lost)
 }
 
-/// Attach every `waiting`/`lost` record whose device is present now.
+/// Handle what happened while the agent was down: attached records whose backing device is
+/// gone are torn down (or marked lost), then every `waiting`/`lost` record whose device is
+/// present is attached.
 async fn startup_pass(app: &Arc<App>) {
     let devices = match tokio::task::spawn_blocking(udev::scan).await {
         Ok(Ok(d)) => d,
@@ -303,6 +327,13 @@ async fn startup_pass(app: &Arc<App>) {
             return;
         }
     };
+    // Backing devices that went away while the agent was down: as if the remove event had
+    // been heard (teardown if unused → waiting, else lost).
+    for r in records(app).await {
+        if r.phase == Phase::Attached && !r.backing_devno.exists() {
+            backing_removed(app, &r.volume_id, r.backing_devno).await;
+        }
+    }
     let waiting: Vec<Record> = records(app).await.into_iter().filter(is_waiting).collect();
     tracing::info!(
         devices = devices.len(),
@@ -361,6 +392,19 @@ async fn reactivate(app: &Arc<App>, volume_id: &str, device: BlockDevice) {
     };
     let Some(stored) = &record.request else {
         return;
+    };
+    let device = match &stored.device {
+        Some(sel) => match sel.selector() {
+            Ok(s) => match confirm(&Want::Selector(s), device).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(volume_id, error = %e.message, "device appeared but cannot be told apart: left {}", record.phase);
+                    return;
+                }
+            },
+            Err(_) => return,
+        },
+        None => device,
     };
     let req = match (&stored.device, &device.devnode) {
         (Some(_), Some(node)) => stored.resolved(node),

@@ -42,6 +42,9 @@ pub struct BlockDevice {
     pub fs_uuid: Option<String>,
     /// `DEVLINKS`: every /dev link udev made for it.
     pub devlinks: Vec<PathBuf>,
+    /// A path of a multipath map (`DM_MULTIPATH_DEVICE_PATH=1`, or blkid type
+    /// `mpath_member`): it shares the map's identities, but only the map is to be attached.
+    pub multipath_member: bool,
 }
 
 /// One udev event, owned, as the monitor thread sends it.
@@ -76,6 +79,8 @@ impl BlockDevice {
             devlinks: prop("DEVLINKS")
                 .map(|l| l.split_whitespace().map(PathBuf::from).collect())
                 .unwrap_or_default(),
+            multipath_member: prop("DM_MULTIPATH_DEVICE_PATH").as_deref() == Some("1")
+                || prop("ID_FS_TYPE").as_deref() == Some("mpath_member"),
         }
     }
 
@@ -87,6 +92,9 @@ impl BlockDevice {
 
     /// Whether this device is the one `selector` names.
     pub fn matches(&self, selector: &Selector) -> bool {
+        if self.multipath_member {
+            return false;
+        }
         match selector {
             Selector::Serial(s) => {
                 !self.is_partition()
@@ -234,6 +242,29 @@ mod tests {
             ("ID_FS_UUID", u),
         ]);
         assert!(part.matches(&sel(&format!(r#"{{"luks_uuid":"{u}"}}"#))));
+    }
+
+    #[test]
+    fn multipath_paths_never_match() {
+        let path = dev(&[
+            ("DEVTYPE", "disk"),
+            ("ID_SERIAL", "3600a0980"),
+            ("DM_MULTIPATH_DEVICE_PATH", "1"),
+        ]);
+        assert!(path.multipath_member);
+        assert!(!path.matches(&sel(r#"{"serial":"3600a0980"}"#)));
+        let member = dev(&[
+            ("DEVTYPE", "disk"),
+            ("ID_FS_TYPE", "mpath_member"),
+            ("ID_SERIAL", "s"),
+        ]);
+        assert!(!member.matches(&sel(r#"{"serial":"s"}"#)));
+        let plain = dev(&[
+            ("DEVTYPE", "disk"),
+            ("ID_SERIAL", "s"),
+            ("DM_MULTIPATH_DEVICE_PATH", "0"),
+        ]);
+        assert!(plain.matches(&sel(r#"{"serial":"s"}"#)));
     }
 
     #[test]
