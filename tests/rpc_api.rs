@@ -177,6 +177,12 @@ fn wait_for_device_needs_the_udev_monitor() {
     assert_error(s, &v, 503, "udev_unavailable", Some("wait_for_device"));
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     assert!(agent.log_text().contains("udev monitor disabled"));
+    // Without a wait, a selector that matches nothing is 404 at once (enumeration needs no
+    // monitor).
+    let body =
+        br#"{"volume_id": "v1", "device": {"luks_uuid": "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55"}}"#;
+    let (s, v) = agent.checked("POST", "/v1/attachments", "/v1/attachments", Some(body));
+    assert_error(s, &v, 404, "unknown_device", Some("device"));
     assert!(!agent.dir.path().join("state").join("v1.json").exists());
 }
 

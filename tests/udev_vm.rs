@@ -49,6 +49,14 @@ fn install_rules() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("udev-rules/90-volcrypt.rules");
         std::fs::create_dir_all("/run/udev/rules.d").unwrap();
         std::fs::copy(&src, "/run/udev/rules.d/90-volcrypt.rules").unwrap();
+        // scsi_debug disks sit on a pseudo bus without ID_PATH: give them a by-path link so
+        // the by_path selector is tried against a real udev link.
+        std::fs::write(
+            "/run/udev/rules.d/89-volcrypt-test.rules",
+            "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ATTRS{model}==\"scsi_debug*\", \
+             SYMLINK+=\"disk/by-path/volcrypt-test-scsi-debug\"\n",
+        )
+        .unwrap();
         sh("udevadm control --reload");
     });
 }
@@ -495,6 +503,24 @@ fn udev_vm_scsi_disk_removed_and_returned() {
     assert_eq!(st["backing_device"], node.display().to_string(), "{st}");
     assert!(read_dev(&mapper, data.len()) == data);
     eprintln!("udev: device returned while the agent was down → attached at start");
+
+    // Unplugged while the agent is down: handled at start as the remove event would have been
+    // (unused: torn down, waiting); back afterwards: re-activated.
+    assert!(agent.terminate().success());
+    disk.remove();
+    settle();
+    agent.start_again();
+    let st = wait_for(&agent, id, "torn down at start", |v| {
+        v["phase"] == "waiting"
+    });
+    assert!(!mapping_exists("crypt-udev-b"), "{st}");
+    disk.rescan();
+    wait_for(&agent, id, "re-activated", |v| {
+        v["phase"] == "attached" && v["active"] == true
+    });
+    eprintln!(
+        "udev: device removed while the agent was down → torn down at start → back → attached"
+    );
 
     // (c) Unplugged while the mapping is open: left in place, lost, reported.
     let held = std::fs::File::open(&mapper).unwrap();
