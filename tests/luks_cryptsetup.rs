@@ -161,7 +161,7 @@ fn luks2_from_cryptsetup_parses_and_unlocks_to_the_dumped_key() {
         format(&i, &pass, &extra);
         let h = read(&i.path, true);
         assert_eq!(h.version(), 2);
-        assert_eq!(h.cipher().to_string(), cipher);
+        assert_eq!(h.cipher().unwrap().to_string(), cipher);
         assert_eq!(h.volume_key_len() * 8, key_size.parse::<usize>().unwrap());
         assert_eq!(h.sector_size().to_string(), sector);
         assert_eq!(h.data_offset(), 16 * MIB);
@@ -605,7 +605,7 @@ fn luks1_from_qemu_img() {
     );
     let h = read(&path, true);
     assert_eq!(h.version(), 1);
-    assert_eq!(h.cipher().to_string(), "aes-xts-plain64");
+    assert_eq!(h.cipher().unwrap().to_string(), "aes-xts-plain64");
     let pass = keyfile(dir.path(), "pass", b"qemu-pw");
     assert_eq!(
         unlock(&path, &h, b"qemu-pw", None).unwrap().1,

@@ -1,6 +1,7 @@
 //! The agent against a real kernel (dm-crypt, loop devices): attach, idempotent re-attach,
 //! status, wrong and unknown keys, detach through the API and the CLI's `--socket` mode, and 20
-//! concurrent attaches of different Argon2 volumes held within the KDF memory budget.
+//! concurrent attaches of different Argon2 volumes held within the KDF memory budget, keys from
+//! the real Barbican, and bad requests of every kind changing nothing in the kernel.
 //!
 //! Needs root and dm-crypt: natively this prints `skipped: needs dm-crypt` and passes; in the
 //! VM (tests/vm/run.sh sets VOLCRYPT_VM=1 and loads dm_crypt) it runs for real, e.g.
@@ -8,6 +9,7 @@
 //!   tests/vm/run.sh --udev --mem 1536 -- tests/vm/guest-attach.sh target/debug/deps/rpc_vm-…
 #![cfg(feature = "system")]
 
+mod barbican_common;
 mod rpc_common;
 
 use std::path::{Path, PathBuf};
@@ -192,7 +194,13 @@ fn attach_status_detach_through_the_api() {
         "/v1/attachments",
         Some(request("vm-vol-1", dev, "luks2", "sym-2").as_bytes()),
     );
-    assert_error(s, &v, 422, "wrong_key", None);
+    assert_error(
+        s,
+        &v,
+        422,
+        "wrong_key",
+        Some("encryption.encryption_key_id"),
+    );
     assert!(v["error"]["message"].as_str().unwrap().contains("sym-2"));
 }
 
@@ -349,4 +357,281 @@ fn restart_reports_inactive_and_foreign_mappings_without_touching_them() {
     let r = agent.call("DELETE", "/v1/attachments/vm-rec-1", None);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     sh("cryptsetup close crypt-foreign-x");
+}
+
+/// Keys from the real Barbican through the agent: a `passphrase` secret is used raw, a
+/// `symmetric` one as its lowercase hex (OpenStack's rule) — proved with cryptsetup itself,
+/// which opens each volume with exactly that passphrase and not the other form.
+#[test]
+fn attach_and_detach_with_keys_from_barbican() {
+    if skip() {
+        return;
+    }
+    let Some(url) = barbican_common::url() else {
+        eprintln!("skipped: Barbican part (VOLCRYPT_TEST_BARBICAN_URL not set)");
+        return;
+    };
+    // The [key_manager] tables go after [volume]; the harness appends the keystore's dir.
+    let agent = Agent::start_with(
+        "",
+        &format!("{FAST_KDF}{}", barbican_common::key_manager_toml(&url)),
+    );
+    let sym: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    let pass_id = barbican_common::create_secret(&url, &SecretType::Passphrase, b"from barbican");
+    let sym_id = barbican_common::create_secret(&url, &SecretType::Symmetric, &sym);
+    let loops = Loops::new(agent.dir.path(), 2, 24);
+    let post = |body: String| {
+        agent.checked(
+            "POST",
+            "/v1/attachments",
+            "/v1/attachments",
+            Some(body.as_bytes()),
+        )
+    };
+
+    let (s, a) = post(request("bb-pass", &loops.0[0], "luks2", &pass_id));
+    assert_eq!(s, 201, "{a}");
+    assert_eq!(a["key_manager"], "barbican", "{a}");
+    assert_eq!(a["derivation"], "raw", "{a}");
+    let (s, b) = post(request("bb-sym", &loops.0[1], "luks", &sym_id));
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["derivation"], "lowercase-hex", "{b}");
+    assert_eq!(b["format"], "luks1", "{b}");
+    let hex: String = sym.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        !b.to_string().contains(&hex),
+        "key material in the response"
+    );
+    let b_dev = b["device"].as_str().unwrap().to_owned();
+    sh(&format!(
+        "printf 'barbican-backed data' | dd of={b_dev} conv=fsync status=none"
+    ));
+
+    for id in ["bb-pass", "bb-sym"] {
+        let (s, v) = agent.checked(
+            "DELETE",
+            "/v1/attachments/{volume_id}",
+            &format!("/v1/attachments/{id}"),
+            None,
+        );
+        assert_eq!(s, 200, "{v}");
+    }
+    assert!(!Path::new(&b_dev).exists(), "mapping left after detach");
+
+    // cryptsetup agrees on the passphrase each volume got, and rejects the other form.
+    let dir = agent.dir.path();
+    let keyfile = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.display().to_string()
+    };
+    let test = |dev: &Path, file: &str| {
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file", file])
+            .arg(dev)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(test(&loops.0[0], &keyfile("raw", b"from barbican")));
+    assert!(test(&loops.0[1], &keyfile("hex", hex.as_bytes())));
+    assert!(!test(&loops.0[1], &keyfile("sym-raw", &sym)));
+
+    // Attach again: the existing LUKS1 volume opens (not formatted) with its data intact.
+    let (s, b) = post(request("bb-sym", &loops.0[1], "luks", &sym_id));
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["formatted"], false, "{b}");
+    let back = sh(&format!(
+        "dd if={} bs=20 count=1 status=none",
+        b["device"].as_str().unwrap()
+    ));
+    assert_eq!(back, "barbican-backed data");
+    let r = agent.call("DELETE", "/v1/attachments/bb-sym", None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// What the kernel and the agent's files look like: the crypt mappings of `loops` (other tests
+/// run alongside), state records, stable links, and a digest of each device in `hashed` (a
+/// reformat would change it).
+fn snapshot(agent: &Agent, loops: &Loops, hashed: &[PathBuf]) -> String {
+    let ls = |d: &str| {
+        sh(&format!(
+            "ls -A {} 2>/dev/null || true",
+            agent.dir.path().join(d).display()
+        ))
+    };
+    let ours: Vec<String> = loops
+        .0
+        .iter()
+        .map(|l| format!("crypt-{}\t", l.file_name().unwrap().to_string_lossy()))
+        .collect();
+    let mappings: Vec<String> = sh("dmsetup ls --target crypt")
+        .lines()
+        .filter(|l| ours.iter().any(|o| l.starts_with(o.as_str())))
+        .map(str::to_owned)
+        .collect();
+    let mut s = format!(
+        "mappings: {mappings:?}\nstate:\n{}\nby-id:\n{}\n",
+        ls("state"),
+        ls("by-id")
+    );
+    for d in hashed {
+        // The first MiB holds every header and keyslot a format would write.
+        s += &sh(&format!("head -c 1048576 {} | sha256sum", d.display()));
+        s.push('\n');
+    }
+    s
+}
+
+/// A bad request: what it is, its body, and the status, error code and field it must get.
+type BadCase = (
+    &'static str,
+    Vec<u8>,
+    u16,
+    &'static str,
+    Option<&'static str>,
+);
+
+/// Every kind of bad request against a live agent that holds one attachment: each gets its
+/// status and error code, and nothing changes — no mapping, record or link appears or goes, and
+/// no device is written (the LUKS device offered the wrong key is not reformatted, the blank
+/// one an unauthorized peer asked for is not formatted).
+#[test]
+fn bad_requests_get_their_status_and_change_nothing() {
+    if skip() {
+        return;
+    }
+    let agent = Agent::start_with("group = \"nogroup\"", FAST_KDF);
+    let ks = keystore(&agent);
+    put(&ks, "good", SecretType::Passphrase, b"good key");
+    let loops = Loops::new(agent.dir.path(), 3, 24);
+    let (attached, theirs, blank) = (&loops.0[0], &loops.0[1], &loops.0[2]);
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(request("bad-ok", attached, "luks2", "good").as_bytes()),
+    );
+    assert_eq!(s, 201, "{v}");
+    let pass = agent.dir.path().join("their-pass");
+    std::fs::write(&pass, b"not ours").unwrap();
+    sh(&format!(
+        "cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+         --key-file {} {}",
+        pass.display(),
+        theirs.display()
+    ));
+    let devices = [theirs.clone(), blank.clone()];
+    let before = snapshot(&agent, &loops, &devices);
+
+    let post =
+        |body: &[u8]| agent.checked("POST", "/v1/attachments", "/v1/attachments", Some(body));
+    let good_blank = request("bad-1", blank, "luks2", "good");
+    let mut cases: Vec<BadCase> = vec![
+        (
+            "invalid JSON",
+            b"{\"volume_id\": ".to_vec(),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "unknown provider",
+            good_blank.replace("\"luks2\"", "\"rot13\"").into_bytes(),
+            400,
+            "invalid_request",
+            Some("encryption.provider"),
+        ),
+        (
+            "missing key id",
+            good_blank
+                .replace("\"encryption_key_id\": \"good\"", "\"cipher\": null")
+                .into_bytes(),
+            400,
+            "invalid_request",
+            Some("encryption.encryption_key_id"),
+        ),
+        (
+            "unknown key id",
+            request("bad-1", blank, "luks2", "nope").into_bytes(),
+            404,
+            "unknown_key",
+            Some("encryption.encryption_key_id"),
+        ),
+        (
+            "wrong key for an existing LUKS device",
+            request("bad-1", theirs, "luks2", "good").into_bytes(),
+            422,
+            "wrong_key",
+            Some("encryption.encryption_key_id"),
+        ),
+        (
+            "unknown device",
+            request("bad-1", Path::new("/dev/no-such-disk"), "luks2", "good").into_bytes(),
+            404,
+            "unknown_device",
+            Some("device_path"),
+        ),
+        (
+            "another volume id for an attached device",
+            request("bad-1", attached, "luks2", "good").into_bytes(),
+            409,
+            "attached_elsewhere",
+            None,
+        ),
+    ];
+    let mut big = Vec::from(&b"{\"volume_id\": \""[..]);
+    big.extend(std::iter::repeat_n(b'a', 70_000));
+    big.extend(b"\"}");
+    cases.push(("oversize body", big, 413, "body_too_large", None));
+    for (what, body, status, code, field) in &cases {
+        let (s, v) = post(body);
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (*status, Some(*code)),
+            "{what}: {v}"
+        );
+        assert_error(s, &v, *status, code, *field);
+        assert_eq!(
+            snapshot(&agent, &loops, &devices),
+            before,
+            "{what} changed something"
+        );
+    }
+
+    // An unauthorized peer asking for a valid attach of the blank device: 403, not formatted.
+    for p in [agent.dir.path(), agent.socket.parent().unwrap()] {
+        sh(&format!("chmod 755 {}", p.display()));
+    }
+    sh(&format!("chmod 666 {}", agent.socket.display()));
+    let body = agent.dir.path().join("body.json");
+    std::fs::write(&body, &good_blank).unwrap();
+    let out = sh(&format!(
+        "setpriv --reuid=65533 --regid=65533 --clear-groups curl -sS --unix-socket {} \
+         -X POST --data-binary @{} -w '\\n%{{http_code}}' http://localhost/v1/attachments",
+        agent.socket.display(),
+        body.display()
+    ));
+    assert!(out.ends_with("\n403"), "{out}");
+    assert!(out.contains("forbidden"), "{out}");
+    assert_eq!(
+        snapshot(&agent, &loops, &devices),
+        before,
+        "refused peer changed something"
+    );
+
+    // The attachment that was there is still there, and works.
+    let (s, v) = agent.checked("GET", "/v1/attachments", "/v1/attachments", None);
+    assert_eq!(s, 200);
+    let ids: Vec<_> = v["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["volume_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["bad-ok"], "{v}");
+    let r = agent.call("DELETE", "/v1/attachments/bad-ok", None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }

@@ -5,6 +5,8 @@
 //! loads dm_crypt and sets VOLCRYPT_VM=1) they run for real. tests/vm/guest-attach.sh runs them.
 #![cfg(feature = "system")]
 
+mod barbican_common;
+
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -80,65 +82,24 @@ fn keys() -> Keys {
     }
 }
 
-const BARBICAN_PROJECT: &str = "volcrypt-vm-tests";
-
 /// A real Barbican (VOLCRYPT_TEST_BARBICAN_URL, reached from the VM through the harness's
 /// forward), with the secrets created the way Cinder and users do; `None` when not configured.
 fn barbican_keys() -> Option<Keys> {
-    let url = std::env::var("VOLCRYPT_TEST_BARBICAN_URL")
-        .ok()
-        .filter(|u| !u.is_empty())?;
-    let url = url.trim_end_matches('/').to_owned();
-    let cfg = Config::from_toml(
-        &format!(
-            "[key_manager]\nbackend = \"barbican\"\n[key_manager.barbican]\nendpoint = \"{url}\"\n\
-             retries = 1\n[key_manager.barbican.auth]\nmethod = \"headers\"\nproject_id = \"{BARBICAN_PROJECT}\"\n"
-        ),
-        "<test>",
-    )
-    .unwrap();
+    let url = barbican_common::url()?;
+    let cfg = Config::from_toml(&barbican_common::key_manager_toml(&url), "<test>").unwrap();
     let km = volcrypt::keys::from_config(&cfg.key_manager).unwrap();
     let mut ids = HashMap::new();
     for (name, t, payload) in secrets() {
-        ids.insert(name.to_owned(), barbican_create(&url, &t, &payload));
+        ids.insert(
+            name.to_owned(),
+            barbican_common::create_secret(&url, &t, &payload),
+        );
     }
     Some(Keys {
         km,
         ids,
         _dir: None,
     })
-}
-
-/// POST a secret to Barbican (octet-stream/base64, so every byte round-trips); its UUID.
-fn barbican_create(url: &str, t: &SecretType, payload: &[u8]) -> String {
-    use base64::Engine as _;
-    let mut body = serde_json::json!({
-        "name": "volcrypt-vm-test",
-        "secret_type": t.as_str(),
-        "payload": base64::engine::general_purpose::STANDARD.encode(payload),
-        "payload_content_type": "application/octet-stream",
-        "payload_content_encoding": "base64",
-    });
-    if *t == SecretType::Symmetric {
-        body["algorithm"] = "aes".into();
-        body["bit_length"] = (payload.len() * 8).into();
-        body["mode"] = "xts".into();
-    }
-    let o = sh_in(
-        &format!(
-            "curl -sS --fail-with-body -X POST {url}/v1/secrets -H 'Content-Type: application/json' \
-             -H 'X-Identity-Status: Confirmed' -H 'X-Project-Id: {BARBICAN_PROJECT}' -H 'X-Roles: member' -d @-"
-        ),
-        body.to_string().as_bytes(),
-    );
-    assert!(
-        o.status.success(),
-        "Barbican POST: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let r = v["secret_ref"].as_str().unwrap();
-    r.rsplit('/').next().unwrap().to_owned()
 }
 
 /// Every key manager available here: the keystore always, Barbican when configured.

@@ -281,7 +281,7 @@ impl OpenedImage {
         let (offset, len) = self.payload_extent()?;
         let (slot, key) = self.unlock(passphrase, slot, limits)?;
         // The key now lives only inside the cipher's zeroizing key schedule.
-        let cipher = SectorCipher::new(self.header.cipher(), key.expose())?;
+        let cipher = SectorCipher::new(self.header.cipher()?, key.expose())?;
         drop(key);
         Ok(UnlockedPayload {
             slot,

@@ -53,7 +53,9 @@ pub struct Header {
     pub cipher_mode: String,
     pub hash_spec: String,
     pub hash: HashAlg,
-    pub cipher: CipherSpec,
+    /// The data and keyslot cipher, when the userspace engine can run it. `None` (serpent,
+    /// twofish...) still reads and inspects: only unlocking needs the cipher, and it says so.
+    pub cipher: Option<CipherSpec>,
     /// In 512-byte sectors; 0 = detached header.
     pub payload_offset: u32,
     pub key_bytes: u32,
@@ -138,10 +140,11 @@ impl Header {
                 format!("{key_bytes} is not between 1 and {MAX_KEY_BYTES}"),
             ));
         }
-        let cipher = CipherSpec::from_luks1(&cipher_name, &cipher_mode)?;
-        cipher
-            .check_key_len(key_bytes as usize)
-            .map_err(|e| Error::invalid(H, "key_bytes", e.to_string()))?;
+        let cipher = CipherSpec::from_luks1(&cipher_name, &cipher_mode).ok();
+        if let Some(c) = &cipher {
+            c.check_key_len(key_bytes as usize)
+                .map_err(|e| Error::invalid(H, "key_bytes", e.to_string()))?;
+        }
         let mk_digest_iterations = be32(&raw, OFF_DIGEST_ITER);
         if mk_digest_iterations == 0 {
             return Err(Error::invalid(H, "mk_digest_iterations", "is 0"));
@@ -300,9 +303,21 @@ impl Header {
         Ok(())
     }
 
-    fn slot_params(&self, i: usize) -> SlotParams<'_> {
+    /// `cipher_name-cipher_mode` as the header spells it.
+    pub fn cipher_text(&self) -> String {
+        format!("{}-{}", self.cipher_name, self.cipher_mode)
+    }
+
+    /// The cipher, or an error naming it when the userspace engine cannot run it.
+    pub fn cipher_spec(&self) -> Result<&CipherSpec, Error> {
+        self.cipher
+            .as_ref()
+            .ok_or_else(|| crate::crypto::Error::UnsupportedCipher(self.cipher_text()).into())
+    }
+
+    fn slot_params(&self, i: usize) -> Result<SlotParams<'_>, Error> {
         let ks = &self.keyslots[i];
-        SlotParams {
+        Ok(SlotParams {
             header: H,
             field: format!("key_slot_{i}"),
             kdf: Kdf::Pbkdf2 {
@@ -314,10 +329,10 @@ impl Header {
             key_size: self.key_bytes as usize,
             stripes: ks.stripes,
             af_hash: self.hash,
-            cipher: &self.cipher,
+            cipher: self.cipher_spec()?,
             area_offset: u64::from(ks.key_material_offset) * 512,
             area_len: material_sectors(self.key_bytes) * 512,
-        }
+        })
     }
 
     pub fn unlock(
@@ -350,7 +365,7 @@ impl Header {
         };
         let mut limit_error = None;
         for i in slots {
-            let key = match keyslot::candidate_key(r, &self.slot_params(i), passphrase, limits) {
+            let key = match keyslot::candidate_key(r, &self.slot_params(i)?, passphrase, limits) {
                 Ok(k) => k,
                 Err(Error::Crypto(e)) if e.exit_status() == crate::ExitStatus::OutOfMemory => {
                     limit_error = Some(Error::Crypto(e));
@@ -396,7 +411,7 @@ impl Header {
                 af_hash: Some(self.hash_spec.clone()),
                 area_offset: u64::from(k.key_material_offset) * 512,
                 area_size: secs * 512,
-                area_encryption: Some(self.cipher.to_string()),
+                area_encryption: Some(self.cipher_text()),
                 digest: None,
                 bound: k.active,
                 usable: k.active,
@@ -408,7 +423,7 @@ impl Header {
             uuid: self.uuid.clone(),
             label: None,
             subsystem: None,
-            cipher: self.cipher.to_string(),
+            cipher: self.cipher_text(),
             hash: Some(self.hash_spec.clone()),
             volume_key_bits: self.key_bytes as usize * 8,
             sector_size: 512,
@@ -428,7 +443,7 @@ impl Header {
                 kind: "crypt".into(),
                 offset: u64::from(self.payload_offset) * 512,
                 size: None,
-                encryption: Some(self.cipher.to_string()),
+                encryption: Some(self.cipher_text()),
                 sector_size: Some(512),
                 iv_tweak: Some(0),
                 flags: Vec::new(),

@@ -143,11 +143,12 @@ impl Header {
         }
     }
 
-    /// Cipher of the data segment.
-    pub fn cipher(&self) -> &CipherSpec {
+    /// Cipher of the data segment; an error naming it when the userspace engine cannot run it
+    /// (the header itself is still fine: inspect and the kernel may handle it).
+    pub fn cipher(&self) -> Result<&CipherSpec, Error> {
         match self {
-            Header::Luks1(h) => &h.cipher,
-            Header::Luks2(h) => &h.data_cipher,
+            Header::Luks1(h) => h.cipher_spec(),
+            Header::Luks2(h) => h.data_cipher_spec(),
         }
     }
 

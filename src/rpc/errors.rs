@@ -110,6 +110,7 @@ impl From<&volume::Error> for ApiError {
             E::WrongKey { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_key"),
             E::NoDevice { .. } => (StatusCode::NOT_FOUND, "unknown_device"),
             E::NameConflict { .. } => (StatusCode::CONFLICT, "name_conflict"),
+            E::OwnedByOther { .. } => (StatusCode::CONFLICT, "attached_elsewhere"),
             E::StaleBusy { .. } | E::Busy { .. } => (StatusCode::CONFLICT, "busy"),
             E::RefuseFormat { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_luks"),
             E::Crypt { status, .. } => match status {
@@ -126,10 +127,7 @@ impl From<&volume::Error> for ApiError {
             E::NotManaged { .. } => (StatusCode::NOT_FOUND, "unknown_volume"),
             E::NotEncrypted { .. } => (StatusCode::CONFLICT, "not_encrypted"),
         };
-        let field = match e {
-            E::Key { .. } => Some("encryption.encryption_key_id".to_owned()),
-            _ => None,
-        };
+        let field = e.field().map(str::to_owned);
         ApiError {
             status,
             code,

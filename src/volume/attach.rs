@@ -172,6 +172,19 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     if let Some(info) = dm.info(&name)? {
         let points_at_mapping = info.devno == devno;
         if points_at_mapping || info.deps.contains(&devno) {
+            // The mapping is ours for another volume id: handing it to this one as well would
+            // let a detach of either close the other's device.
+            if let Some(owner) = state::list(&ctx.config.state_dir)?
+                .into_iter()
+                .find(|r| r.mapping_name == name && r.volume_id != v.volume_id)
+            {
+                return Err(Error::OwnedByOther {
+                    device: v.device_path.clone(),
+                    name,
+                    owner: owner.volume_id,
+                    requested: v.volume_id.clone(),
+                });
+            }
             if points_at_mapping && let Some(d) = info.deps.first() {
                 backing = (
                     d.dev_path().unwrap_or_else(|| PathBuf::from(d.to_string())),

@@ -121,6 +121,15 @@ pub enum Error {
         requested: String,
     },
     #[error(
+        "device {device} is already attached as volume {owner} (mapping {name}), not {requested}: refusing to share it"
+    )]
+    OwnedByOther {
+        device: PathBuf,
+        name: String,
+        owner: String,
+        requested: String,
+    },
+    #[error(
         "mapping {name} is stale (its backing device {backing} is gone) and still open {open_count} time(s): not replacing it"
     )]
     StaleBusy {
@@ -182,9 +191,10 @@ impl Error {
             Error::DmUnavailable { .. } => ExitStatus::Invalid,
             Error::WrongKey { .. } => ExitStatus::NoKey,
             Error::NoDevice { .. } => ExitStatus::WrongDevice,
-            Error::NameConflict { .. } | Error::StaleBusy { .. } | Error::Busy { .. } => {
-                ExitStatus::Busy
-            }
+            Error::NameConflict { .. }
+            | Error::OwnedByOther { .. }
+            | Error::StaleBusy { .. }
+            | Error::Busy { .. } => ExitStatus::Busy,
             Error::RefuseFormat { .. } => ExitStatus::Invalid,
             Error::Crypt { status, .. } => *status,
             Error::Dm { .. } | Error::Io { .. } | Error::State { .. } => ExitStatus::Invalid,

@@ -29,8 +29,9 @@ pub struct Header {
     /// hdr_size bytes (binary + JSON area) of the copy in use, unchanged.
     pub raw: Vec<u8>,
     pub meta: Metadata,
-    /// Cipher of the data segment.
-    pub data_cipher: CipherSpec,
+    /// Cipher of the data segment, when the userspace engine can run it (`None`: serpent,
+    /// twofish... — the header still reads and inspects; see [`Header::data_cipher_spec`]).
+    pub data_cipher: Option<CipherSpec>,
     data_segment: u32,
     /// Copies of the data segment and its crypt parameters (taken from `meta`).
     data_entry: Segment,
@@ -183,7 +184,7 @@ impl Header {
             .crypt
             .clone()
             .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
-        let data_cipher = CipherSpec::parse(&crypt.encryption)?;
+        let data_cipher = CipherSpec::parse(&crypt.encryption).ok();
         let (digest_id, digest) = meta
             .digests
             .iter()
@@ -208,13 +209,15 @@ impl Header {
                     "the data segment's digest has no luks2 keyslot",
                 )
             })?;
-        data_cipher.check_key_len(volume_key_len).map_err(|e| {
-            Error::invalid(
-                H,
-                format!("digests.{digest_id}.keyslots"),
-                format!("volume key size: {e}"),
-            )
-        })?;
+        if let Some(c) = &data_cipher {
+            c.check_key_len(volume_key_len).map_err(|e| {
+                Error::invalid(
+                    H,
+                    format!("digests.{digest_id}.keyslots"),
+                    format!("volume key size: {e}"),
+                )
+            })?;
+        }
         let metadata_end = 2 * binary.hdr_size + meta.config.keyslots_size;
         if let Some(dev) = device_size {
             let field = format!("segments.{data_segment}.offset");
@@ -261,6 +264,13 @@ impl Header {
 
     pub fn volume_key_len(&self) -> usize {
         self.volume_key_len
+    }
+
+    /// The data segment's cipher, or an error naming it when the userspace engine cannot run it.
+    pub fn data_cipher_spec(&self) -> Result<&CipherSpec, Error> {
+        self.data_cipher.as_ref().ok_or_else(|| {
+            crate::crypto::Error::UnsupportedCipher(self.data_crypt.encryption.clone()).into()
+        })
     }
 
     /// The segment holding the data (the first crypt segment that is not a backup).
