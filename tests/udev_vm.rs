@@ -555,6 +555,13 @@ fn udev_vm_scsi_disk_removed_and_returned() {
     );
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["backing_device"], disk.dev.display().to_string());
+    // The same disk for another volume is refused.
+    let (s, v) = post(
+        &agent,
+        &request("udev-t", &format!(r#"{{"luks_uuid": "{uuid}"}}"#), None),
+    );
+    assert_error(s, &v, 409, "attached_elsewhere", Some("device"));
+    assert!(!mapping_exists("crypt-udev-t"));
     let r = agent.call("DELETE", "/v1/attachments/udev-s", None);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(!mapping_exists("crypt-udev-s"));

@@ -64,12 +64,29 @@ pub struct Devices {
     next_id: AtomicU64,
 }
 
+/// A pending wait; unregistered when dropped.
+struct Registration<'a> {
+    devices: &'a Devices,
+    id: u64,
+    rx: oneshot::Receiver<BlockDevice>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.devices.unregister(self.id);
+    }
+}
+
 impl Devices {
-    fn register(&self, want: Want) -> (u64, oneshot::Receiver<BlockDevice>) {
+    fn register(&self, want: Want) -> Registration<'_> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock().push(Waiter { id, want, tx });
-        (id, rx)
+        Registration {
+            devices: self,
+            id,
+            rx,
+        }
     }
 
     fn unregister(&self, id: u64) {
@@ -151,7 +168,8 @@ pub async fn resolve_for_attach(
         )
         .with_field("wait_for_device"));
     }
-    // Register first, then look: a device that appears in between wakes the waiter.
+    // Register first, then look: a device that appears in between wakes the waiter. The
+    // registration is dropped (unregistered) however this ends, a dropped request included.
     let waiter = valid.wait.map(|_| app.devices.register(want.clone()));
     let present = {
         let want = want.clone();
@@ -165,37 +183,16 @@ pub async fn resolve_for_attach(
             }
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(udev_error)?
     };
-    let found = match present {
-        Ok(Ok(Some(d))) => Some(d),
-        Ok(Ok(None)) => None,
-        Ok(Err(e)) => {
-            if let Some((id, _)) = &waiter {
-                app.devices.unregister(*id);
-            }
-            return Err(udev_error(e));
-        }
-        Err(e) => {
-            if let Some((id, _)) = &waiter {
-                app.devices.unregister(*id);
-            }
-            return Err(e);
-        }
-    };
-    let device = match (found, waiter, valid.wait) {
-        (Some(d), w, _) => {
-            if let Some((id, _)) = w {
-                app.devices.unregister(id);
-            }
-            d
-        }
-        (None, Some((id, rx)), Some(timeout)) => {
+    let device = match (present, waiter, valid.wait) {
+        (Some(d), _, _) => d,
+        (None, Some(mut w), Some(timeout)) => {
             tracing::info!(want = ?want, timeout_secs = timeout.as_secs(), "waiting for the device to appear");
-            match tokio::time::timeout(timeout, rx).await {
+            match tokio::time::timeout(timeout, &mut w.rx).await {
                 Ok(Ok(d)) => confirm(&want, d).await?,
                 _ => {
-                    app.devices.unregister(id);
                     app.metrics.failure("attach", "device_timeout");
                     return Err(ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -226,10 +223,48 @@ pub async fn resolve_for_attach(
             .with_field("device"));
         }
     };
+    if let (Want::Selector(_), Some(devno)) = (&want, device.devno) {
+        refuse_if_attached_elsewhere(app, &valid.volume_id, devno, &device).await?;
+    }
     Ok(match (&want, device.devnode) {
         (Want::Selector(_), Some(node)) => req.resolved(&node),
         _ => req.clone(),
     })
+}
+
+/// A selector request names its mapping after its volume, so the engine's "mapping already on
+/// this device" check cannot see another volume attached to the same device: look at the
+/// records instead (409 `attached_elsewhere`, as the engine answers for path requests).
+async fn refuse_if_attached_elsewhere(
+    app: &Arc<App>,
+    volume_id: &str,
+    devno: volume::dm::DevNo,
+    device: &BlockDevice,
+) -> Result<(), ApiError> {
+    let other = records(app).await.into_iter().find(|r| {
+        r.volume_id != volume_id
+            && r.backing_devno == devno
+            && matches!(r.phase, Phase::Attaching | Phase::Attached | Phase::Lost)
+    });
+    match other {
+        None => Ok(()),
+        Some(r) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "attached_elsewhere",
+            format!(
+                "device {} ({devno}) is attached as volume {} (mapping {}); refusing to attach \
+                 it as volume {volume_id} too",
+                device
+                    .devnode
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                r.volume_id,
+                r.mapping_name
+            ),
+        )
+        .with_field("device")),
+    }
 }
 
 /// The event's device, checked against every device present now: a selector that has
@@ -521,19 +556,26 @@ mod tests {
     async fn waiters_are_woken_only_by_matching_devices() {
         let d = Devices::default();
         let u = "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55";
-        let (_, mut rx) = d.register(Want::Selector(Selector::LuksUuid(u.into())));
-        let (_, mut rx_path) = d.register(Want::Path("/dev/sdz".into()));
+        let mut w = d.register(Want::Selector(Selector::LuksUuid(u.into())));
+        let mut w_path = d.register(Want::Path("/dev/sdz".into()));
         d.notify(&luks_dev("00000000-0000-0000-0000-000000000000"));
-        assert!(rx.try_recv().is_err(), "woken by another UUID");
+        assert!(w.rx.try_recv().is_err(), "woken by another UUID");
+        assert!(
+            w_path.rx.try_recv().is_ok(),
+            "path waiter woken by its node"
+        );
+        assert_eq!(d.lock().len(), 1, "only the woken waiter is removed");
         d.notify(&luks_dev(u));
         assert_eq!(
-            rx.await.unwrap().devnode.as_deref(),
+            (&mut w.rx).await.unwrap().devnode.as_deref(),
             Some("/dev/sdz".as_ref())
         );
-        assert!(rx_path.try_recv().is_ok(), "path waiter woken by its node");
         assert!(d.lock().is_empty(), "woken waiters are removed");
-        let (id, _rx) = d.register(Want::Path("/dev/x".into()));
-        d.unregister(id);
+        drop((w, w_path));
+        // A wait that ends without a device (timeout, dropped request) leaves nothing behind.
+        let w = d.register(Want::Path("/dev/x".into()));
+        assert_eq!(d.lock().len(), 1);
+        drop(w);
         assert!(d.lock().is_empty());
     }
 
