@@ -411,8 +411,8 @@ impl AttachRequest {
         if v.selector.is_some() && self.resolved_device.is_none() {
             return Err(field(
                 "device",
-                "a device selector is resolved by the agent: send this request to `volcrypt serve` \
-                 (e.g. `volcrypt attach --socket …`), or name the device with device_path",
+                "a device selector must be resolved to a device node first (`volcrypt attach` \
+                 and the agent do; library callers use AttachRequest::resolved)",
             ));
         }
         Ok(v)

@@ -119,6 +119,10 @@ fn udev_error(e: udev::Error) -> ApiError {
             ApiError::new(StatusCode::CONFLICT, "ambiguous_device", e.to_string())
                 .with_field("device")
         }
+        udev::Error::NoMatch { .. } => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_device", e.to_string())
+                .with_field("device")
+        }
         udev::Error::Udev { .. } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "udev_unavailable",

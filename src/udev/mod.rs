@@ -32,6 +32,8 @@ pub enum Error {
         op: &'static str,
         error: std::io::Error,
     },
+    #[error("no block device matches {selector}")]
+    NoMatch { selector: String },
     #[error("{selector} matches {count} block devices ({nodes}): refusing to guess")]
     Ambiguous {
         selector: String,
@@ -44,6 +46,7 @@ impl Error {
     pub fn exit_status(&self) -> crate::error::ExitStatus {
         match self {
             Error::Udev { .. } => crate::error::ExitStatus::Invalid,
+            Error::NoMatch { .. } => crate::error::ExitStatus::WrongDevice,
             Error::Ambiguous { .. } => crate::error::ExitStatus::Busy,
         }
     }
