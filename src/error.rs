@@ -50,6 +50,9 @@ pub enum Error {
     #[cfg(feature = "system")]
     #[error(transparent)]
     Rpc(#[from] crate::rpc::Error),
+    #[cfg(feature = "system")]
+    #[error(transparent)]
+    Udev(#[from] crate::udev::Error),
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
@@ -69,6 +72,8 @@ impl Error {
             Error::Volume(e) => e.exit_status(),
             #[cfg(feature = "system")]
             Error::Rpc(e) => e.exit_status(),
+            #[cfg(feature = "system")]
+            Error::Udev(e) => e.exit_status(),
             Error::Config(e) => e.exit_status(),
             Error::Usage(_) => ExitStatus::Invalid,
         }

@@ -12,6 +12,8 @@
 //! - [`request`]: the attach request (what Nova hands os-brick) and its validation.
 //! - `volume` (feature `system`): attach/detach/extend/status through libcryptsetup and dm.
 //! - `rpc` (feature `system`): `volcrypt serve`, the attach API on a Unix socket.
+//! - `udev` (feature `system`): block devices by identity (serial, WWN, by-path, LUKS UUID),
+//!   enumeration and the udev monitor thread behind udev-triggered activation.
 //! - [`config`]: the TOML configuration file and its defaults.
 //! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
 //! - [`cli`]: the command-line front end.
@@ -28,6 +30,8 @@ pub mod request;
 #[cfg(feature = "system")]
 pub mod rpc;
 pub mod secret;
+#[cfg(feature = "system")]
+pub mod udev;
 #[cfg(feature = "system")]
 pub mod volume;
 

@@ -53,13 +53,169 @@ pub const NOOP_PROVIDERS: [&str; 2] = ["nova.volume.encryptors.nop.NoOpEncryptor
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
     pub volume_id: String,
+    /// The device to attach. Exactly one of `device_path` and [`AttachRequest::device`] is
+    /// given; empty means "not given" (so requests naming a selector need no path).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub device_path: PathBuf,
+    /// The device named by an identity udev knows (serial, WWN, by-path link, LUKS UUID)
+    /// instead of a path; resolved by the agent (`volcrypt serve`), see [`crate::udev`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceSelector>,
+    /// Wait for the device to appear (udev add/change event) instead of failing at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_device: Option<WaitForDevice>,
     #[serde(default)]
     pub multipath_id: Option<String>,
     #[serde(default)]
     pub encryption: Option<EncryptionMetadata>,
     #[serde(default)]
     pub options: AttachOptions,
+    /// The device node a selector resolved to: set by the agent right before it hands the
+    /// request to the engine, never read from or written to JSON (a stored request keeps the
+    /// selector, so it is resolved again when the device comes back under another node).
+    #[serde(skip)]
+    pub resolved_device: Option<PathBuf>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// Longest wait a request may ask for: an hour covers a slow SAN login; longer waits belong
+/// to the orchestrator, which can simply retry.
+pub const MAX_WAIT_SECS: u64 = 3600;
+
+/// A device named by what udev knows about it. Exactly one field is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSelector {
+    /// `ID_SERIAL` or `ID_SERIAL_SHORT` of a whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// `ID_WWN` or `ID_WWN_WITH_EXTENSION` of a whole disk (`0x…`, `naa.…` or bare hex;
+    /// compared case-insensitively).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    /// A `/dev/disk/by-path/…` link (the device's udev `DEVLINKS`, or `ID_PATH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_path: Option<PathBuf>,
+    /// The LUKS header's UUID (`ID_FS_UUID` with `ID_FS_TYPE=crypto_LUKS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub luks_uuid: Option<String>,
+}
+
+/// `wait_for_device`: how long the attach waits for its device to appear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitForDevice {
+    /// 1 to [`MAX_WAIT_SECS`].
+    pub timeout_secs: u64,
+}
+
+/// A validated [`DeviceSelector`]: what udev matching works with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Serial(String),
+    /// Normalised: lowercase, without `0x`/`naa.` prefix.
+    Wwn(String),
+    ByPath(PathBuf),
+    /// Normalised: lowercase.
+    LuksUuid(String),
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Serial(s) => write!(f, "serial {s}"),
+            Selector::Wwn(w) => write!(f, "wwn {w}"),
+            Selector::ByPath(p) => write!(f, "by-path link {}", p.display()),
+            Selector::LuksUuid(u) => write!(f, "LUKS UUID {u}"),
+        }
+    }
+}
+
+/// Lowercase hex without the `0x` or `naa.` prefix udev and SCSI tools may print.
+pub fn normalize_wwn(w: &str) -> String {
+    let l = w.trim().to_ascii_lowercase();
+    let l = l.strip_prefix("0x").unwrap_or(&l);
+    let l = l.strip_prefix("naa.").unwrap_or(l);
+    l.to_owned()
+}
+
+impl DeviceSelector {
+    /// Check the selector: exactly one identity, each in its expected shape.
+    pub fn selector(&self) -> Result<Selector, Error> {
+        let given = [
+            self.serial.is_some(),
+            self.wwn.is_some(),
+            self.by_path.is_some(),
+            self.luks_uuid.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        if given != 1 {
+            return Err(field(
+                "device",
+                format!(
+                    "names {given} identities; give exactly one of serial, wwn, by_path, luks_uuid"
+                ),
+            ));
+        }
+        let text = |f: &'static str, v: &str| -> Result<String, Error> {
+            if v.is_empty() || v.len() > 256 {
+                return Err(field(f, "must be 1 to 256 characters"));
+            }
+            if let Some(c) = v.chars().find(|c| c.is_control() || c.is_whitespace()) {
+                return Err(field(f, format!("{v:?} contains {c:?}")));
+            }
+            Ok(v.to_owned())
+        };
+        if let Some(s) = &self.serial {
+            return Ok(Selector::Serial(text("device.serial", s)?));
+        }
+        if let Some(w) = &self.wwn {
+            let n = normalize_wwn(&text("device.wwn", w)?);
+            if n.is_empty() || !n.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(field(
+                    "device.wwn",
+                    format!("{w:?} is not a WWN (hex digits, optionally prefixed 0x or naa.)"),
+                ));
+            }
+            return Ok(Selector::Wwn(n));
+        }
+        if let Some(p) = &self.by_path {
+            let s = p.to_string_lossy();
+            let rest = s.strip_prefix("/dev/disk/by-path/").unwrap_or("");
+            if rest.is_empty() || rest.contains('/') || text("device.by_path", &s).is_err() {
+                return Err(field(
+                    "device.by_path",
+                    format!(
+                        "{} is not a link directly under /dev/disk/by-path/",
+                        p.display()
+                    ),
+                ));
+            }
+            return Ok(Selector::ByPath(p.clone()));
+        }
+        let u = self.luks_uuid.as_deref().unwrap_or_default();
+        let l = u.to_ascii_lowercase();
+        let shape_ok = l.len() == 36
+            && l.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+        if !shape_ok {
+            return Err(field(
+                "device.luks_uuid",
+                format!("{u:?} is not a UUID like 3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55"),
+            ));
+        }
+        Ok(Selector::LuksUuid(l))
+    }
 }
 
 /// Cinder's volume encryption metadata, as os-brick receives it.
@@ -196,8 +352,13 @@ pub struct EncryptedPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidRequest {
     pub volume_id: String,
+    /// For a selector request: the node it resolved to (empty until it is resolved).
     pub device_path: PathBuf,
     pub mapping_name: String,
+    /// The device selector, when the request names its device by identity.
+    pub selector: Option<Selector>,
+    /// How long to wait for the device (`wait_for_device`).
+    pub wait: Option<std::time::Duration>,
     pub plan: Plan,
     pub options: AttachOptions,
 }
@@ -243,10 +404,66 @@ impl AttachRequest {
         AttachRequest::from_json(&buf)
     }
 
-    /// Check every field and decide what to do.
+    /// Check every field and decide what to do. A selector request must have been resolved
+    /// ([`AttachRequest::resolved`]): only the agent resolves selectors.
     pub fn validate(&self) -> Result<ValidRequest, Error> {
+        let v = self.validate_unresolved()?;
+        if v.selector.is_some() && self.resolved_device.is_none() {
+            return Err(field(
+                "device",
+                "a device selector must be resolved to a device node first (`volcrypt attach` \
+                 and the agent do; library callers use AttachRequest::resolved)",
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Like [`AttachRequest::validate`], but a selector need not be resolved yet (the agent's
+    /// check before it looks for or waits for the device).
+    pub fn validate_unresolved(&self) -> Result<ValidRequest, Error> {
         validate_volume_id(&self.volume_id)?;
-        let mapping_name = validate_device_path(&self.device_path)?;
+        let has_path = !path_is_empty(&self.device_path);
+        let (mapping_name, selector, device_path) = match (&self.device, has_path) {
+            (Some(_), true) => {
+                return Err(field(
+                    "device",
+                    "give either device_path or device, not both",
+                ));
+            }
+            (None, false) => {
+                return Err(field(
+                    "device_path",
+                    "is required (or name the device by identity with `device`)",
+                ));
+            }
+            (None, true) => (
+                validate_device_path(&self.device_path)?,
+                None,
+                self.device_path.clone(),
+            ),
+            // Named after the volume, not the node: the node may differ each time the device
+            // appears (sdb, then sdc), the mapping and its links stay the same.
+            (Some(d), false) => (
+                mapping_name_for(&self.volume_id).map_err(|m| {
+                    field(
+                        "volume_id",
+                        format!("{m} (selector requests map crypt-<volume_id>)"),
+                    )
+                })?,
+                Some(d.selector()?),
+                self.resolved_device.clone().unwrap_or_default(),
+            ),
+        };
+        let wait = match &self.wait_for_device {
+            None => None,
+            Some(w) if w.timeout_secs == 0 || w.timeout_secs > MAX_WAIT_SECS => {
+                return Err(field(
+                    "wait_for_device.timeout_secs",
+                    format!("{} is out of range (1 to {MAX_WAIT_SECS})", w.timeout_secs),
+                ));
+            }
+            Some(w) => Some(std::time::Duration::from_secs(w.timeout_secs)),
+        };
         if let Some(size) = self.options.sector_size
             && size != 512
             && size != 4096
@@ -257,13 +474,31 @@ impl AttachRequest {
             ));
         }
         let plan = plan(self.encryption.as_ref())?;
+        let mut options = self.options.clone();
+        if selector.is_some() {
+            // udev owns the links of a device named by identity: never replaced.
+            options.replace_device_symlink = false;
+        }
         Ok(ValidRequest {
             volume_id: self.volume_id.clone(),
-            device_path: self.device_path.clone(),
+            device_path,
             mapping_name,
+            selector,
+            wait,
             plan,
-            options: self.options.clone(),
+            options,
         })
+    }
+
+    /// The request as the engine runs it once its selector found `devnode`: the selector is
+    /// kept (it is what the state record stores), device links are never replaced, and the
+    /// wait is over.
+    pub fn resolved(&self, devnode: &Path) -> AttachRequest {
+        let mut r = self.clone();
+        r.resolved_device = Some(devnode.to_owned());
+        r.wait_for_device = None;
+        r.options.replace_device_symlink = false;
+        r
     }
 }
 
@@ -674,6 +909,151 @@ mod tests {
             Some(("aes", "cbc-essiv:sha256"))
         );
         assert_eq!(split_cipher("aes"), None);
+    }
+
+    const UUID: &str = "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55";
+
+    #[test]
+    fn selector_requests_map_crypt_volume_id_and_keep_udev_links() {
+        let json = format!(
+            r#"{{"volume_id":"vol-9","device":{{"luks_uuid":"{}"}},
+                "wait_for_device":{{"timeout_secs":30}},
+                "encryption":{{"provider":"luks2","control_location":"front-end","encryption_key_id":"k"}}}}"#,
+            UUID.to_uppercase()
+        );
+        let r = AttachRequest::from_json(json.as_bytes()).unwrap();
+        let v = r.validate_unresolved().unwrap();
+        assert_eq!(v.mapping_name, "crypt-vol-9");
+        assert_eq!(v.selector, Some(Selector::LuksUuid(UUID.into())));
+        assert_eq!(v.wait, Some(std::time::Duration::from_secs(30)));
+        assert!(!v.options.replace_device_symlink);
+        // The engine refuses it until the agent resolved it.
+        assert_eq!(r.validate().unwrap_err().field(), Some("device"));
+        let res = r.resolved(Path::new("/dev/sdc"));
+        let v = res.validate().unwrap();
+        assert_eq!(v.device_path, PathBuf::from("/dev/sdc"));
+        assert_eq!(
+            v.mapping_name, "crypt-vol-9",
+            "named after the volume, not the node"
+        );
+        assert!(!res.options.replace_device_symlink && res.wait_for_device.is_none());
+        // Stored (the state record keeps the request): the selector, not the node.
+        let stored = serde_json::to_value(&res).unwrap();
+        assert!(stored.get("device_path").is_none(), "{stored}");
+        assert!(stored.get("resolved_device").is_none(), "{stored}");
+        assert_eq!(stored["device"]["luks_uuid"], UUID.to_uppercase());
+        let back: AttachRequest = serde_json::from_value(stored).unwrap();
+        assert_eq!(back.device, r.device);
+        // Path requests serialize as before.
+        let p = AttachRequest::from_json(br#"{"volume_id":"v","device_path":"/dev/sdb"}"#).unwrap();
+        let j = serde_json::to_value(&p).unwrap();
+        assert_eq!(j["device_path"], "/dev/sdb");
+        assert!(j.get("device").is_none() && j.get("wait_for_device").is_none());
+    }
+
+    #[test]
+    fn selector_and_wait_errors_name_their_field() {
+        let long_id = "v".repeat(125);
+        let cases = [
+            (
+                r#""device_path":"/dev/sdb","device":{"serial":"s"}"#.to_owned(),
+                "device",
+            ),
+            (r#""device":{}"#.to_owned(), "device"),
+            (
+                r#""device":{"serial":"a","wwn":"0x5"}"#.to_owned(),
+                "device",
+            ),
+            (r#""device":{"serial":""}"#.to_owned(), "device.serial"),
+            (r#""device":{"serial":"a b"}"#.to_owned(), "device.serial"),
+            (r#""device":{"wwn":"0xZZ"}"#.to_owned(), "device.wwn"),
+            (r#""device":{"wwn":"0x"}"#.to_owned(), "device.wwn"),
+            (
+                r#""device":{"by_path":"/dev/sdb"}"#.to_owned(),
+                "device.by_path",
+            ),
+            (
+                r#""device":{"by_path":"/dev/disk/by-path/"}"#.to_owned(),
+                "device.by_path",
+            ),
+            (
+                r#""device":{"by_path":"/dev/disk/by-path/../x"}"#.to_owned(),
+                "device.by_path",
+            ),
+            (
+                r#""device":{"luks_uuid":"not-a-uuid"}"#.to_owned(),
+                "device.luks_uuid",
+            ),
+            (
+                format!(
+                    r#""device":{{"luks_uuid":"{UUID}"}},"wait_for_device":{{"timeout_secs":0}}"#
+                ),
+                "wait_for_device.timeout_secs",
+            ),
+            (
+                format!(
+                    r#""device":{{"luks_uuid":"{UUID}"}},"wait_for_device":{{"timeout_secs":3601}}"#
+                ),
+                "wait_for_device.timeout_secs",
+            ),
+            (
+                r#""device_path":"/dev/sdb","wait_for_device":{"timeout_secs":99999}"#.to_owned(),
+                "wait_for_device.timeout_secs",
+            ),
+        ];
+        for (body, f) in cases {
+            let json = format!(r#"{{"volume_id":"v",{body}}}"#);
+            let err = AttachRequest::from_json(json.as_bytes())
+                .unwrap()
+                .validate_unresolved()
+                .unwrap_err();
+            assert_eq!(err.field(), Some(f), "{json}: {err}");
+        }
+        // Unknown selector and wait fields are typos, rejected by the parser.
+        for bad in [
+            r#"{"volume_id":"v","device":{"serial":"s","uuid":"x"}}"#,
+            r#"{"volume_id":"v","device_path":"/dev/sdb","wait_for_device":{"timeout":5}}"#,
+        ] {
+            assert!(
+                matches!(
+                    AttachRequest::from_json(bad.as_bytes()),
+                    Err(Error::Json(_))
+                ),
+                "{bad}"
+            );
+        }
+        // crypt-<volume_id> must fit device-mapper's name limit.
+        let json = format!(r#"{{"volume_id":"{long_id}","device":{{"serial":"s"}}}}"#);
+        let err = AttachRequest::from_json(json.as_bytes())
+            .unwrap()
+            .validate_unresolved()
+            .unwrap_err();
+        assert_eq!(err.field(), Some("volume_id"), "{err}");
+        // The accepted shapes.
+        for ok in [
+            r#"{"serial":"Linux_scsi_debug_2000"}"#,
+            r#"{"wwn":"naa.5000C500A1B2C3D4"}"#,
+            r#"{"by_path":"/dev/disk/by-path/ip-10.0.0.1:3260-iscsi-iqn.2010-10.org:x-lun-1"}"#,
+        ] {
+            let json = format!(r#"{{"volume_id":"v","device":{ok}}}"#);
+            let v = AttachRequest::from_json(json.as_bytes())
+                .unwrap()
+                .validate_unresolved();
+            assert!(v.is_ok(), "{json}: {v:?}");
+        }
+        assert_eq!(normalize_wwn("0x5000C500"), "5000c500");
+        assert_eq!(normalize_wwn("naa.5000c500"), "5000c500");
+    }
+
+    #[test]
+    fn path_requests_may_wait_too() {
+        let r = req(
+            r#"{"volume_id":"v","device_path":"/dev/sdb","wait_for_device":{"timeout_secs":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.wait, Some(std::time::Duration::from_secs(5)));
+        assert_eq!(r.selector, None);
+        assert!(r.options.replace_device_symlink);
     }
 
     #[test]

@@ -74,8 +74,42 @@ fn bad_requests_get_400_or_413_naming_the_field() {
     let (s, v) = post(b"{\"volume_id\": ");
     assert_error(s, &v, 400, "invalid_json", None);
 
+    // Neither device_path nor a device selector.
     let (s, v) = post(br#"{"volume_id": "v1"}"#);
-    assert_error(s, &v, 400, "invalid_json", Some("device_path"));
+    assert_error(s, &v, 400, "invalid_request", Some("device_path"));
+
+    // Device selectors and waits: shapes checked before any device is looked for.
+    for (body, field) in [
+        (
+            r#"{"volume_id": "v1", "device_path": "/dev/x", "device": {"serial": "s"}}"#,
+            "device",
+        ),
+        (
+            r#"{"volume_id": "v1", "device": {"serial": "s", "wwn": "0x1"}}"#,
+            "device",
+        ),
+        (
+            r#"{"volume_id": "v1", "device": {"luks_uuid": "nope"}}"#,
+            "device.luks_uuid",
+        ),
+        (
+            r#"{"volume_id": "v1", "device": {"by_path": "/dev/sdb"}}"#,
+            "device.by_path",
+        ),
+        (
+            r#"{"volume_id": "v1", "device": {"wwn": "xyz"}, "wait_for_device": {"timeout_secs": 10}}"#,
+            "device.wwn",
+        ),
+        (
+            r#"{"volume_id": "v1", "device": {"serial": "s"}, "wait_for_device": {"timeout_secs": 7200}}"#,
+            "wait_for_device.timeout_secs",
+        ),
+    ] {
+        let (s, v) = post(body.as_bytes());
+        assert_error(s, &v, 400, "invalid_request", Some(field));
+    }
+    let (s, v) = post(br#"{"volume_id": "v1", "device": {"serial": "s", "label": "x"}}"#);
+    assert_error(s, &v, 400, "invalid_json", Some("device.label"));
 
     let (s, v) = post(br#"{"volume_id": "v1", "device_path": "/dev/x", "optons": {}}"#);
     assert_error(s, &v, 400, "invalid_json", Some("optons"));
@@ -128,6 +162,28 @@ fn bad_requests_get_400_or_413_naming_the_field() {
                 .next()
                 .is_none()
     );
+}
+
+/// With the udev monitor off, an attach that asks to wait is refused at once (503), naming
+/// `wait_for_device`; nothing is recorded.
+#[test]
+fn wait_for_device_needs_the_udev_monitor() {
+    let agent = Agent::start("udev = false");
+    let body =
+        br#"{"volume_id": "v1", "device": {"luks_uuid": "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55"},
+        "wait_for_device": {"timeout_secs": 30}}"#;
+    let t0 = std::time::Instant::now();
+    let (s, v) = agent.checked("POST", "/v1/attachments", "/v1/attachments", Some(body));
+    assert_error(s, &v, 503, "udev_unavailable", Some("wait_for_device"));
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    assert!(agent.log_text().contains("udev monitor disabled"));
+    // Without a wait, a selector that matches nothing is 404 at once (enumeration needs no
+    // monitor).
+    let body =
+        br#"{"volume_id": "v1", "device": {"luks_uuid": "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55"}}"#;
+    let (s, v) = agent.checked("POST", "/v1/attachments", "/v1/attachments", Some(body));
+    assert_error(s, &v, 404, "unknown_device", Some("device"));
+    assert!(!agent.dir.path().join("state").join("v1.json").exists());
 }
 
 #[test]

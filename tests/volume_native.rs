@@ -128,6 +128,54 @@ fn cli_rejects_malformed_requests_naming_the_field() {
     assert!(!dir.path().join("state").exists());
 }
 
+/// The CLI resolves a device selector against the devices present (no waiting: that is the
+/// agent's job): nothing matching is exit 4 naming the selector, a wait is refused (exit 1).
+#[test]
+fn cli_resolves_selectors_now_and_leaves_waiting_to_the_agent() {
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let dir = tempfile::tempdir().unwrap();
+    let uuid = "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55";
+    let cases = [
+        (
+            format!(r#"{{"volume_id":"v8","device":{{"luks_uuid":"{uuid}"}}}}"#),
+            4,
+            "no block device matches LUKS UUID",
+        ),
+        (
+            format!(
+                r#"{{"volume_id":"v8","device":{{"luks_uuid":"{uuid}"}},"wait_for_device":{{"timeout_secs":5}}}}"#
+            ),
+            1,
+            "--socket",
+        ),
+        (
+            r#"{"volume_id":"v8","device":{"luks_uuid":"x"}}"#.to_owned(),
+            1,
+            "device.luks_uuid",
+        ),
+    ];
+    for (body, code, want) in cases {
+        let req = dir.path().join("req.json");
+        std::fs::write(&req, &body).unwrap();
+        let o = Command::new(bin)
+            .args(["attach", "--request"])
+            .arg(&req)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        // Enumeration needs /sys; where it cannot run the error names udev instead.
+        if stderr.contains("udev scan") || stderr.contains("udev enumerator") {
+            notice("skipped: udev enumeration unavailable here");
+            return;
+        }
+        assert_eq!(o.status.code(), Some(code), "{body}: {stderr}");
+        assert!(stderr.contains(want), "{body}: {stderr}");
+    }
+    assert!(!dir.path().join("state").exists());
+}
+
 #[test]
 fn raw_attach_through_the_cli_prints_the_raw_device() {
     let bin = env!("CARGO_BIN_EXE_volcrypt");

@@ -105,7 +105,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
 
 pub fn attach(args: AttachArgs) -> Result<(), Error> {
     let (config, volume) = load_config(&args.opts)?;
-    let request = AttachRequest::read(&args.request)?;
+    let request = resolve_present(AttachRequest::read(&args.request)?)?;
     let keys = key_manager(&config)?;
     let ctx = Context {
         keys: keys.as_ref(),
@@ -113,6 +113,29 @@ pub fn attach(args: AttachArgs) -> Result<(), Error> {
     };
     let outcome = volume::attach(&ctx, &request)?;
     print_json(&outcome)
+}
+
+/// A device named by identity (`device`) is looked up among the block devices present now;
+/// waiting for one to appear is the agent's job (`--socket`).
+fn resolve_present(req: AttachRequest) -> Result<AttachRequest, Error> {
+    let Some(d) = &req.device else {
+        return Ok(req);
+    };
+    let selector = d.selector()?;
+    if req.wait_for_device.is_some() {
+        return Err(Error::Usage(
+            "wait_for_device: only the agent waits for devices to appear; send the request to \
+             it with --socket PATH"
+                .into(),
+        ));
+    }
+    match crate::udev::find(&selector)?.and_then(|d| d.devnode) {
+        Some(node) => Ok(req.resolved(&node)),
+        None => Err(crate::udev::Error::NoMatch {
+            selector: selector.to_string(),
+        }
+        .into()),
+    }
 }
 
 pub fn detach(args: DetachArgs) -> Result<(), Error> {

@@ -11,6 +11,8 @@
 //! kdf_memory_budget_mib = 8192        # default: half of MemTotal
 //! kdf_memory_estimate_mib = 1024      # cost of an attach whose header cannot be read
 //! shutdown_grace_secs = 30            # in-flight operations get this long after SIGTERM
+//! udev = true                         # udev monitor: wait_for_device, teardown on remove,
+//!                                     # re-activation on add (udev-rules/90-volcrypt.rules)
 //!
 //! [volume]                            # the attach engine's settings (crate::volume::VolumeConfig)
 //! state_dir = "/var/lib/volcrypt/state"
@@ -49,6 +51,10 @@ pub struct ServerConfig {
     /// for LUKS2 is argon2id with up to 1 GiB).
     pub kdf_memory_estimate_mib: u64,
     pub shutdown_grace_secs: u64,
+    /// Run the udev monitor (udev-triggered activation). `false`: no `wait_for_device`, no
+    /// teardown on remove; selectors still resolve against the devices present, and
+    /// `waiting` records are still tried at start-up.
+    pub udev: bool,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +67,7 @@ impl Default for ServerConfig {
             kdf_memory_budget_mib: None,
             kdf_memory_estimate_mib: 1024,
             shutdown_grace_secs: 30,
+            udev: true,
         }
     }
 }

@@ -27,6 +27,12 @@ pub struct Metrics {
     pub kdf_memory_in_use_mib: Gauge,
     pub kdf_memory_budget_mib: Gauge,
     pub in_flight: Gauge,
+    /// udev-triggered activation: records whose device is gone (torn down, `waiting`) and
+    /// whose device vanished while in use (`lost`).
+    pub waiting_attachments: Gauge,
+    pub lost_attachments: Gauge,
+    /// udev events acted upon, by action (teardown, lost, reactivated, …).
+    device_events: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,7 +84,7 @@ impl Metrics {
         let active_attachments = Gauge::default();
         registry.register(
             "active_attachments",
-            "Volumes volcrypt manages (state records), counted at scrape time",
+            "Volumes volcrypt manages (state records, not counting waiting or lost ones), counted at scrape time",
             active_attachments.clone(),
         );
         let kdf_memory_in_use_mib = Gauge::default();
@@ -99,7 +105,28 @@ impl Metrics {
             "Engine operations running now",
             in_flight.clone(),
         );
+        let waiting_attachments = Gauge::default();
+        registry.register(
+            "waiting_attachments",
+            "Attachments waiting for their backing device to appear (state records in phase waiting), counted at scrape time",
+            waiting_attachments.clone(),
+        );
+        let lost_attachments = Gauge::default();
+        registry.register(
+            "lost_attachments",
+            "Attachments whose backing device vanished while the mapping was in use (phase lost), counted at scrape time",
+            lost_attachments.clone(),
+        );
+        let device_events = Family::<Labels, Counter>::default();
+        registry.register(
+            "device_events",
+            "What the agent did on udev events: teardown, lost, reactivated, reactivation_failed",
+            device_events.clone(),
+        );
         Metrics {
+            waiting_attachments,
+            lost_attachments,
+            device_events,
             registry,
             duration,
             kdf_wait,
@@ -139,6 +166,12 @@ impl Metrics {
                 ("route", route.to_owned()),
                 ("status", status.to_string()),
             ])
+            .inc();
+    }
+
+    pub fn device_event(&self, outcome: &'static str) {
+        self.device_events
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
             .inc();
     }
 

@@ -6,6 +6,7 @@
 //! - [`peer`]: SO_PEERCRED and the access rule (root, the agent's user, the configured group);
 //! - [`routes`]: the endpoints, per-volume serialization, the KDF memory budget, deadlines;
 //! - [`reconcile`]: the read-only start-up check of records against active mappings;
+//! - [`devices`]: udev-triggered activation (device selectors, waits, teardown on remove);
 //! - [`kdf`]: the KDF memory of an attach, read from the LUKS header before unlocking;
 //! - [`errors`]: the JSON error body and the status of every engine error;
 //! - [`metrics`]: Prometheus metrics;
@@ -21,6 +22,7 @@ use crate::keys::KeyManager;
 
 pub mod client;
 pub mod config;
+pub mod devices;
 pub mod errors;
 pub mod kdf;
 pub mod metrics;

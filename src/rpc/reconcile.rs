@@ -9,6 +9,12 @@
 //! | attaching       | attach again (finish)     | set links, mark attached      | report stale | report conflict        |
 //! | attached        | attach again (re-activate)| repair links                  | report stale | report conflict        |
 //! | detaching       | finish detach             | finish detach                 | finish detach| report conflict        |
+//! | waiting, lost   | keep, report `waiting`    | repair links                  | report stale | report conflict        |
+//!
+//! `waiting`/`lost` records belong to udev-triggered activation (`rpc::devices`): their device
+//! went away; the agent's udev pass attaches them when it is back. A record whose stored
+//! request names its device by identity (serial, WWN, by-path, LUKS UUID) is resolved through
+//! udev when it is re-activated, and becomes `waiting` if that device is not there.
 //!
 //! Before that, a record still `attaching` whose mapping name holds a table-less device created
 //! by libcryptsetup (the agent was killed inside the activation) has that device removed, so
@@ -42,6 +48,8 @@ pub struct Report {
     pub inactive: Vec<String>,
     /// Volume ids whose mapping is active but whose backing device is gone.
     pub stale: Vec<String>,
+    /// Volume ids waiting for their device to appear (udev-triggered activation).
+    pub waiting: Vec<String>,
     /// `crypt-*` mappings without a record (left untouched).
     pub foreign: Vec<String>,
     /// Volume ids attached again because their record wanted them active.
@@ -88,6 +96,8 @@ pub enum Action {
     FinishDetach,
     /// Should be active, but the record holds no request to attach it with.
     ReportInactive,
+    /// Waiting for its device (udev-triggered activation): keep the record as it is.
+    Wait,
     ReportStale,
     ReportConflict,
 }
@@ -99,6 +109,8 @@ pub fn decide(phase: Phase, dm: DmState, has_request: bool) -> Action {
         (Phase::Detaching, _) => Action::FinishDetach,
         (_, DmState::Stale) => Action::ReportStale,
         (_, DmState::Ours) => Action::RepairLinks,
+        // udev-triggered: attached when the device appears (rpc::devices), never lost here.
+        (Phase::Waiting | Phase::Lost, DmState::Absent) => Action::Wait,
         (_, DmState::Absent) if has_request => Action::Reactivate,
         (_, DmState::Absent) => Action::ReportInactive,
     }
@@ -132,6 +144,8 @@ pub enum Finding {
     Repaired(Vec<String>),
     Detached,
     Inactive,
+    /// Waiting for its device to appear (kept, attached by the agent's udev pass).
+    Waiting,
     Stale,
     Conflict,
     Failed {
@@ -264,6 +278,7 @@ pub fn reconcile_one(
     }
     match action {
         Action::ReportInactive => Finding::Inactive,
+        Action::Wait => Finding::Waiting,
         Action::ReportStale => Finding::Stale,
         Action::ReportConflict => Finding::Conflict,
         Action::RepairLinks => {
@@ -281,6 +296,17 @@ pub fn reconcile_one(
             let Some(req) = &record.request else {
                 return Finding::Inactive;
             };
+            let req = match super::devices::resolve_now(req) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return match super::devices::mark(config, &record, Phase::Waiting) {
+                        Ok(()) => Finding::Waiting,
+                        Err(e) => failed("wait for device", &e),
+                    };
+                }
+                Err(e) => return failed("re-activate", &e),
+            };
+            let req = &req;
             let keys = match keys {
                 Ok(k) => k,
                 Err(e) => return failed("re-activate", &format!("key manager unavailable: {e}")),
@@ -310,6 +336,7 @@ impl Report {
             Finding::Repaired(_) => self.repaired.push(id),
             Finding::Detached => self.detached.push(id),
             Finding::Inactive => self.inactive.push(id),
+            Finding::Waiting => self.waiting.push(id),
             Finding::Stale => self.stale.push(id),
             Finding::Conflict => self.conflict.push(id),
             Finding::Failed { action, error } => self.failed.push(Failure {
@@ -430,7 +457,13 @@ pub fn log(report: &Report) {
 mod tests {
     use super::*;
 
-    const PHASES: [Phase; 3] = [Phase::Attaching, Phase::Attached, Phase::Detaching];
+    const PHASES: [Phase; 5] = [
+        Phase::Attaching,
+        Phase::Attached,
+        Phase::Detaching,
+        Phase::Waiting,
+        Phase::Lost,
+    ];
     const DMS: [DmState; 4] = [
         DmState::Absent,
         DmState::Ours,
@@ -459,6 +492,14 @@ mod tests {
             (Detaching, Ours, false, FinishDetach),
             (Detaching, Stale, true, FinishDetach),
             (Detaching, Conflict, true, ReportConflict),
+            (Waiting, Absent, true, Wait),
+            (Waiting, Absent, false, Wait),
+            (Waiting, Ours, true, RepairLinks),
+            (Waiting, Stale, true, ReportStale),
+            (Lost, Absent, true, Wait),
+            (Lost, Stale, true, ReportStale),
+            (Lost, Ours, true, RepairLinks),
+            (Lost, Conflict, true, ReportConflict),
         ];
         for (p, d, r, want) in cases {
             assert_eq!(decide(p, d, r), want, "{p} {d:?} request={r}");
@@ -484,6 +525,8 @@ mod tests {
                     }
                     if a == Action::Reactivate {
                         assert!(r && d == DmState::Absent);
+                        // A record waiting for its device is attached by the udev pass only.
+                        assert!(!matches!(p, Phase::Waiting | Phase::Lost), "{p}");
                     }
                 }
             }

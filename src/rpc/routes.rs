@@ -44,7 +44,9 @@ pub struct App {
     pub access: Access,
     pub metrics: Metrics,
     keys: Keys,
-    locks: VolumeLocks,
+    pub(crate) locks: VolumeLocks,
+    /// udev-triggered activation: pending device waits, whether the monitor runs.
+    pub(crate) devices: super::devices::Devices,
     kdf_budget: Arc<Semaphore>,
     kdf_budget_mib: u32,
     in_flight: Arc<Semaphore>,
@@ -65,6 +67,7 @@ impl App {
             metrics,
             keys,
             locks: VolumeLocks::default(),
+            devices: super::devices::Devices::default(),
             kdf_budget: Arc::new(Semaphore::new(budget as usize)),
             kdf_budget_mib: budget,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
@@ -80,7 +83,7 @@ impl App {
     /// resolved under its volume's lock, so a request for the same volume waits for (or goes
     /// before) it and the reconcile always acts on the record as it is then.
     #[allow(clippy::result_large_err)]
-    pub fn spawn_reconcile(self: &Arc<Self>) {
+    pub fn spawn_reconcile(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         use super::reconcile;
         let app = self.clone();
         tokio::spawn(async move {
@@ -119,7 +122,7 @@ impl App {
             };
             reconcile::log(&report);
             *app.reconcile.lock().unwrap_or_else(|e| e.into_inner()) = report;
-        });
+        })
     }
 
     /// Refuse new operations, then wait until every running one has returned its token.
@@ -138,10 +141,10 @@ impl App {
 /// One async mutex per volume id. Entries nobody holds or waits for are pruned on the next
 /// lock, so the map stays as small as the set of volumes being worked on.
 #[derive(Default)]
-struct VolumeLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+pub(crate) struct VolumeLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
 impl VolumeLocks {
-    async fn lock(&self, volume_id: &str) -> OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, volume_id: &str) -> OwnedMutexGuard<()> {
         let m = {
             let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
             map.retain(|_, m| Arc::strong_count(m) > 1);
@@ -214,22 +217,15 @@ pub async fn handle(app: Arc<App>, peer: Peer, req: Request<Incoming>) -> Result
     );
     async move {
         let start = Instant::now();
-        let timeout = app.config.server.request_timeout();
+        let mut timeout = app.config.server.request_timeout();
+        if method == Method::POST && path == "/v1/attachments" {
+            // An attach may wait for its device (wait_for_device, bounded by MAX_WAIT_SECS);
+            // `attach` holds the parts before and after that wait to the plain deadline.
+            timeout += std::time::Duration::from_secs(request::MAX_WAIT_SECS);
+        }
         let (route, result) = match tokio::time::timeout(timeout, route(&app, req)).await {
             Ok(r) => r,
-            Err(_) => (
-                "timeout",
-                Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    format!(
-                        "the request did not complete within {} s; an engine operation already \
-                         started keeps running and holds the volume until it ends: query \
-                         GET /v1/attachments/{{volume_id}}",
-                        timeout.as_secs()
-                    ),
-                )),
-            ),
+            Err(_) => ("timeout", Err(request_timeout(timeout))),
         };
         let resp = match result {
             Ok(r) => r,
@@ -501,11 +497,45 @@ fn engine_err(e: volume::Error) -> ApiError {
 }
 
 async fn attach(app: &Arc<App>, body: Incoming, declared: Option<u64>) -> Result<Resp, ApiError> {
-    let bytes = read_body(app, body, declared).await?;
+    // The whole request may last request_timeout_secs plus its device wait (see `handle`): the
+    // parts before and after the wait each get the plain deadline.
+    let deadline = app.config.server.request_timeout();
+    let bytes = tokio::time::timeout(deadline, read_body(app, body, declared))
+        .await
+        .map_err(|_| request_timeout(deadline))??;
     let req = parse_attach(&bytes)?;
-    let valid = req.validate().map_err(|e| ApiError::from(&e))?;
+    let valid = req.validate_unresolved().map_err(|e| ApiError::from(&e))?;
     record_volume(&valid.volume_id);
+    let req = super::devices::resolve_for_attach(app, &req, &valid).await?;
+    let outcome = tokio::time::timeout(deadline, attach_resolved(app, req))
+        .await
+        .map_err(|_| request_timeout(deadline))??;
+    let status = if outcome.already_attached {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_response(status, &outcome))
+}
+
+/// Attach a request whose device is known (a path, or a resolved selector): the volume lock,
+/// the KDF budget, the engine. Also what udev-triggered re-activation runs.
+pub(crate) async fn attach_resolved(
+    app: &Arc<App>,
+    req: AttachRequest,
+) -> Result<volume::AttachOutcome, ApiError> {
+    let valid = req.validate().map_err(|e| ApiError::from(&e))?;
     let volume_guard = app.locks.lock(&valid.volume_id).await;
+    attach_locked(app, req, valid, volume_guard).await
+}
+
+/// [`attach_resolved`] for a caller that already holds the volume's lock.
+pub(crate) async fn attach_locked(
+    app: &Arc<App>,
+    req: AttachRequest,
+    valid: request::ValidRequest,
+    volume_guard: OwnedMutexGuard<()>,
+) -> Result<volume::AttachOutcome, ApiError> {
     let (kdf, kdf_mib) = match &valid.plan {
         Plan::Raw { .. } => (None, 0),
         Plan::Encrypted(p) => {
@@ -530,16 +560,24 @@ async fn attach(app: &Arc<App>, body: Incoming, declared: Option<u64>) -> Result
         _kdf: kdf,
         kdf_mib,
     };
-    let outcome = run_engine(app, "attach", held, move |ctx| {
+    run_engine(app, "attach", held, move |ctx| {
         volume::attach(ctx, &req).map_err(engine_err)
     })
-    .await?;
-    let status = if outcome.already_attached {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok(json_response(status, &outcome))
+    .await
+}
+
+/// The 504 of a request past its deadline.
+fn request_timeout(timeout: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!(
+            "the request did not complete within {} s; an engine operation already \
+             started keeps running and holds the volume until it ends: query \
+             GET /v1/attachments/{{volume_id}}",
+            timeout.as_secs()
+        ),
+    )
 }
 
 #[derive(Serialize)]
@@ -790,7 +828,13 @@ async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
 async fn metrics(app: &Arc<App>) -> Result<Resp, ApiError> {
     let dir = app.config.volume.state_dir.clone();
     if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || state::list(&dir)).await {
-        app.metrics.active_attachments.set(records.len() as i64);
+        let count = |p: state::Phase| records.iter().filter(|r| r.phase == p).count() as i64;
+        let (waiting, lost) = (count(state::Phase::Waiting), count(state::Phase::Lost));
+        app.metrics
+            .active_attachments
+            .set(records.len() as i64 - waiting - lost);
+        app.metrics.waiting_attachments.set(waiting);
+        app.metrics.lost_attachments.set(lost);
     }
     Ok(with_body(
         StatusCode::OK,
@@ -879,8 +923,16 @@ mod tests {
             (e.status.as_u16(), e.code, e.field),
             (400, "invalid_json", None)
         );
-        let e = parse_attach(br#"{"volume_id": "v"}"#).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("device_path"));
+        // device_path may be left out for a `device` selector: the model's check names it.
+        let r = parse_attach(br#"{"volume_id": "v"}"#).unwrap();
+        let e = ApiError::from(&r.validate_unresolved().unwrap_err());
+        assert_eq!(
+            (e.status.as_u16(), e.field.as_deref()),
+            (400, Some("device_path"))
+        );
+        let e = parse_attach(br#"{"volume_id":"v","device":{"serail":"x"}}"#).unwrap_err();
+        assert!(e.message.contains("serail"), "{}", e.message);
+        assert_eq!(e.field.as_deref(), Some("device.serail"));
         let e = parse_attach(br#"{"volume_id":"v","device_path":"/d","optons":{}}"#).unwrap_err();
         assert!(e.message.contains("optons"), "{}", e.message);
         let e = parse_attach(br#"{"volume_id":"v","device_path":"/d"} x"#).unwrap_err();

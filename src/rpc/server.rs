@@ -134,7 +134,8 @@ pub async fn serve(
         kdf_budget_mib = app.config.server.kdf_budget_mib(),
         "volcrypt agent listening"
     );
-    app.spawn_reconcile();
+    let reconciled = app.spawn_reconcile();
+    super::devices::start(app.clone(), reconciled);
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -110,7 +110,8 @@ pub struct VolumeStatus {
     pub stable_link: Option<PathBuf>,
     pub stable_link_ok: bool,
     pub formatted_by_volcrypt: bool,
-    /// The journal phase of the record (`attached`, or a half-done `attaching`/`detaching`).
+    /// The journal phase of the record: `attached`, a half-done `attaching`/`detaching`, or
+    /// `waiting`/`lost` when its device went away.
     pub phase: Phase,
 }
 

@@ -33,6 +33,13 @@ pub enum Phase {
     Attached,
     /// Written before the mapping is closed: it may or may not still be open.
     Detaching,
+    /// Desired, but its backing device is gone (udev remove): the unused mapping was torn
+    /// down; the agent attaches it again when the device reappears (udev add/change, or the
+    /// start-up enumeration).
+    Waiting,
+    /// Its backing device is gone while the mapping was in use: the mapping was left alone
+    /// (stale) and this is reported; the agent retries when the device reappears.
+    Lost,
 }
 
 impl std::fmt::Display for Phase {
@@ -41,6 +48,8 @@ impl std::fmt::Display for Phase {
             Phase::Attaching => "attaching",
             Phase::Attached => "attached",
             Phase::Detaching => "detaching",
+            Phase::Waiting => "waiting",
+            Phase::Lost => "lost",
         })
     }
 }

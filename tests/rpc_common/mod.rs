@@ -66,6 +66,13 @@ impl Agent {
         self.wait_ready();
     }
 
+    /// Start the agent again after [`Agent::terminate`] (same configuration and directories),
+    /// so a test can change things while no agent runs.
+    pub fn start_again(&mut self) {
+        self.child = spawn(&self.dir.path().join("volcrypt.toml"), &self.log);
+        self.wait_ready();
+    }
+
     /// The health document once the start-up reconcile check has finished.
     pub fn health_after_reconcile(&self) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 
 filter=${1:-}
 echo "attach-suite: building test binaries"
-mapfile -t bins < <(cargo test --no-run --message-format=json --test volume_vm --test volume_native --test rpc_vm --test journal_vm 2>/dev/null |
+mapfile -t bins < <(cargo test --no-run --message-format=json --test volume_vm --test volume_native --test rpc_vm --test journal_vm --test udev_vm 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
