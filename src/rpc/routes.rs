@@ -524,6 +524,7 @@ async fn attach(app: &Arc<App>, body: Incoming, declared: Option<u64>) -> Result
         volume::attach(ctx, &req).map_err(engine_err)
     })
     .await?;
+    app.metrics.observe_attach_phases(&outcome.timings);
     let status = if outcome.already_attached {
         StatusCode::OK
     } else {
@@ -613,6 +614,8 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
         volume::detach(ctx, &id2, device_path.as_deref()).map_err(engine_err)
     })
     .await?;
+    app.metrics
+        .observe_detach_phases(&outcome.timings, outcome.was_active);
     Ok(json_response(StatusCode::OK, &outcome))
 }
 

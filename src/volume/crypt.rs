@@ -16,9 +16,11 @@ use libcryptsetup_rs::{
     LibcryptErr,
 };
 
+use super::timing::{AttachTimings, timed};
 use super::{Error, PbkdfConfig, PerfFlags};
 use crate::error::ExitStatus;
 use crate::request::split_cipher;
+use crate::secret::SecretBytes;
 
 /// cryptsetup's plain-mode defaults (2.6): cipher, key bits, passphrase hash.
 pub const PLAIN_DEFAULT_CIPHER: &str = "aes-cbc-essiv:sha256";
@@ -149,31 +151,148 @@ pub fn luks_version(device: &Path) -> Result<Option<LuksVersion>, Error> {
     }
 }
 
+/// How [`open_luks`] unlocks the volume key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlock {
+    /// volcrypt's own LUKS engine unlocks the keyslot in userspace and libcryptsetup activates
+    /// with that volume key (`crypt_activate_by_volume_key`, which checks it against the
+    /// header's digest before any table is loaded). Falls back to [`Unlock::Libcryptsetup`]
+    /// whenever the engine cannot decide (a keyslot type, KDF or cipher it does not run, a
+    /// LUKS2 requirement such as an online reencryption).
+    Userspace,
+    /// libcryptsetup unlocks and activates in one call (`crypt_activate_by_passphrase`).
+    Libcryptsetup,
+}
+
 /// Open a LUKS device as `name` with the passphrase. A wrong passphrase is [`Error::WrongKey`].
+/// `Ok(false)`: the device carries no LUKS header (nothing was opened). Fills the header, KDF
+/// and device-mapper phases of `t`.
+///
+/// Why the userspace unlock: libcryptsetup decrypts the keyslot area through the kernel crypto
+/// API (AF_ALG) and runs the anti-forensic merge through its hash backend one small hash
+/// context at a time; volcrypt's engine does both in a few milliseconds. The mapping is the
+/// same either way: same volume key (verified by libcryptsetup against the LUKS digest), same
+/// activation code, same kernel keyring use, same udev wait.
 pub fn open_luks(
     device: &Path,
     name: &str,
     passphrase: &[u8],
     flags: PerfFlags,
     key_id: &str,
-) -> Result<(), Error> {
-    let mut cd = init(device)?;
-    cd.context_handle()
-        .load::<()>(None, None)
-        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
-    match cd.activate_handle().activate_by_passphrase(
-        Some(name),
-        None,
-        passphrase,
-        activate_flags(flags),
+    how: Unlock,
+    t: &mut AttachTimings,
+) -> Result<bool, Error> {
+    // One context: its load both tells whether the device is LUKS and prepares activation.
+    let mut cd = timed(&mut t.header, || init(device))?;
+    match timed(&mut t.header, || cd.context_handle().load::<()>(None, None)) {
+        Ok(()) => {}
+        Err(e) if errno_of(&e) == Some(errno::EINVAL) => return Ok(false),
+        Err(e) => return Err(crypt_err("read LUKS header", device, &e)),
+    }
+    if !matches!(
+        cd.format_handle().get_type(),
+        Ok(EncryptionFormat::Luks1) | Ok(EncryptionFormat::Luks2)
     ) {
-        Ok(_) => Ok(()),
-        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(Error::WrongKey {
-            key_id: key_id.to_owned(),
-            device: device.to_owned(),
-        }),
+        return Ok(false);
+    }
+    let wrong_key = || Error::WrongKey {
+        key_id: key_id.to_owned(),
+        device: device.to_owned(),
+    };
+    if how == Unlock::Userspace {
+        match unlock_in_userspace(device, passphrase, t) {
+            Engine::Key(key) => {
+                t.kdf_split = true;
+                match timed(&mut t.dm, || {
+                    cd.activate_handle().activate_by_volume_key(
+                        Some(name),
+                        Some(key.expose()),
+                        activate_flags(flags),
+                    )
+                }) {
+                    Ok(()) => return Ok(true),
+                    // The digest check refused a key the engine had verified: never expected;
+                    // let libcryptsetup decide with the passphrase rather than fail.
+                    Err(e) if errno_of(&e) == Some(errno::EPERM) => {
+                        tracing::warn!(device = %device.display(), "libcryptsetup refused the volume key volcrypt unlocked; retrying with libcryptsetup's own unlock");
+                    }
+                    Err(e) => return Err(crypt_err("activate", device, &e)),
+                }
+            }
+            Engine::WrongPassphrase => return Err(wrong_key()),
+            Engine::CannotDecide(reason) => {
+                tracing::debug!(device = %device.display(), %reason, "userspace unlock not used; libcryptsetup unlocks");
+            }
+        }
+    }
+    t.kdf_split = false;
+    match timed(&mut t.dm, || {
+        cd.activate_handle().activate_by_passphrase(
+            Some(name),
+            None,
+            passphrase,
+            activate_flags(flags),
+        )
+    }) {
+        Ok(_) => Ok(true),
+        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(wrong_key()),
         Err(e) => Err(crypt_err("activate", device, &e)),
     }
+}
+
+/// What volcrypt's LUKS engine made of the passphrase.
+enum Engine {
+    Key(SecretBytes),
+    /// Every keyslot libcryptsetup would try was tried: none accepts the passphrase.
+    WrongPassphrase,
+    /// Anything else (with the reason, for the debug log): libcryptsetup decides.
+    CannotDecide(String),
+}
+
+/// Unlock the volume key with volcrypt's engine: header parse (`t.header`), then keyslot KDF,
+/// area decryption, AF merge and digest check (`t.kdf`).
+fn unlock_in_userspace(device: &Path, passphrase: &[u8], t: &mut AttachTimings) -> Engine {
+    use std::io::{Seek, SeekFrom};
+    let header = timed(&mut t.header, || -> Result<_, String> {
+        let mut f = std::fs::File::open(device).map_err(|e| format!("open: {e}"))?;
+        let size = f.seek(SeekFrom::End(0)).map_err(|e| format!("size: {e}"))?;
+        let h = crate::luks::Header::read(&mut f, Some(size)).map_err(|e| e.to_string())?;
+        h.check_activation_allowed().map_err(|e| e.to_string())?;
+        Ok((f, h))
+    });
+    let (mut f, header) = match header {
+        Ok(x) => x,
+        Err(reason) => return Engine::CannotDecide(reason),
+    };
+    if let Some(reason) = keyslot_the_engine_skips(&header) {
+        return Engine::CannotDecide(reason);
+    }
+    let limits = crate::crypto::kdf::KdfLimits::default();
+    match timed(&mut t.kdf, || {
+        header.unlock(&mut f, passphrase, None, &limits)
+    }) {
+        Ok((_slot, key)) => Engine::Key(key),
+        Err(crate::luks::Error::NoKey) => Engine::WrongPassphrase,
+        Err(e) => Engine::CannotDecide(e.to_string()),
+    }
+}
+
+/// A LUKS2 keyslot libcryptsetup might open but volcrypt's engine skips (another keyslot type,
+/// an unknown KDF): then "no keyslot matches" from the engine would not be the whole answer.
+fn keyslot_the_engine_skips(header: &crate::luks::Header) -> Option<String> {
+    use crate::luks::luks2::json::KdfDesc;
+    let crate::luks::Header::Luks2(h) = header else {
+        return None;
+    };
+    h.meta.keyslots.iter().find_map(|(id, ks)| {
+        if ks.kind != "luks2" {
+            Some(format!("keyslot {id} has type {:?}", ks.kind))
+        } else if matches!(ks.kdf, Some(KdfDesc::Unknown(_)) | None) {
+            Some(format!("keyslot {id} has a KDF volcrypt does not run"))
+        } else {
+            None
+        }
+    })
 }
 
 /// Cipher and mode for libcryptsetup, and the volume key size in bytes. The key size is passed

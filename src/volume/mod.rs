@@ -27,6 +27,7 @@ pub mod dm;
 pub mod links;
 pub mod probe;
 pub mod state;
+pub mod timing;
 
 pub use attach::{
     AttachOutcome, DetachOutcome, ExtendOutcome, VolumeStatus, attach, detach, extend, status,
