@@ -1110,7 +1110,7 @@ fn kernel_and_userspace_engine_agree() {
         );
 
         // Userspace writes, kernel reads.
-        let w = Vol::new(&format!("agreeu{provider}"), 1);
+        let mut w = Vol::new(&format!("agreeu{provider}"), 1);
         let plain = w.dir.path().join("plain.img");
         let data = pattern(5, 2 << 20);
         std::fs::write(&plain, &data).unwrap();
@@ -1127,6 +1127,9 @@ fn kernel_and_userspace_engine_agree() {
         let lo = sh(&format!("losetup -f --show {}", container.display()))
             .trim()
             .to_owned();
+        // Vol's drop detaches its loop device: from now on that is `lo`. Detaching the old
+        // number again would detach whichever test's device got that number meanwhile.
+        w.loopdev = PathBuf::from(&lo);
         std::fs::remove_file(&w.link).unwrap();
         std::os::unix::fs::symlink(&lo, &w.link).unwrap();
         let wctx = w.ctx(&k);
@@ -1140,7 +1143,6 @@ fn kernel_and_userspace_engine_agree() {
             "{provider}: kernel reads something else than was encrypted"
         );
         volume::detach(&wctx, &w.volume_id(), None).unwrap();
-        sh(&format!("losetup -d {lo}"));
     }
 }
 

@@ -200,7 +200,8 @@ pub fn open_luks(
         device: device.to_owned(),
     };
     if how == Unlock::Userspace {
-        match unlock_in_userspace(device, passphrase, t) {
+        let header_end = cd.status_handle().get_data_offset().saturating_mul(512);
+        match unlock_in_userspace(device, header_end, passphrase, t) {
             Engine::Key(key) => {
                 t.kdf_split = true;
                 match timed(&mut t.dm, || {
@@ -250,11 +251,33 @@ enum Engine {
 }
 
 /// Unlock the volume key with volcrypt's engine: header parse (`t.header`), then keyslot KDF,
-/// area decryption, AF merge and digest check (`t.kdf`).
-fn unlock_in_userspace(device: &Path, passphrase: &[u8], t: &mut AttachTimings) -> Engine {
+/// area decryption, AF merge and digest check (`t.kdf`). `header_end` (bytes): where the data
+/// starts, i.e. the end of the headers and keyslot areas.
+fn unlock_in_userspace(
+    device: &Path,
+    header_end: u64,
+    passphrase: &[u8],
+    t: &mut AttachTimings,
+) -> Engine {
     use std::io::{Seek, SeekFrom};
     let header = timed(&mut t.header, || -> Result<_, String> {
         let mut f = std::fs::File::open(device).map_err(|e| format!("open: {e}"))?;
+        // libcryptsetup reads the header with O_DIRECT; these reads go through the page cache.
+        // Drop the cached header and keyslot pages first (clean pages only; nothing else uses
+        // the ciphertext device's cache) so a header just changed by another tool with
+        // O_DIRECT (luksAddKey, luksChangeKey) is read from the disk, exactly as libcryptsetup
+        // sees it: the engine's "no keyslot matches" must be about the same bytes.
+        if let Ok(len) = i64::try_from(header_end)
+            && len > 0
+            && let Err(e) = nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+        {
+            tracing::debug!(device = %device.display(), error = %e, "could not drop the cached header pages");
+        }
         let size = f.seek(SeekFrom::End(0)).map_err(|e| format!("size: {e}"))?;
         let h = crate::luks::Header::read(&mut f, Some(size)).map_err(|e| e.to_string())?;
         h.check_activation_allowed().map_err(|e| e.to_string())?;
