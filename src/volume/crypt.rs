@@ -649,6 +649,65 @@ mod tests {
         assert_eq!((t.iterations, t.max_memory_kb), (4, 64));
     }
 
+    /// volcrypt's userspace unlock on LUKS1, LUKS2/PBKDF2 and LUKS2/argon2id files formatted by
+    /// libcryptsetup: the right passphrase gives the key libcryptsetup's own digest check
+    /// accepts; a wrong one is a definite "wrong passphrase"; a file without LUKS is left to
+    /// libcryptsetup. (On real devices the VM test compares the mappings with `cryptsetup open`.)
+    #[test]
+    fn userspace_unlock_gives_the_volume_key_libcryptsetup_verifies() {
+        let cases = [
+            (LuksVersion::Luks1, "pbkdf2", 1000, 0),
+            (LuksVersion::Luks2, "pbkdf2", 1000, 0),
+            (LuksVersion::Luks2, "argon2id", 4, 1024),
+        ];
+        for (version, kind, iterations, memory_kib) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("vol.img");
+            std::fs::write(&f, vec![0u8; 20 << 20]).unwrap();
+            let cfg = PbkdfConfig {
+                kind: kind.into(),
+                iterations,
+                memory_kib,
+            };
+            format_luks(&f, version, None, None, 512, Some(&cfg), b"right").unwrap();
+            let mut cd = init(&f).unwrap();
+            cd.context_handle().load::<()>(None, None).unwrap();
+            let header_end = cd.status_handle().get_data_offset() * 512;
+            assert!(header_end > 0);
+
+            let mut t = AttachTimings::default();
+            let Engine::Key(key) = unlock_in_userspace(&f, header_end, b"right", &mut t) else {
+                panic!("{version:?} {kind}: the right passphrase must unlock");
+            };
+            assert_eq!(
+                key.expose().len(),
+                64,
+                "{version:?}: aes-xts-plain64 default"
+            );
+            cd.volume_key_handle()
+                .verify(key.expose())
+                .unwrap_or_else(|e| panic!("{version:?} {kind}: libcryptsetup refuses: {e}"));
+            assert!(!t.kdf.is_zero() && !t.header.is_zero(), "{t:?}");
+
+            let mut t = AttachTimings::default();
+            assert!(
+                matches!(
+                    unlock_in_userspace(&f, header_end, b"wrong", &mut t),
+                    Engine::WrongPassphrase
+                ),
+                "{version:?} {kind}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("blank.img");
+        std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
+        let mut t = AttachTimings::default();
+        assert!(matches!(
+            unlock_in_userspace(&f, 1 << 20, b"x", &mut t),
+            Engine::CannotDecide(_)
+        ));
+    }
+
     /// Format and header reads work on a plain file without device-mapper.
     #[test]
     fn format_then_detect_on_a_plain_file() {
