@@ -182,26 +182,40 @@ pub fn open_luks(
     how: Unlock,
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
-    // One context: its load both tells whether the device is LUKS and prepares activation.
-    let mut cd = timed(&mut t.header, || init(device))?;
-    match timed(&mut t.header, || cd.context_handle().load::<()>(None, None)) {
-        Ok(()) => {}
-        Err(e) if errno_of(&e) == Some(errno::EINVAL) => return Ok(false),
-        Err(e) => return Err(crypt_err("read LUKS header", device, &e)),
-    }
-    if !matches!(
-        cd.format_handle().get_type(),
-        Ok(EncryptionFormat::Luks1) | Ok(EncryptionFormat::Luks2)
-    ) {
+    // volcrypt's engine reads the header and unlocks a keyslot on a second thread while
+    // libcryptsetup loads the header for the activation on this one (a CryptDevice is not Send,
+    // so it stays here). Both only read; libcryptsetup's load decides whether this is LUKS.
+    let (loaded, engine) = std::thread::scope(|s| {
+        let engine = (how == Unlock::Userspace).then(|| {
+            std::thread::Builder::new()
+                .name("volcrypt-unlock".into())
+                .spawn_scoped(s, || {
+                    let mut et = AttachTimings::default();
+                    let e = unlock_in_userspace(device, None, passphrase, &mut et);
+                    (e, et)
+                })
+        });
+        let loaded = load_luks(device, t);
+        let engine = engine.map(|spawned| match spawned.map(|h| h.join()) {
+            Ok(Ok((e, et))) => {
+                t.header += et.header;
+                t.kdf += et.kdf;
+                e
+            }
+            Ok(Err(_)) => Engine::CannotDecide("the unlock thread panicked".into()),
+            Err(e) => Engine::CannotDecide(format!("cannot start the unlock thread: {e}")),
+        });
+        (loaded, engine)
+    });
+    let Some(mut cd) = loaded? else {
         return Ok(false);
-    }
+    };
     let wrong_key = || Error::WrongKey {
         key_id: key_id.to_owned(),
         device: device.to_owned(),
     };
-    if how == Unlock::Userspace {
-        let header_end = cd.status_handle().get_data_offset().saturating_mul(512);
-        match unlock_in_userspace(device, header_end, passphrase, t) {
+    if let Some(engine) = engine {
+        match engine {
             Engine::Key(key) => {
                 t.kdf_split = true;
                 match timed(&mut t.dm, || {
@@ -241,6 +255,22 @@ pub fn open_luks(
     }
 }
 
+/// libcryptsetup's context for `device` with its LUKS header loaded, or `None` when the device
+/// carries no LUKS header.
+fn load_luks(device: &Path, t: &mut AttachTimings) -> Result<Option<CryptDevice>, Error> {
+    let mut cd = timed(&mut t.header, || init(device))?;
+    match timed(&mut t.header, || cd.context_handle().load::<()>(None, None)) {
+        Ok(()) => {}
+        Err(e) if errno_of(&e) == Some(errno::EINVAL) => return Ok(None),
+        Err(e) => return Err(crypt_err("read LUKS header", device, &e)),
+    }
+    Ok(matches!(
+        cd.format_handle().get_type(),
+        Ok(EncryptionFormat::Luks1) | Ok(EncryptionFormat::Luks2)
+    )
+    .then_some(cd))
+}
+
 /// What volcrypt's LUKS engine made of the passphrase.
 enum Engine {
     Key(SecretBytes),
@@ -252,10 +282,11 @@ enum Engine {
 
 /// Unlock the volume key with volcrypt's engine: header parse (`t.header`), then keyslot KDF,
 /// area decryption, AF merge and digest check (`t.kdf`). `header_end` (bytes): where the data
-/// starts, i.e. the end of the headers and keyslot areas.
+/// starts, i.e. the end of the headers and keyslot areas; `None`: not known yet (the whole
+/// device's cached pages are dropped then).
 fn unlock_in_userspace(
     device: &Path,
-    header_end: u64,
+    header_end: Option<u64>,
     passphrase: &[u8],
     t: &mut AttachTimings,
 ) -> Engine {
@@ -267,8 +298,7 @@ fn unlock_in_userspace(
         // the ciphertext device's cache) so a header just changed by another tool with
         // O_DIRECT (luksAddKey, luksChangeKey) is read from the disk, exactly as libcryptsetup
         // sees it: the engine's "no keyslot matches" must be about the same bytes.
-        if let Ok(len) = i64::try_from(header_end)
-            && len > 0
+        if let Ok(len) = i64::try_from(header_end.unwrap_or(0))
             && let Err(e) = nix::fcntl::posix_fadvise(
                 &f,
                 0,
@@ -676,7 +706,8 @@ mod tests {
             assert!(header_end > 0);
 
             let mut t = AttachTimings::default();
-            let Engine::Key(key) = unlock_in_userspace(&f, header_end, b"right", &mut t) else {
+            let Engine::Key(key) = unlock_in_userspace(&f, Some(header_end), b"right", &mut t)
+            else {
                 panic!("{version:?} {kind}: the right passphrase must unlock");
             };
             assert_eq!(
@@ -692,7 +723,7 @@ mod tests {
             let mut t = AttachTimings::default();
             assert!(
                 matches!(
-                    unlock_in_userspace(&f, header_end, b"wrong", &mut t),
+                    unlock_in_userspace(&f, None, b"wrong", &mut t),
                     Engine::WrongPassphrase
                 ),
                 "{version:?} {kind}"
@@ -703,7 +734,7 @@ mod tests {
         std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
         let mut t = AttachTimings::default();
         assert!(matches!(
-            unlock_in_userspace(&f, 1 << 20, b"x", &mut t),
+            unlock_in_userspace(&f, Some(1 << 20), b"x", &mut t),
             Engine::CannotDecide(_)
         ));
     }
