@@ -170,7 +170,7 @@ pub enum Unlock {
 ///
 /// Why the userspace unlock: libcryptsetup decrypts the keyslot area through the kernel crypto
 /// API (AF_ALG) and runs the anti-forensic merge through its hash backend one small hash
-/// context at a time; volcrypt's engine does both in a few milliseconds. The mapping is the
+/// context at a time; volcrypt's engine does both many times faster. The mapping is the
 /// same either way: same volume key (verified by libcryptsetup against the LUKS digest), same
 /// activation code, same kernel keyring use, same udev wait.
 pub fn open_luks(
@@ -185,11 +185,14 @@ pub fn open_luks(
     // volcrypt's engine reads the header and unlocks a keyslot on a second thread while
     // libcryptsetup loads the header for the activation on this one (a CryptDevice is not Send,
     // so it stays here). Both only read; libcryptsetup's load decides whether this is LUKS.
+    let span = tracing::Span::current();
     let (loaded, engine) = std::thread::scope(|s| {
         let engine = (how == Unlock::Userspace).then(|| {
             std::thread::Builder::new()
                 .name("volcrypt-unlock".into())
                 .spawn_scoped(s, || {
+                    // The request's span (volume id, peer) for the engine's debug lines.
+                    let _span = span.enter();
                     let mut et = AttachTimings::default();
                     let e = unlock_in_userspace(device, None, passphrase, &mut et);
                     (e, et)
