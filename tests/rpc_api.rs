@@ -449,6 +449,16 @@ fn metrics_exposition_parses() {
     assert!(samples > 5);
     assert_eq!(types["volcrypt_operation_duration_seconds"], "histogram");
     assert_eq!(types["volcrypt_active_attachments"], "gauge");
+    // The KDF / device-mapper split of attach and detach latency (issue 4 §5). The labelled
+    // families (volcrypt_attach_dm_seconds{unlock}, volcrypt_operation_phase_seconds{op,phase})
+    // appear with their first sample, which needs dm-crypt (the bench and rpc_vm see them).
+    for name in ["volcrypt_attach_kdf_seconds", "volcrypt_detach_dm_seconds"] {
+        assert_eq!(
+            types.get(name).map(String::as_str),
+            Some("histogram"),
+            "{name}"
+        );
+    }
     assert!(
         text.contains(
             r#"volcrypt_http_requests_total{route="/v1/attachments/{volume_id}",status="404"} 1"#

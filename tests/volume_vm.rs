@@ -1071,7 +1071,7 @@ fn kernel_and_userspace_engine_agree() {
         );
 
         // Userspace writes, kernel reads.
-        let w = Vol::new(&format!("agreeu{provider}"), 1);
+        let mut w = Vol::new(&format!("agreeu{provider}"), 1);
         let plain = w.dir.path().join("plain.img");
         let data = pattern(5, 2 << 20);
         std::fs::write(&plain, &data).unwrap();
@@ -1088,6 +1088,9 @@ fn kernel_and_userspace_engine_agree() {
         let lo = sh(&format!("losetup -f --show {}", container.display()))
             .trim()
             .to_owned();
+        // Vol's drop detaches its loop device: from now on that is `lo`. Detaching the old
+        // number again would detach whichever test's device got that number meanwhile.
+        w.loopdev = PathBuf::from(&lo);
         std::fs::remove_file(&w.link).unwrap();
         std::os::unix::fs::symlink(&lo, &w.link).unwrap();
         let wctx = w.ctx(&k);
@@ -1101,7 +1104,6 @@ fn kernel_and_userspace_engine_agree() {
             "{provider}: kernel reads something else than was encrypted"
         );
         volume::detach(&wctx, &w.volume_id(), None).unwrap();
-        sh(&format!("losetup -d {lo}"));
     }
 }
 
@@ -1246,4 +1248,169 @@ fn os_brick_mappings_are_reused_and_detached() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let d = volume::detach(&wctx, "brick-vol", Some(&w.link)).unwrap();
     assert!(d.was_active && !w.active());
+}
+
+/// `dmsetup table` of a mapping with the key replaced by its SHA-256 (the table carries the key
+/// in hex, or a keyring reference for LUKS2), so two tables can be compared without printing a
+/// key when they differ.
+fn table_with_hashed_key(name: &str) -> Vec<String> {
+    let t = sh(&format!("dmsetup table --showkeys {name}"));
+    t.split_whitespace()
+        .enumerate()
+        .map(|(i, f)| {
+            if i == 4 {
+                use sha2::Digest;
+                hex(&sha2::Sha256::digest(f.as_bytes()))
+            } else {
+                f.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// volcrypt's fast open path (its own keyslot unlock, then libcryptsetup's activation by volume
+/// key) on volumes cryptsetup formatted — LUKS1, LUKS2 with PBKDF2, LUKS2 with argon2id, and a
+/// LUKS2 volume whose passphrase sits in its second keyslot: each opens with the userspace
+/// unlock, gets exactly the dm table `cryptsetup open` gets (same key or keyring reference,
+/// offset, flags), reads what cryptsetup's mapping wrote and writes what cryptsetup's mapping
+/// then reads; a wrong passphrase is volcrypt's WrongKey with cryptsetup's own exit code, and
+/// changes nothing.
+#[test]
+fn userspace_unlock_opens_cryptsetup_volumes_like_cryptsetup() {
+    if skip() {
+        return;
+    }
+    let cases: &[(&str, &str, &str, bool)] = &[
+        (
+            "usl1",
+            "luks",
+            "--type luks1 --pbkdf-force-iterations 1000",
+            false,
+        ),
+        (
+            "usl2",
+            "luks2",
+            "--type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000",
+            false,
+        ),
+        (
+            "usa2",
+            "luks2",
+            "--type luks2 --pbkdf argon2id --pbkdf-force-iterations 4 --pbkdf-memory 32768 --pbkdf-parallel 2",
+            false,
+        ),
+        (
+            "uss2",
+            "luks2",
+            "--type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000",
+            true,
+        ),
+    ];
+    let k = keys();
+    let passphrase = hex(&[0x07; 32]); // what sym-2 becomes (os-brick's hex passphrase)
+    for (tag, provider, format_args, second_slot) in cases {
+        let v = Vol::new(tag, 32);
+        let ctx = v.ctx(&k);
+        let dev = v.loopdev.display().to_string();
+        let first = if *second_slot {
+            "another passphrase"
+        } else {
+            passphrase.as_str()
+        };
+        let o = sh_in(
+            &format!("cryptsetup --batch-mode luksFormat {format_args} --key-file=- {dev}"),
+            first.as_bytes(),
+        );
+        assert!(
+            o.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if *second_slot {
+            std::fs::write(v.dir.path().join("new-pass"), &passphrase).unwrap();
+            let o = sh_in(
+                &format!(
+                    "cryptsetup luksAddKey --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file=- {dev} {}",
+                    v.dir.path().join("new-pass").display()
+                ),
+                first.as_bytes(),
+            );
+            assert!(
+                o.status.success(),
+                "{tag}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        // cryptsetup's own mapping: the reference table, and data written through it.
+        let reference = format!("vc-{tag}-ref");
+        let o = sh_in(
+            &format!("cryptsetup open --key-file=- {dev} {reference}"),
+            passphrase.as_bytes(),
+        );
+        assert!(
+            o.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want_table = table_with_hashed_key(&reference);
+        let data = pattern(21, 1 << 20);
+        write_at(&PathBuf::from("/dev/mapper").join(&reference), 4096, &data);
+        sh(&format!("cryptsetup close {reference}"));
+        let header = sha256_of(&v.loopdev);
+
+        // A wrong passphrase: WrongKey, cryptsetup's exit code, nothing changed or left.
+        let err = volume::attach(&ctx, &v.request(provider, "sym-1", "", "")).unwrap_err();
+        assert!(
+            matches!(err, volume::Error::WrongKey { .. }),
+            "{tag}: {err}"
+        );
+        let o = sh_in(
+            &format!("cryptsetup open --test-passphrase --key-file=- {dev}"),
+            hex(&(0u8..32).collect::<Vec<_>>()).as_bytes(),
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(err.exit_status().code()),
+            "{tag}: cryptsetup's exit code for the same wrong passphrase"
+        );
+        assert_eq!(sha256_of(&v.loopdev), header, "{tag}: header changed");
+        v.assert_nothing_left();
+
+        // The right one: volcrypt's userspace unlock, the same table, the same plaintext.
+        let out = volume::attach(&ctx, &v.request(provider, "sym-2", "", "")).unwrap();
+        assert!(!out.formatted, "{tag}: must open, not format");
+        let t = out.timings;
+        assert!(
+            t.kdf_split && !t.kdf.is_zero() && !t.dm.is_zero() && !t.header.is_zero(),
+            "{tag}: the userspace unlock must have opened it: {t:?}"
+        );
+        // A LUKS2 keyring reference names the volume key by the device's UUID and digest, not
+        // by the mapping name: the whole table matches.
+        assert_eq!(
+            table_with_hashed_key(&v.name),
+            want_table,
+            "{tag}: dm table differs from cryptsetup's"
+        );
+        assert_eq!(read_at(&v.mapper(), 4096, data.len()), data, "{tag}");
+        let back = pattern(77, 1 << 20);
+        write_at(&v.mapper(), 8192, &back);
+        volume::detach(&ctx, &v.volume_id(), None).unwrap();
+        let o = sh_in(
+            &format!("cryptsetup open --key-file=- {dev} {reference}"),
+            passphrase.as_bytes(),
+        );
+        assert!(
+            o.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let mapped = PathBuf::from("/dev/mapper").join(&reference);
+        assert_eq!(
+            read_at(&mapped, 8192, back.len()),
+            back,
+            "{tag}: written through volcrypt"
+        );
+        sh(&format!("cryptsetup close {reference}"));
+        v.assert_nothing_left();
+    }
 }

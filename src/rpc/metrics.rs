@@ -1,10 +1,13 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text exposition via `prometheus-client`).
 //!
-//! The attach engine does not report where an attach spends its time, so the latency
-//! histograms are the whole engine call (`volcrypt_operation_duration_seconds`); the time spent
-//! waiting for the KDF memory budget is measured separately
-//! (`volcrypt_kdf_budget_wait_seconds`), and the KDF memory admitted is a gauge. Splitting KDF
-//! from device-mapper time needs the engine to time its phases (see the report).
+//! `volcrypt_operation_duration_seconds` is the whole engine call. The engine times its phases
+//! ([`crate::volume::timing`]), so attach latency is also split into KDF time
+//! (`volcrypt_attach_kdf_seconds`: keyslot unlock) and device-mapper time
+//! (`volcrypt_attach_dm_seconds`: table load, resume, udev wait), detach into device-mapper time
+//! (`volcrypt_detach_dm_seconds`), and the smaller phases (key fetch, header read, format, links,
+//! journal) go to `volcrypt_operation_phase_seconds`. The time spent waiting for the KDF memory
+//! budget is measured separately (`volcrypt_kdf_budget_wait_seconds`), and the KDF memory
+//! admitted is a gauge.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::volume::timing::{AttachTimings, DetachTimings};
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Every metric the agent exports.
@@ -20,6 +25,10 @@ pub struct Metrics {
     registry: Registry,
     duration: Family<Labels, Histogram, fn() -> Histogram>,
     kdf_wait: Histogram,
+    attach_kdf: Histogram,
+    attach_dm: Family<Labels, Histogram, fn() -> Histogram>,
+    detach_dm: Histogram,
+    phase: Family<Labels, Histogram, fn() -> Histogram>,
     failures: Family<Labels, Counter>,
     requests: Family<Labels, Counter>,
     rejected_peers: Counter,
@@ -62,6 +71,34 @@ impl Metrics {
             "kdf_budget_wait_seconds",
             "Time attaches waited for KDF memory budget",
             kdf_wait.clone(),
+        );
+        let attach_kdf = latency_histogram();
+        registry.register(
+            "attach_kdf_seconds",
+            "KDF time of attaches that opened a LUKS mapping: keyslot key derivation, keyslot area decryption, anti-forensic merge, digest check (volcrypt's userspace unlock)",
+            attach_kdf.clone(),
+        );
+        let attach_dm = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "attach_dm_seconds",
+            "Device-mapper time of attaches that opened a mapping: activation (volume key digest check, table load, resume, wait for udev). unlock=\"volcrypt\": the KDF ran before and is in volcrypt_attach_kdf_seconds; unlock=\"libcryptsetup\" (plain mode, fallback, first attach after format): the KDF is included",
+            attach_dm.clone(),
+        );
+        let detach_dm = latency_histogram();
+        registry.register(
+            "detach_dm_seconds",
+            "Device-mapper time of detaches that closed a mapping: deactivation with its udev wait, and the retries while busy",
+            detach_dm.clone(),
+        );
+        let phase = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "operation_phase_seconds",
+            "The other engine phases of attaches that opened a mapping and detaches that closed one: key_fetch, header, format, links, journal (state record writes with fsync)",
+            phase.clone(),
         );
         let failures = Family::<Labels, Counter>::default();
         registry.register(
@@ -130,6 +167,10 @@ impl Metrics {
             registry,
             duration,
             kdf_wait,
+            attach_kdf,
+            attach_dm,
+            detach_dm,
+            phase,
             failures,
             requests,
             rejected_peers,
@@ -147,6 +188,52 @@ impl Metrics {
             .observe(seconds);
         if let Some(reason) = failure {
             self.failure(op, reason);
+        }
+    }
+
+    /// Phase histograms of an attach; nothing for one that opened no mapping (raw device,
+    /// already attached), whose timings are all zero.
+    pub fn observe_attach_phases(&self, t: &AttachTimings) {
+        if t.dm.is_zero() {
+            return;
+        }
+        if t.kdf_split {
+            self.attach_kdf.observe(t.kdf.as_secs_f64());
+        }
+        let unlock = if t.kdf_split {
+            "volcrypt"
+        } else {
+            "libcryptsetup"
+        };
+        self.attach_dm
+            .get_or_create(&vec![("unlock", unlock.to_owned())])
+            .observe(t.dm.as_secs_f64());
+        let mut phases = vec![
+            ("key_fetch", t.key_fetch),
+            ("header", t.header),
+            ("links", t.links),
+            ("journal", t.journal),
+        ];
+        if !t.format.is_zero() {
+            phases.push(("format", t.format));
+        }
+        self.observe_phases("attach", &phases);
+    }
+
+    /// Phase histograms of a detach that closed a mapping.
+    pub fn observe_detach_phases(&self, t: &DetachTimings, closed: bool) {
+        if !closed {
+            return;
+        }
+        self.detach_dm.observe(t.dm.as_secs_f64());
+        self.observe_phases("detach", &[("links", t.links), ("journal", t.journal)]);
+    }
+
+    fn observe_phases(&self, op: &'static str, phases: &[(&'static str, std::time::Duration)]) {
+        for (name, d) in phases {
+            self.phase
+                .get_or_create(&vec![("op", op.to_owned()), ("phase", (*name).to_owned())])
+                .observe(d.as_secs_f64());
         }
     }
 
@@ -215,5 +302,58 @@ mod tests {
         ));
         assert!(t.contains("volcrypt_active_attachments 3"));
         assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn attach_and_detach_phases_split_kdf_from_device_mapper_time() {
+        use std::time::Duration;
+        let m = Metrics::new();
+        let ms = Duration::from_millis;
+        // Userspace unlock: KDF and dm apart.
+        m.observe_attach_phases(&AttachTimings {
+            key_fetch: ms(1),
+            header: ms(2),
+            kdf: ms(300),
+            dm: ms(40),
+            kdf_split: true,
+            links: ms(1),
+            journal: ms(3),
+            total: ms(347),
+            ..AttachTimings::default()
+        });
+        // libcryptsetup unlocked: its dm time includes the KDF, no KDF sample.
+        m.observe_attach_phases(&AttachTimings {
+            dm: ms(500),
+            total: ms(510),
+            ..AttachTimings::default()
+        });
+        // Already attached / raw: nothing observed.
+        m.observe_attach_phases(&AttachTimings::default());
+        m.observe_detach_phases(
+            &DetachTimings {
+                dm: ms(30),
+                total: ms(31),
+                ..DetachTimings::default()
+            },
+            true,
+        );
+        m.observe_detach_phases(&DetachTimings::default(), false);
+        let t = m.encode();
+        assert!(t.contains("volcrypt_attach_kdf_seconds_count 1\n"), "{t}");
+        assert!(t.contains("volcrypt_attach_kdf_seconds_sum 0.3\n"), "{t}");
+        assert!(t.contains("volcrypt_attach_dm_seconds_count{unlock=\"volcrypt\"} 1"));
+        assert!(t.contains("volcrypt_attach_dm_seconds_sum{unlock=\"volcrypt\"} 0.04"));
+        assert!(t.contains("volcrypt_attach_dm_seconds_sum{unlock=\"libcryptsetup\"} 0.5"));
+        assert!(t.contains("volcrypt_detach_dm_seconds_count 1\n"), "{t}");
+        assert!(t.contains(
+            "volcrypt_operation_phase_seconds_sum{op=\"attach\",phase=\"journal\"} 0.003"
+        ));
+        assert!(t.contains(
+            "volcrypt_operation_phase_seconds_count{op=\"attach\",phase=\"key_fetch\"} 2"
+        ));
+        assert!(!t.contains("phase=\"format\""), "no format phase ran: {t}");
+        assert!(
+            t.contains("volcrypt_operation_phase_seconds_count{op=\"detach\",phase=\"links\"} 1")
+        );
     }
 }

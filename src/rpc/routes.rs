@@ -560,10 +560,12 @@ pub(crate) async fn attach_locked(
         _kdf: kdf,
         kdf_mib,
     };
-    run_engine(app, "attach", held, move |ctx| {
+    let outcome = run_engine(app, "attach", held, move |ctx| {
         volume::attach(ctx, &req).map_err(engine_err)
     })
-    .await
+    .await?;
+    app.metrics.observe_attach_phases(&outcome.timings);
+    Ok(outcome)
 }
 
 /// The 504 of a request past its deadline.
@@ -657,6 +659,8 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
         volume::detach(ctx, &id2, device_path.as_deref()).map_err(engine_err)
     })
     .await?;
+    app.metrics
+        .observe_detach_phases(&outcome.timings, outcome.was_active);
     Ok(json_response(StatusCode::OK, &outcome))
 }
 

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::crypt::{self, Closed, LuksVersion};
+use super::crypt::{self, Closed, LuksVersion, Unlock};
 use super::dm::{self, DevNo, Dm};
 use super::links;
 use super::probe::{self, Probe};
 use super::state::{self, Phase, Record};
+use super::timing::{AttachTimings, DetachTimings, timed};
 use super::{Context, Error, PerfFlags};
 use crate::request::{self, AttachRequest, EncryptedPlan, Plan, ValidRequest, VolumeFormat};
 
@@ -52,6 +53,9 @@ pub struct AttachOutcome {
     /// What happened to `device_path`: `replaced`, `already points at the mapping`,
     /// `not replaced: …`.
     pub device_link: String,
+    /// Where the engine spent its time (for metrics and logs; not part of the API's JSON).
+    #[serde(skip)]
+    pub timings: AttachTimings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -63,6 +67,9 @@ pub struct DetachOutcome {
     pub was_active: bool,
     pub waited_ms: u128,
     pub note: String,
+    /// Where the engine spent its time (for metrics and logs; not part of the API's JSON).
+    #[serde(skip)]
+    pub timings: DetachTimings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -126,6 +133,8 @@ fn now_secs() -> u64 {
 /// first attach), link and record it. Already attached to the same device: the existing
 /// mapping is returned and its links re-asserted.
 pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, Error> {
+    let started = Instant::now();
+    let mut t = AttachTimings::default();
     let v = req.validate()?;
     let plan = match &v.plan {
         Plan::Raw { reason } => {
@@ -147,6 +156,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
                 derivation: None,
                 flags: PerfFlags::default(),
                 device_link: "not replaced: no dm-crypt".into(),
+                timings: AttachTimings::default(),
             });
         }
         Plan::Encrypted(e) => e.clone(),
@@ -237,10 +247,11 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         tracing::debug!(device = %real.display(), dm_name = %other, "backing device is a dm device");
     }
 
-    let secret = ctx.keys.get(&plan.key_id).map_err(|source| Error::Key {
-        key_id: plan.key_id.clone(),
-        source,
-    })?;
+    let secret =
+        timed(&mut t.key_fetch, || ctx.keys.get(&plan.key_id)).map_err(|source| Error::Key {
+            key_id: plan.key_id.clone(),
+            source,
+        })?;
     let derivation = secret.secret_type.derivation();
     let passphrase = secret.passphrase();
     drop(secret);
@@ -281,7 +292,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         phase: Phase::Attaching,
         request: Some(req.clone()),
     };
-    journal(ctx, &record)?;
+    timed(&mut t.journal, || journal(ctx, &record))?;
     test_pause("attaching");
     let formatted = match open_mapping(
         ctx,
@@ -292,6 +303,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         &name,
         passphrase.expose(),
         flags,
+        &mut t,
     ) {
         Ok(f) => f,
         Err(e) => {
@@ -310,20 +322,24 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
             // Journal the format at once, so a crash before the record says `attached` does
             // not forget that volcrypt formatted this device (first attaches only).
             record.formatted = true;
-            journal(ctx, &record)?;
+            timed(&mut t.journal, || journal(ctx, &record))?;
         }
         test_pause("opened");
+        let links_started = Instant::now();
         let prev_stable = links::set_symlink(&stable, &mapper)?;
         undo.links.push((stable.clone(), prev_stable));
         let (device_link, previous) = replace_device_link(&v, &mapper)?;
         if device_link == "replaced" {
             undo.links.push((v.device_path.clone(), previous.clone()));
         }
+        t.links += links_started.elapsed();
         record.formatted = formatted;
         record.device_link_previous = previous.or(prior_previous);
         test_pause("linked");
         record.phase = Phase::Attached;
-        journal(ctx, &record)?;
+        timed(&mut t.journal, || journal(ctx, &record))?;
+        t.total = started.elapsed();
+        t.log(&v.volume_id);
         Ok(AttachOutcome {
             volume_id: v.volume_id.clone(),
             encrypted: true,
@@ -341,6 +357,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
             derivation: Some(record.derivation),
             flags,
             device_link,
+            timings: t,
         })
     })();
     match result {
@@ -474,20 +491,30 @@ fn open_mapping(
     name: &str,
     passphrase: &[u8],
     flags: PerfFlags,
+    t: &mut AttachTimings,
 ) -> Result<bool, Error> {
     if plan.format == VolumeFormat::Plain {
-        crypt::open_plain(
-            real,
-            name,
-            plan.cipher.as_deref(),
-            plan.key_size,
-            passphrase,
-            flags,
-        )?;
+        timed(&mut t.dm, || {
+            crypt::open_plain(
+                real,
+                name,
+                plan.cipher.as_deref(),
+                plan.key_size,
+                passphrase,
+                flags,
+            )
+        })?;
         return Ok(false);
     }
-    if crypt::luks_version(real)?.is_some() {
-        crypt::open_luks(real, name, passphrase, flags, &plan.key_id)?;
+    if crypt::open_luks(
+        real,
+        name,
+        passphrase,
+        flags,
+        &plan.key_id,
+        Unlock::Userspace,
+        t,
+    )? {
         return Ok(false);
     }
     // Not LUKS. Format only if nothing at all is recognizable on it and nobody uses it.
@@ -508,16 +535,27 @@ fn open_mapping(
         _ => (LuksVersion::Luks1, 512),
     };
     tracing::info!(device = %real.display(), format = %plan.format, "formatting blank device on first attach");
-    crypt::format_luks(
-        real,
-        version,
-        plan.cipher.as_deref(),
-        plan.key_size,
-        sector,
-        ctx.config.pbkdf.as_ref(),
-        passphrase,
-    )?;
-    crypt::open_luks(real, name, passphrase, flags, &plan.key_id)?;
+    timed(&mut t.format, || {
+        crypt::format_luks(
+            real,
+            version,
+            plan.cipher.as_deref(),
+            plan.key_size,
+            sector,
+            ctx.config.pbkdf.as_ref(),
+            passphrase,
+        )
+    })?;
+    // Just formatted by libcryptsetup: let it unlock what it wrote (first attach only).
+    let how = Unlock::Libcryptsetup;
+    if !crypt::open_luks(real, name, passphrase, flags, &plan.key_id, how, t)? {
+        return Err(Error::Crypt {
+            op: "read LUKS header",
+            target: real.display().to_string(),
+            detail: "no LUKS header found right after formatting".into(),
+            status: crate::error::ExitStatus::Invalid,
+        });
+    }
     Ok(true)
 }
 
@@ -636,6 +674,7 @@ fn finish_existing(
         derivation: Some(record.derivation.clone()),
         flags,
         device_link,
+        timings: AttachTimings::default(),
     })
 }
 
@@ -648,6 +687,8 @@ pub fn detach(
     device_path: Option<&Path>,
 ) -> Result<DetachOutcome, Error> {
     request::check_volume_id(volume_id)?;
+    let started = Instant::now();
+    let mut t = DetachTimings::default();
     let record = state::load(&ctx.config.state_dir, volume_id)?;
     let dm = Dm::open()?;
     let name = match (&record, device_path) {
@@ -672,6 +713,7 @@ pub fn detach(
                 was_active: false,
                 waited_ms: 0,
                 note: "no state record and no --device-path: nothing is attached".into(),
+                timings: DetachTimings::default(),
             });
         }
     };
@@ -683,7 +725,7 @@ pub fn detach(
     {
         let mut d = r.clone();
         d.phase = Phase::Detaching;
-        journal(ctx, &d)?;
+        timed(&mut t.journal, || journal(ctx, &d))?;
     }
     test_pause("detaching");
     let start = Instant::now();
@@ -705,7 +747,7 @@ pub fn detach(
         crypt::close(name)
     };
     let was_active = loop {
-        match close(&name)? {
+        match timed(&mut t.dm, || close(&name))? {
             Closed::Closed => break true,
             Closed::NotActive => break false,
             Closed::Busy => {
@@ -725,7 +767,9 @@ pub fn detach(
     test_pause("closed");
     let mapper = links::mapper_path(&name);
     let stable = links::stable_link_path(&ctx.config.by_id_dir, volume_id);
-    links::remove_if_points_to(&stable, &mapper)?;
+    timed(&mut t.links, || {
+        links::remove_if_points_to(&stable, &mapper)
+    })?;
     let mut note = if was_active {
         "closed".to_owned()
     } else {
@@ -733,7 +777,9 @@ pub fn detach(
     };
     if let Some(r) = &record {
         if let Some(prev) = &r.device_link_previous
-            && links::restore_if_points_to(&r.device_path, &mapper, prev)?
+            && timed(&mut t.links, || {
+                links::restore_if_points_to(&r.device_path, &mapper, prev)
+            })?
         {
             note.push_str(&format!(
                 "; {} points at {} again",
@@ -741,15 +787,20 @@ pub fn detach(
                 prev.display()
             ));
         }
-        state::remove(&ctx.config.state_dir, volume_id)?;
+        timed(&mut t.journal, || {
+            state::remove(&ctx.config.state_dir, volume_id)
+        })?;
         trace_phase(&name, "detached");
     }
+    t.total = started.elapsed();
+    t.log(volume_id);
     Ok(DetachOutcome {
         volume_id: volume_id.to_owned(),
         mapping_name: Some(name),
         was_active,
         waited_ms: start.elapsed().as_millis(),
         note,
+        timings: t,
     })
 }
 

@@ -16,9 +16,11 @@ use libcryptsetup_rs::{
     LibcryptErr,
 };
 
+use super::timing::{AttachTimings, timed};
 use super::{Error, PbkdfConfig, PerfFlags};
 use crate::error::ExitStatus;
 use crate::request::split_cipher;
+use crate::secret::SecretBytes;
 
 /// cryptsetup's plain-mode defaults (2.6): cipher, key bits, passphrase hash.
 pub const PLAIN_DEFAULT_CIPHER: &str = "aes-cbc-essiv:sha256";
@@ -149,31 +151,204 @@ pub fn luks_version(device: &Path) -> Result<Option<LuksVersion>, Error> {
     }
 }
 
+/// How [`open_luks`] unlocks the volume key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlock {
+    /// volcrypt's own LUKS engine unlocks the keyslot in userspace and libcryptsetup activates
+    /// with that volume key (`crypt_activate_by_volume_key`, which checks it against the
+    /// header's digest before any table is loaded). Falls back to [`Unlock::Libcryptsetup`]
+    /// whenever the engine cannot decide (a keyslot type, KDF or cipher it does not run, a
+    /// LUKS2 requirement such as an online reencryption).
+    Userspace,
+    /// libcryptsetup unlocks and activates in one call (`crypt_activate_by_passphrase`).
+    Libcryptsetup,
+}
+
 /// Open a LUKS device as `name` with the passphrase. A wrong passphrase is [`Error::WrongKey`].
+/// `Ok(false)`: the device carries no LUKS header (nothing was opened). Fills the header, KDF
+/// and device-mapper phases of `t`.
+///
+/// Why the userspace unlock: libcryptsetup decrypts the keyslot area through the kernel crypto
+/// API (AF_ALG) and runs the anti-forensic merge through its hash backend one small hash
+/// context at a time; volcrypt's engine does both many times faster. The mapping is the
+/// same either way: same volume key (verified by libcryptsetup against the LUKS digest), same
+/// activation code, same kernel keyring use, same udev wait.
 pub fn open_luks(
     device: &Path,
     name: &str,
     passphrase: &[u8],
     flags: PerfFlags,
     key_id: &str,
-) -> Result<(), Error> {
-    let mut cd = init(device)?;
-    cd.context_handle()
-        .load::<()>(None, None)
-        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
-    match cd.activate_handle().activate_by_passphrase(
-        Some(name),
-        None,
-        passphrase,
-        activate_flags(flags),
-    ) {
-        Ok(_) => Ok(()),
-        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(Error::WrongKey {
-            key_id: key_id.to_owned(),
-            device: device.to_owned(),
-        }),
+    how: Unlock,
+    t: &mut AttachTimings,
+) -> Result<bool, Error> {
+    // volcrypt's engine reads the header and unlocks a keyslot on a second thread while
+    // libcryptsetup loads the header for the activation on this one (a CryptDevice is not Send,
+    // so it stays here). Both only read; libcryptsetup's load decides whether this is LUKS.
+    let span = tracing::Span::current();
+    let (loaded, engine) = std::thread::scope(|s| {
+        let engine = (how == Unlock::Userspace).then(|| {
+            std::thread::Builder::new()
+                .name("volcrypt-unlock".into())
+                .spawn_scoped(s, || {
+                    // The request's span (volume id, peer) for the engine's debug lines.
+                    let _span = span.enter();
+                    let mut et = AttachTimings::default();
+                    let e = unlock_in_userspace(device, None, passphrase, &mut et);
+                    (e, et)
+                })
+        });
+        let loaded = load_luks(device, t);
+        let engine = engine.map(|spawned| match spawned.map(|h| h.join()) {
+            Ok(Ok((e, et))) => {
+                t.header += et.header;
+                t.kdf += et.kdf;
+                e
+            }
+            Ok(Err(_)) => Engine::CannotDecide("the unlock thread panicked".into()),
+            Err(e) => Engine::CannotDecide(format!("cannot start the unlock thread: {e}")),
+        });
+        (loaded, engine)
+    });
+    let Some(mut cd) = loaded? else {
+        return Ok(false);
+    };
+    let wrong_key = || Error::WrongKey {
+        key_id: key_id.to_owned(),
+        device: device.to_owned(),
+    };
+    if let Some(engine) = engine {
+        match engine {
+            Engine::Key(key) => {
+                t.kdf_split = true;
+                match timed(&mut t.dm, || {
+                    cd.activate_handle().activate_by_volume_key(
+                        Some(name),
+                        Some(key.expose()),
+                        activate_flags(flags),
+                    )
+                }) {
+                    Ok(()) => return Ok(true),
+                    // The digest check refused a key the engine had verified: never expected;
+                    // let libcryptsetup decide with the passphrase rather than fail.
+                    Err(e) if errno_of(&e) == Some(errno::EPERM) => {
+                        tracing::warn!(device = %device.display(), "libcryptsetup refused the volume key volcrypt unlocked; retrying with libcryptsetup's own unlock");
+                    }
+                    Err(e) => return Err(crypt_err("activate", device, &e)),
+                }
+            }
+            Engine::WrongPassphrase => return Err(wrong_key()),
+            Engine::CannotDecide(reason) => {
+                tracing::debug!(device = %device.display(), %reason, "userspace unlock not used; libcryptsetup unlocks");
+            }
+        }
+    }
+    t.kdf_split = false;
+    match timed(&mut t.dm, || {
+        cd.activate_handle().activate_by_passphrase(
+            Some(name),
+            None,
+            passphrase,
+            activate_flags(flags),
+        )
+    }) {
+        Ok(_) => Ok(true),
+        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(wrong_key()),
         Err(e) => Err(crypt_err("activate", device, &e)),
     }
+}
+
+/// libcryptsetup's context for `device` with its LUKS header loaded, or `None` when the device
+/// carries no LUKS header.
+fn load_luks(device: &Path, t: &mut AttachTimings) -> Result<Option<CryptDevice>, Error> {
+    let mut cd = timed(&mut t.header, || init(device))?;
+    match timed(&mut t.header, || cd.context_handle().load::<()>(None, None)) {
+        Ok(()) => {}
+        Err(e) if errno_of(&e) == Some(errno::EINVAL) => return Ok(None),
+        Err(e) => return Err(crypt_err("read LUKS header", device, &e)),
+    }
+    Ok(matches!(
+        cd.format_handle().get_type(),
+        Ok(EncryptionFormat::Luks1) | Ok(EncryptionFormat::Luks2)
+    )
+    .then_some(cd))
+}
+
+/// What volcrypt's LUKS engine made of the passphrase.
+enum Engine {
+    Key(SecretBytes),
+    /// Every keyslot libcryptsetup would try was tried: none accepts the passphrase.
+    WrongPassphrase,
+    /// Anything else (with the reason, for the debug log): libcryptsetup decides.
+    CannotDecide(String),
+}
+
+/// Unlock the volume key with volcrypt's engine: header parse (`t.header`), then keyslot KDF,
+/// area decryption, AF merge and digest check (`t.kdf`). `header_end` (bytes): where the data
+/// starts, i.e. the end of the headers and keyslot areas; `None`: not known yet (the whole
+/// device's cached pages are dropped then).
+fn unlock_in_userspace(
+    device: &Path,
+    header_end: Option<u64>,
+    passphrase: &[u8],
+    t: &mut AttachTimings,
+) -> Engine {
+    use std::io::{Seek, SeekFrom};
+    let header = timed(&mut t.header, || -> Result<_, String> {
+        let mut f = std::fs::File::open(device).map_err(|e| format!("open: {e}"))?;
+        // libcryptsetup reads the header with O_DIRECT; these reads go through the page cache.
+        // Drop the cached header and keyslot pages first (clean pages only; nothing else uses
+        // the ciphertext device's cache) so a header just changed by another tool with
+        // O_DIRECT (luksAddKey, luksChangeKey) is read from the disk, exactly as libcryptsetup
+        // sees it: the engine's "no keyslot matches" must be about the same bytes.
+        if let Ok(len) = i64::try_from(header_end.unwrap_or(0))
+            && let Err(e) = nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+        {
+            tracing::debug!(device = %device.display(), error = %e, "could not drop the cached header pages");
+        }
+        let size = f.seek(SeekFrom::End(0)).map_err(|e| format!("size: {e}"))?;
+        let h = crate::luks::Header::read(&mut f, Some(size)).map_err(|e| e.to_string())?;
+        h.check_activation_allowed().map_err(|e| e.to_string())?;
+        Ok((f, h))
+    });
+    let (mut f, header) = match header {
+        Ok(x) => x,
+        Err(reason) => return Engine::CannotDecide(reason),
+    };
+    if let Some(reason) = keyslot_the_engine_skips(&header) {
+        return Engine::CannotDecide(reason);
+    }
+    let limits = crate::crypto::kdf::KdfLimits::default();
+    match timed(&mut t.kdf, || {
+        header.unlock(&mut f, passphrase, None, &limits)
+    }) {
+        Ok((_slot, key)) => Engine::Key(key),
+        Err(crate::luks::Error::NoKey) => Engine::WrongPassphrase,
+        Err(e) => Engine::CannotDecide(e.to_string()),
+    }
+}
+
+/// A LUKS2 keyslot libcryptsetup might open but volcrypt's engine skips (another keyslot type,
+/// an unknown KDF): then "no keyslot matches" from the engine would not be the whole answer.
+fn keyslot_the_engine_skips(header: &crate::luks::Header) -> Option<String> {
+    use crate::luks::luks2::json::KdfDesc;
+    let crate::luks::Header::Luks2(h) = header else {
+        return None;
+    };
+    h.meta.keyslots.iter().find_map(|(id, ks)| {
+        if ks.kind != "luks2" {
+            Some(format!("keyslot {id} has type {:?}", ks.kind))
+        } else if matches!(ks.kdf, Some(KdfDesc::Unknown(_)) | None) {
+            Some(format!("keyslot {id} has a KDF volcrypt does not run"))
+        } else {
+            None
+        }
+    })
 }
 
 /// Cipher and mode for libcryptsetup, and the volume key size in bytes. The key size is passed
@@ -505,6 +680,66 @@ mod tests {
         let t = pbkdf_type(&cfg, false);
         assert!(matches!(t.type_, CryptKdf::Argon2Id));
         assert_eq!((t.iterations, t.max_memory_kb), (4, 64));
+    }
+
+    /// volcrypt's userspace unlock on LUKS1, LUKS2/PBKDF2 and LUKS2/argon2id files formatted by
+    /// libcryptsetup: the right passphrase gives the key libcryptsetup's own digest check
+    /// accepts; a wrong one is a definite "wrong passphrase"; a file without LUKS is left to
+    /// libcryptsetup. (On real devices the VM test compares the mappings with `cryptsetup open`.)
+    #[test]
+    fn userspace_unlock_gives_the_volume_key_libcryptsetup_verifies() {
+        let cases = [
+            (LuksVersion::Luks1, "pbkdf2", 1000, 0),
+            (LuksVersion::Luks2, "pbkdf2", 1000, 0),
+            (LuksVersion::Luks2, "argon2id", 4, 1024),
+        ];
+        for (version, kind, iterations, memory_kib) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("vol.img");
+            std::fs::write(&f, vec![0u8; 20 << 20]).unwrap();
+            let cfg = PbkdfConfig {
+                kind: kind.into(),
+                iterations,
+                memory_kib,
+            };
+            format_luks(&f, version, None, None, 512, Some(&cfg), b"right").unwrap();
+            let mut cd = init(&f).unwrap();
+            cd.context_handle().load::<()>(None, None).unwrap();
+            let header_end = cd.status_handle().get_data_offset() * 512;
+            assert!(header_end > 0);
+
+            let mut t = AttachTimings::default();
+            let Engine::Key(key) = unlock_in_userspace(&f, Some(header_end), b"right", &mut t)
+            else {
+                panic!("{version:?} {kind}: the right passphrase must unlock");
+            };
+            assert_eq!(
+                key.expose().len(),
+                64,
+                "{version:?}: aes-xts-plain64 default"
+            );
+            cd.volume_key_handle()
+                .verify(key.expose())
+                .unwrap_or_else(|e| panic!("{version:?} {kind}: libcryptsetup refuses: {e}"));
+            assert!(!t.kdf.is_zero() && !t.header.is_zero(), "{t:?}");
+
+            let mut t = AttachTimings::default();
+            assert!(
+                matches!(
+                    unlock_in_userspace(&f, None, b"wrong", &mut t),
+                    Engine::WrongPassphrase
+                ),
+                "{version:?} {kind}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("blank.img");
+        std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
+        let mut t = AttachTimings::default();
+        assert!(matches!(
+            unlock_in_userspace(&f, Some(1 << 20), b"x", &mut t),
+            Engine::CannotDecide(_)
+        ));
     }
 
     /// Format and header reads work on a plain file without device-mapper.

@@ -8,6 +8,7 @@
 //! - [`probe`]: the signature probe that must find nothing before a device is formatted;
 //! - [`links`]: the device-path symlink and the stable `/dev/disk/by-id/volcrypt-<id>` link;
 //! - [`state`]: the small per-volume record of what volcrypt manages;
+//! - [`timing`]: where an attach or detach spent its time (for metrics and debug logs);
 //! - [`attach`]: the controller (attach, detach, extend, status) with the safety rules.
 //!
 //! Every operation is a plain blocking function taking a [`Context`]; each opens libcryptsetup
@@ -27,6 +28,7 @@ pub mod dm;
 pub mod links;
 pub mod probe;
 pub mod state;
+pub mod timing;
 
 pub use attach::{
     AttachOutcome, DetachOutcome, ExtendOutcome, VolumeStatus, attach, detach, extend, status,

@@ -6,6 +6,11 @@
 # test: it fails on errors only, never on the ratio (target: volcrypt <= 0.5x the subprocess).
 #
 #   tests/vm/bench-attach.sh [ROUNDS]        (VOLCRYPT_BENCH_PROFILE=debug to skip --release)
+#
+# VOLCRYPT_BENCH_LOG=FILTER (e.g. `volcrypt=debug`) runs the agent with that log filter and prints
+# the mean of each engine phase from its `attach phases`/`detach phases` debug lines, and the
+# agent log's last lines (debug logging itself costs a little time: use it to profile, not for
+# the final figure).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,7 +29,9 @@ bin=$target/$profile/volcrypt
 tests/vm/prepare.sh
 start=$(date +%s)
 set +e
-tests/vm/run.sh --udev --mem 1536 --timeout "${VOLCRYPT_VM_TIMEOUT:-1200}" -- \
+envs=()
+[[ -n ${VOLCRYPT_BENCH_LOG:-} ]] && envs+=(--env VOLCRYPT_BENCH_LOG)
+tests/vm/run.sh --udev --mem 1536 --timeout "${VOLCRYPT_VM_TIMEOUT:-1200}" "${envs[@]}" -- \
     "$PWD/tests/vm/guest-bench-attach.sh" "$bin" "$rounds"
 rc=$?
 set -e

@@ -43,7 +43,11 @@ by_id_dir = "$dir/by-id"
 [key_manager.keystore]
 dir = "$dir/keys"
 TOML
-"$bin" --log-level warn serve --config "$dir/volcrypt.toml" 2> "$dir/agent.log" &
+if [ -n "${VOLCRYPT_BENCH_LOG:-}" ]; then
+    VOLCRYPT_LOG=$VOLCRYPT_BENCH_LOG "$bin" serve --config "$dir/volcrypt.toml" 2> "$dir/agent.log" &
+else
+    "$bin" --log-level warn serve --config "$dir/volcrypt.toml" 2> "$dir/agent.log" &
+fi
 agent=$!
 
 echo "guest-bench-attach: kernel $(uname -r), $(nproc) vCPU, $rounds rounds per path, device $loop"
@@ -187,9 +191,42 @@ for op, client in (("attach", rpc_a), ("detach", rpc_d)):
               % (op, eng, statistics.mean(client) * 1000.0))
     else:
         print("%s: volcrypt_operation_duration_seconds not in /metrics (status %d)" % (op, s))
+
+# The engine's own phase split (histogram sums / counts; warm-up round included).
+import re
+sums, counts = {}, {}
+for l in out.decode(errors="replace").splitlines():
+    m = re.match(r'(volcrypt_(?:attach_kdf|attach_dm|detach_dm|operation_phase)_seconds)_(sum|count)(\{[^}]*\})? (\S+)$', l)
+    if m:
+        key = m.group(1)[len("volcrypt_"):-len("_seconds")] + (m.group(3) or "")
+        (sums if m.group(2) == "sum" else counts)[key] = float(m.group(4))
+parts = ["%s %.1f ms" % (k, sums[k] / counts[k] * 1000.0) for k in sorted(sums) if counts.get(k)]
+print("engine phases (mean per operation): " + (", ".join(parts) if parts else "none in /metrics"))
 PY
 rc=$?
 set -e
+if [ -n "${VOLCRYPT_BENCH_LOG:-}" ]; then
+    # Mean of every *_ms field of the engine's phase lines (warm-up round included).
+    python3 - "$dir/agent.log" <<'PY'
+import re, sys, collections
+sums = {"attach phases": collections.defaultdict(float), "detach phases": collections.defaultdict(float)}
+counts = collections.Counter()
+ansi = re.compile(r"\x1b\[[0-9;]*m")
+for line in open(sys.argv[1], errors="replace"):
+    line = ansi.sub("", line)
+    for what in sums:
+        if what in line:
+            counts[what] += 1
+            for k, v in re.findall(r"(\w+)_ms=([0-9.]+)", line):
+                sums[what][k] += float(v)
+for what, d in sums.items():
+    n = counts[what]
+    if n:
+        print("%s (mean of %d): %s" % (what, n, ", ".join("%s %.1f ms" % (k, v / n) for k, v in d.items())))
+PY
+    echo "guest-bench-attach: agent log, last attach:"
+    sed 's/\x1b\[[0-9;]*m//g' "$dir/agent.log" | grep 'method=POST' | tail -n "${VOLCRYPT_BENCH_LOG_TAIL:-60}"
+fi
 if [ $rc -ne 0 ]; then
     echo "guest-bench-attach: agent log tail:" >&2
     tail -20 "$dir/agent.log" >&2
