@@ -19,34 +19,14 @@
 mod rpc_common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rpc_common::{Agent, BIN};
+use rpc_common::{Agent, BIN, sh, skip_without_dm_crypt as skip};
 use serde_json::{Value, json};
 use volcrypt::keys::{Keystore, Secret};
 use volcrypt::secret::{SecretBytes, SecretType};
-
-fn skip() -> bool {
-    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
-    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
-    if !(dm && nix::unistd::geteuid().is_root() && rpc_common::dm_available()) {
-        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run in the VM)");
-        return true;
-    }
-    false
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 const FAST_KDF: &str = "[volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n";
 /// Bytes written through the mapping before the crash and read back after it.
@@ -262,7 +242,7 @@ impl Vol {
     fn start_paused(&mut self, point: &str) -> u64 {
         let from = log_len(&self.agent);
         self.agent.child = spawn(&self.agent, Some(point));
-        wait_listening(&mut self.agent);
+        self.agent.wait_ready();
         from
     }
 
@@ -312,7 +292,7 @@ impl Vol {
     /// Start the agent again without the hook and return its reconcile report.
     fn restart_after_crash(&mut self) -> Value {
         self.agent.child = spawn(&self.agent, None);
-        wait_listening(&mut self.agent);
+        self.agent.wait_ready();
         let health = self.agent.health_after_reconcile();
         let r = health["reconcile"].clone();
         assert_eq!(r["checked"], true, "{health}");
@@ -380,22 +360,6 @@ fn spawn(agent: &Agent, pause: Option<&str>) -> Child {
         cmd.env("VOLCRYPT_TEST_PAUSE_AT", p);
     }
     cmd.spawn().unwrap()
-}
-
-/// Until the new agent accepts on its socket (a killed agent's socket file refuses until the new
-/// one has replaced it).
-fn wait_listening(agent: &mut Agent) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
-            return;
-        }
-        if let Some(st) = agent.child.try_wait().unwrap() {
-            panic!("agent exited early ({st}): {}", agent.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("agent did not listen within 60 s: {}", agent.log_text());
 }
 
 /// Send a request from another thread (it never gets an answer: the agent is killed).

@@ -18,29 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use rpc_common::{Agent, BIN, assert_error};
+use rpc_common::{Agent, BIN, assert_error, sh, skip_without_dm_crypt as skip};
 use volcrypt::keys::{Keystore, Secret};
 use volcrypt::secret::{SecretBytes, SecretType};
-
-fn skip() -> bool {
-    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
-    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
-    if !(dm && nix::unistd::geteuid().is_root() && rpc_common::dm_available()) {
-        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run in the VM)");
-        return true;
-    }
-    false
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Loop devices over sparse files, detached on drop.
 struct Loops(Vec<PathBuf>);

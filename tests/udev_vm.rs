@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use rpc_common::{Agent, OpenApi, assert_error};
+use rpc_common::{Agent, OpenApi, assert_error, sh};
 use serde_json::Value;
 use volcrypt::keys::{Keystore, Secret};
 use volcrypt::secret::{SecretBytes, SecretType};
@@ -28,10 +28,7 @@ const FAST_KDF: &str = "[volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n";
 const PASS: &[u8] = b"udev passphrase";
 
 fn skip() -> bool {
-    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
-    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
-    if !(dm && nix::unistd::geteuid().is_root() && rpc_common::dm_available()) {
-        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run in the VM)");
+    if rpc_common::skip_without_dm_crypt() {
         return true;
     }
     if !Path::new("/run/udev/control").exists() {
@@ -59,16 +56,6 @@ fn install_rules() {
         .unwrap();
         sh("udevadm control --reload");
     });
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn settle() {

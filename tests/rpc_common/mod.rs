@@ -16,6 +16,29 @@ pub fn dm_available() -> bool {
     devicemapper::DM::new().is_ok()
 }
 
+/// True (after printing the skip notice) when this host cannot run the agent against dm-crypt:
+/// natively the VM tests pass as skipped; the VM harness sets VOLCRYPT_VM=1 and loads dm_crypt.
+pub fn skip_without_dm_crypt() -> bool {
+    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
+    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
+    if !(dm && nix::unistd::geteuid().is_root() && dm_available()) {
+        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run in the VM)");
+        return true;
+    }
+    false
+}
+
+/// Run a shell command; its trimmed stdout, or a panic with its stderr.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 pub struct Agent {
     pub child: Child,
     pub dir: tempfile::TempDir,
@@ -86,8 +109,10 @@ impl Agent {
         }
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Until the agent accepts on its socket (a killed agent's socket file refuses until a new
+    /// one has replaced it); a panic with its log if it exits or takes over 60 s.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 return;
@@ -97,7 +122,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("agent did not listen within 20 s: {}", self.log_text());
+        panic!("agent did not listen within 60 s: {}", self.log_text());
     }
 
     pub fn log_text(&self) -> String {
