@@ -654,3 +654,69 @@ fn kill9_first_attach_after_format_keeps_the_formatted_flag() {
     let (s, v) = vol.detach();
     assert_eq!(s, 200, "{v}");
 }
+
+/// Killed inside the first attach's format, between libcryptsetup's header write and its keyslot
+/// write: the device holds a LUKS header with no keyslot, whose volume key is gone. The header
+/// carries the UUID the journal recorded before formatting, so the restart recognises it as
+/// volcrypt's own half-done work and formats again (nothing readable can be lost). The same
+/// header with another UUID is not volcrypt's: it is refused and left exactly as it is.
+#[test]
+fn kill9_inside_the_first_format_formats_the_half_written_header_again() {
+    if skip() {
+        return;
+    }
+    for ours in [true, false] {
+        let mut vol = Vol::new(if ours { "halfformat" } else { "halfother" });
+        let from = vol.restart_paused("formatted");
+        let client = send_in_background(
+            &vol.agent,
+            "POST",
+            "/v1/attachments".into(),
+            Some(vol.body.clone()),
+        );
+        vol.kill_at("formatted", from, Some("attaching"));
+        client.join().unwrap();
+        let dev = vol.loop_dev.display().to_string();
+        let record: Value =
+            serde_json::from_slice(&std::fs::read(vol.record_path()).unwrap()).unwrap();
+        let journaled = record["format_uuid"].as_str().unwrap().to_owned();
+        assert_eq!(sh(&format!("cryptsetup luksUUID {dev}")), journaled);
+        let dump = sh(&format!("cryptsetup luksDump {dev}"));
+        assert!(!dump.contains(": luks2"), "a keyslot was written: {dump}");
+
+        if ours {
+            let r = vol.restart_after_crash();
+            assert_eq!(r["reactivated"], json!([vol.id]), "{r}");
+            vol.assert_attached();
+            let (s, v) = vol.get();
+            assert_eq!(s, 200, "{v}");
+            assert_eq!(v["formatted_by_volcrypt"], true, "{v}");
+            vol.write_data();
+            let (s, v) = vol.detach();
+            assert_eq!(s, 200, "{v}");
+            let (s, v) = vol.attach();
+            assert_eq!(s, 201, "{v}");
+            assert_eq!(v["formatted"], false, "{v}");
+            vol.assert_data();
+            let (s, v) = vol.detach();
+            assert_eq!(s, 200, "{v}");
+        } else {
+            let other = "0b0e0e0e-1111-4222-8333-444455556666";
+            sh(&format!("cryptsetup luksUUID -q --uuid {other} {dev}"));
+            let before = sh(&format!("head -c 1048576 {dev} | sha256sum"));
+            vol.agent.child = spawn(&vol.agent, None);
+            vol.agent.wait_ready();
+            let health = vol.agent.health_after_reconcile();
+            let failed = &health["reconcile"]["failed"];
+            assert_eq!(failed[0]["volume_id"], json!(vol.id), "{health}");
+            assert_eq!(vol.record_phase().as_deref(), Some("attaching"));
+            assert!(!vol.mapping_active());
+            assert_eq!(sh(&format!("cryptsetup luksUUID {dev}")), other);
+            assert_eq!(
+                sh(&format!("head -c 1048576 {dev} | sha256sum")),
+                before,
+                "a header that is not volcrypt's was written to"
+            );
+        }
+    }
+}

@@ -676,6 +676,7 @@ fn json_logs_carry_the_request_span_with_volume_mapping_and_phase() {
         device_link_previous: None,
         attached_at: 1,
         phase: Phase::Detaching,
+        format_uuid: None,
         request: None,
     };
     state::save(&agent.dir.path().join("state"), &record).unwrap();

@@ -16,7 +16,7 @@ use super::links;
 use super::probe::{self, Probe};
 use super::state::{self, Phase, Record};
 use super::timing::{AttachTimings, DetachTimings, timed};
-use super::{Context, Error, PerfFlags};
+use super::{Context, Error, PerfFlags, test_pause};
 use crate::request::{self, AttachRequest, EncryptedPlan, Plan, ValidRequest, VolumeFormat};
 
 /// The result of an attach, as the CLI prints it and the RPC returns it. No key material.
@@ -272,6 +272,10 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     } else {
         prior_previous.clone()
     };
+    let format_uuid = match plan.format {
+        VolumeFormat::Plain => None,
+        _ => Some(crypt::new_header_uuid()?),
+    };
     let mut record = Record {
         volume_id: v.volume_id.clone(),
         mapping_name: name.clone(),
@@ -290,6 +294,7 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         device_link_previous: planned_previous,
         attached_at: now_secs(),
         phase: Phase::Attaching,
+        format_uuid: format_uuid.map(|u| u.to_string()),
         request: Some(req.clone()),
     };
     timed(&mut t.journal, || journal(ctx, &record))?;
@@ -303,6 +308,10 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
         &name,
         passphrase.expose(),
         flags,
+        Format {
+            uuid: format_uuid,
+            prior: prior.as_ref(),
+        },
         &mut t,
     ) {
         Ok(f) => f,
@@ -398,20 +407,6 @@ fn trace_phase(mapping: &str, phase: &str) {
         .record("phase", phase);
 }
 
-/// Test hook for the crash-safety VM test (tests/journal_vm.rs): with
-/// `VOLCRYPT_TEST_PAUSE_AT=<point>` the engine logs `test pause at <point>` and sleeps for an
-/// hour there, so the test can `kill -9` the agent at that exact point. Never set in production.
-/// The points, in order: `attaching` (record `attaching` written, no mapping yet), `opened`
-/// (mapping open, no links), `linked` (links set, record still `attaching`), `detaching`
-/// (record `detaching` written, mapping still open), `closed` (mapping closed, links and record
-/// still there).
-fn test_pause(point: &str) {
-    if std::env::var_os("VOLCRYPT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
-        tracing::warn!("test pause at {point}");
-        std::thread::sleep(Duration::from_secs(3600));
-    }
-}
-
 /// Bring the links of an active, recorded mapping back in line with its record (start-up
 /// reconcile): the stable link, and `device_path` when the attachment replaced it. Marks the
 /// record `attached`. Returns what was changed (empty: nothing needed).
@@ -480,6 +475,32 @@ impl Undo {
     }
 }
 
+/// Whether `real` holds the LUKS header an interrupted first attach of this volume was writing
+/// when the agent died (killed between libcryptsetup's header write and its keyslot write): the
+/// journal's record is an `attaching` first attach of this very device that never opened it,
+/// the header carries the UUID that attach journaled, and no keyslot is in use. Its volume key
+/// was never stored anywhere and no mapping ever wrote through it, so nothing on the device can
+/// be read: formatting it again loses nothing. Anything else is refused as before.
+fn interrupted_format(real: &Path, devno: DevNo, prior: Option<&Record>) -> Result<bool, Error> {
+    let Some(expected) = prior
+        .filter(|p| p.phase == Phase::Attaching && !p.formatted && p.backing_devno == devno)
+        .and_then(|p| p.format_uuid.as_deref())
+    else {
+        return Ok(false);
+    };
+    Ok(match crypt::luks_uuid_and_keyslots(real)? {
+        Some((uuid, in_use)) => !in_use && uuid.eq_ignore_ascii_case(expected),
+        None => false,
+    })
+}
+
+/// What a first attach needs to format a blank device: the UUID journaled for the new header,
+/// and the record the journal held before this attach (an interrupted predecessor's).
+struct Format<'a> {
+    uuid: Option<uuid::Uuid>,
+    prior: Option<&'a Record>,
+}
+
 /// Open (and on first attach, format) the mapping. Returns whether the device was formatted.
 #[allow(clippy::too_many_arguments)]
 fn open_mapping(
@@ -491,6 +512,7 @@ fn open_mapping(
     name: &str,
     passphrase: &[u8],
     flags: PerfFlags,
+    format: Format<'_>,
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
     if plan.format == VolumeFormat::Plain {
@@ -506,24 +528,31 @@ fn open_mapping(
         })?;
         return Ok(false);
     }
-    if crypt::open_luks(
-        real,
-        name,
-        passphrase,
-        flags,
-        &plan.key_id,
-        Unlock::Userspace,
-        t,
-    )? {
-        return Ok(false);
-    }
+    let how = Unlock::Userspace;
+    let redo = match crypt::open_luks(real, name, passphrase, flags, &plan.key_id, how, t) {
+        Ok(true) => return Ok(false),
+        Ok(false) => false,
+        Err(e) if interrupted_format(real, devno, format.prior)? => {
+            tracing::warn!(device = %real.display(), error = %e, "LUKS header without a keyslot left by an interrupted first attach (its UUID is the journaled one): formatting it again");
+            true
+        }
+        Err(e) => return Err(e),
+    };
     // Not LUKS. Format only if nothing at all is recognizable on it and nobody uses it.
-    if let Probe::Signature(found) = probe::probe(real)? {
+    if !redo && let Probe::Signature(found) = probe::probe(real)? {
         return Err(Error::RefuseFormat {
             device: real.to_owned(),
             found,
         });
     }
+    let Some(uuid) = format.uuid else {
+        return Err(Error::Crypt {
+            op: "format",
+            target: real.display().to_string(),
+            detail: "no header UUID was journaled for this attach".into(),
+            status: crate::error::ExitStatus::Invalid,
+        });
+    };
     ensure_unused(real, devno)?;
     let (version, sector) = match plan.format {
         VolumeFormat::Luks2 => (
@@ -538,6 +567,7 @@ fn open_mapping(
     timed(&mut t.format, || {
         crypt::format_luks(
             real,
+            uuid,
             version,
             plan.cipher.as_deref(),
             plan.key_size,
@@ -653,6 +683,7 @@ fn finish_existing(
             device_link_previous: previous,
             attached_at: now_secs(),
             phase: Phase::Attached,
+            format_uuid: None,
             request: Some(req.clone()),
         },
     };

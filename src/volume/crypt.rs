@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat, KeyslotInfo};
 use libcryptsetup_rs::{
     CryptDevice, CryptInit, CryptParamsLuks1, CryptParamsLuks1Ref, CryptParamsLuks2,
     CryptParamsLuks2Ref, CryptParamsPlain, CryptParamsPlainRef, CryptPbkdfType, Either,
@@ -254,6 +254,13 @@ pub fn open_luks(
     }) {
         Ok(_) => Ok(true),
         Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(wrong_key()),
+        // libcryptsetup's "No usable keyslot is available": say so, not "no such file".
+        Err(e) if errno_of(&e) == Some(errno::ENOENT) => Err(Error::Crypt {
+            op: "activate",
+            target: device.display().to_string(),
+            detail: "the LUKS header has no usable keyslot".into(),
+            status: ExitStatus::WrongDevice,
+        }),
         Err(e) => Err(crypt_err("activate", device, &e)),
     }
 }
@@ -400,8 +407,10 @@ fn pbkdf_type(cfg: &PbkdfConfig, luks1: bool) -> CryptPbkdfType {
 
 /// Format `device` as LUKS1 or LUKS2 with one keyslot for `passphrase`. The caller has already
 /// established that the device is blank (see `probe`).
+#[allow(clippy::too_many_arguments)]
 pub fn format_luks(
     device: &Path,
+    uuid: uuid::Uuid,
     version: LuksVersion,
     cipher: Option<&str>,
     key_bits: Option<u32>,
@@ -431,7 +440,7 @@ pub fn format_luks(
             cd.context_handle().format(
                 EncryptionFormat::Luks1,
                 (&c, &m),
-                None,
+                Some(uuid),
                 Either::Right(key_bytes),
                 Some(&mut r),
             )
@@ -453,17 +462,58 @@ pub fn format_luks(
             cd.context_handle().format(
                 EncryptionFormat::Luks2,
                 (&c, &m),
-                None,
+                Some(uuid),
                 Either::Right(key_bytes),
                 Some(&mut r),
             )
         }
     };
     result.map_err(|e| crypt_err("format", device, &e))?;
+    super::test_pause("formatted");
     cd.keyslot_handle()
         .add_by_key(None, None, passphrase, CryptVolumeKey::empty())
         .map_err(|e| crypt_err("add keyslot", device, &e))?;
     Ok(())
+}
+
+/// A fresh random (version 4) UUID for a header volcrypt is about to write: journaled before
+/// the format, so an interrupted format is recognisable as volcrypt's own.
+pub fn new_header_uuid() -> Result<uuid::Uuid, Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Crypt {
+        op: "format",
+        target: "new header UUID".into(),
+        detail: format!("no randomness from the kernel: {e}"),
+        status: ExitStatus::Invalid,
+    })?;
+    Ok(uuid::Builder::from_random_bytes(bytes).into_uuid())
+}
+
+/// The UUID of the LUKS header on `device` and whether any of its keyslots is in use, as
+/// libcryptsetup reads them; `None` when the device carries no LUKS header.
+pub fn luks_uuid_and_keyslots(device: &Path) -> Result<Option<(String, bool)>, Error> {
+    let Some(mut cd) = load_luks(device, &mut AttachTimings::default())? else {
+        return Ok(None);
+    };
+    let kind = cd
+        .format_handle()
+        .get_type()
+        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
+    let uuid = cd
+        .status_handle()
+        .get_uuid()
+        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
+    let max = libcryptsetup_rs::CryptKeyslotHandle::max_keyslots(kind)
+        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
+    let mut in_use = false;
+    for slot in 0..max {
+        let status = cd
+            .keyslot_handle()
+            .status(slot)
+            .map_err(|e| crypt_err("read LUKS keyslot", device, &e))?;
+        in_use |= !matches!(status, KeyslotInfo::Inactive | KeyslotInfo::Invalid);
+    }
+    Ok(Some((uuid.to_string(), in_use)))
 }
 
 /// Open `device` in plain mode: the passphrase is hashed (ripemd160) into the key by
@@ -702,7 +752,17 @@ mod tests {
                 iterations,
                 memory_kib,
             };
-            format_luks(&f, version, None, None, 512, Some(&cfg), b"right").unwrap();
+            format_luks(
+                &f,
+                new_header_uuid().unwrap(),
+                version,
+                None,
+                None,
+                512,
+                Some(&cfg),
+                b"right",
+            )
+            .unwrap();
             let mut cd = init(&f).unwrap();
             cd.context_handle().load::<()>(None, None).unwrap();
             let header_end = cd.status_handle().get_data_offset() * 512;
@@ -754,8 +814,12 @@ mod tests {
             iterations: 1000,
             memory_kib: 0,
         };
+        let uuid = new_header_uuid().unwrap();
+        assert_eq!(uuid.get_version_num(), 4);
+        assert_ne!(uuid, new_header_uuid().unwrap());
         format_luks(
             &f,
+            uuid,
             LuksVersion::Luks2,
             Some("aes-xts-plain64"),
             Some(256),
@@ -765,5 +829,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(luks_version(&f).unwrap(), Some(LuksVersion::Luks2));
+        // The header has the UUID volcrypt journaled, and its keyslot is in use...
+        assert_eq!(
+            luks_uuid_and_keyslots(&f).unwrap(),
+            Some((uuid.to_string(), true))
+        );
+        // ...until it is gone: what a kill between the header and the keyslot write leaves.
+        let mut cd = init(&f).unwrap();
+        cd.context_handle().load::<()>(None, None).unwrap();
+        cd.keyslot_handle().destroy(0).unwrap();
+        drop(cd);
+        assert_eq!(
+            luks_uuid_and_keyslots(&f).unwrap(),
+            Some((uuid.to_string(), false))
+        );
+        let blank = dir.path().join("blank.img");
+        std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+        assert_eq!(luks_uuid_and_keyslots(&blank).unwrap(), None);
     }
 }

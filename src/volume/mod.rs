@@ -262,6 +262,21 @@ impl PerfFlags {
     }
 }
 
+/// Test hook for the crash-safety VM test (tests/journal_vm.rs): with
+/// `VOLCRYPT_TEST_PAUSE_AT=<point>` the engine logs `test pause at <point>` and sleeps for an
+/// hour there, so the test can `kill -9` the agent at that exact point. Never set in production.
+/// The points, in order: `attaching` (record `attaching` written, no mapping yet), `opened`
+/// (mapping open, no links; on a first attach `formatted` comes before it: LUKS header written,
+/// no keyslot yet), `linked` (links set, record still `attaching`), `detaching`
+/// (record `detaching` written, mapping still open), `closed` (mapping closed, links and record
+/// still there).
+pub(crate) fn test_pause(point: &str) {
+    if std::env::var_os("VOLCRYPT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
+        tracing::warn!("test pause at {point}");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,10 @@ pub struct Record {
     pub attached_at: u64,
     #[serde(default)]
     pub phase: Phase,
+    /// The UUID a format on this attach gives the device (journaled before formatting), so a
+    /// LUKS header left half-written by a crash is recognised as volcrypt's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format_uuid: Option<String>,
     /// The request that made this attachment (no secrets in it: key ids only), so the agent
     /// can attach it again after a crash or reboot. Absent in records of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,6 +295,7 @@ mod tests {
             device_link_previous: None,
             attached_at: 1,
             phase: Phase::Attached,
+            format_uuid: None,
             request: None,
         }
     }
