@@ -258,7 +258,7 @@ pub fn open_luks(
         Err(e) if errno_of(&e) == Some(errno::ENOENT) => Err(Error::Crypt {
             op: "activate",
             target: device.display().to_string(),
-            detail: "the LUKS header has no usable keyslot".into(),
+            detail: format!("the LUKS header has no usable keyslot (libcryptsetup: {e})"),
             status: ExitStatus::WrongDevice,
         }),
         Err(e) => Err(crypt_err("activate", device, &e)),
