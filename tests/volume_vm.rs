@@ -1107,23 +1107,17 @@ fn kernel_and_userspace_engine_agree() {
     }
 }
 
-/// The CLI end to end with a TOML config (keystore + [volume]): attach → status → detach;
-/// a wrong key exits 2 and leaves nothing.
-#[test]
-fn cli_attach_status_detach_with_a_config_file() {
-    if skip() {
-        return;
-    }
-    let bin = env!("CARGO_BIN_EXE_volcrypt");
-    let v = Vol::new("clie2e", 32);
-    let k = keys();
+/// A config file for the CLI (the keys' keystore, the volume's state and by-id dirs, fast
+/// PBKDF2, `extra_volume` lines under `[volume]`) and a request file attaching `v` as LUKS2
+/// with the symmetric key `sym-2`.
+fn cli_files(v: &Vol, k: &Keys, extra_volume: &str) -> (PathBuf, PathBuf) {
     let keydir = k._dir.as_ref().unwrap().path().join("keys");
     let cfg = v.dir.path().join("volcrypt.toml");
     std::fs::write(
         &cfg,
         format!(
             "[key_manager]\nbackend = \"keystore\"\n[key_manager.keystore]\ndir = \"{}\"\ncreate = false\n\
-             [volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\nno_read_workqueue = true\n\
+             [volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n{extra_volume}\
              [volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n",
             keydir.display(),
             v.dir.path().join("state").display(),
@@ -1137,6 +1131,20 @@ fn cli_attach_status_detach_with_a_config_file() {
         "encryption": {"provider": "luks2", "control_location": "front-end", "encryption_key_id": "sym-2"}
     });
     std::fs::write(&req, r.to_string()).unwrap();
+    (cfg, req)
+}
+
+/// The CLI end to end with a TOML config (keystore + [volume]): attach → status → detach;
+/// a wrong key exits 2 and leaves nothing.
+#[test]
+fn cli_attach_status_detach_with_a_config_file() {
+    if skip() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let v = Vol::new("clie2e", 32);
+    let k = keys();
+    let (cfg, req) = cli_files(&v, &k, "no_read_workqueue = true\n");
     let run = |args: &str| {
         Command::new("sh")
             .arg("-c")
@@ -1427,4 +1435,62 @@ fn userspace_unlock_opens_cryptsetup_volumes_like_cryptsetup() {
         sh(&format!("cryptsetup close {reference}"));
         v.assert_nothing_left();
     }
+}
+
+/// A first-attach format whose first keyslot cannot be written (injected with the test hook
+/// VOLCRYPT_TEST_FAIL_AT=keyslot, in a CLI child only) leaves the device as blank as it found
+/// it: no keyless LUKS header that nobody could open and volcrypt would then refuse to format.
+/// The same device formats and attaches normally afterwards.
+#[test]
+fn a_format_whose_keyslot_fails_leaves_the_device_blank() {
+    if skip() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let v = Vol::new("kslotfail", 32);
+    let k = keys();
+    let (cfg, req) = cli_files(&v, &k, "");
+    let attach = |fault: Option<&str>| {
+        let mut c = Command::new(bin);
+        c.arg("attach")
+            .arg("--request")
+            .arg(&req)
+            .arg("--config")
+            .arg(&cfg);
+        if let Some(f) = fault {
+            c.env("VOLCRYPT_TEST_FAIL_AT", f);
+        }
+        c.output().unwrap()
+    };
+    let o = attach(Some("keyslot"));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success(),
+        "the injected fault did not fail the attach"
+    );
+    assert!(err.contains("add keyslot"), "{err}");
+    let is_luks = Command::new("cryptsetup")
+        .arg("isLuks")
+        .arg(&v.loopdev)
+        .status()
+        .unwrap();
+    assert!(!is_luks.success(), "a keyless LUKS header was left: {err}");
+    let blkid = Command::new("blkid")
+        .arg("-p")
+        .arg(&v.loopdev)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&blkid.stdout).trim().is_empty(),
+        "a signature was left: {}",
+        String::from_utf8_lossy(&blkid.stdout)
+    );
+    v.assert_nothing_left();
+
+    let o = attach(None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out["formatted"], true, "{out}");
+    volume::detach(&v.ctx(&k), &v.volume_id(), None).unwrap();
+    v.assert_nothing_left();
 }

@@ -8,8 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat, KeyslotInfo};
+use libcryptsetup_rs::consts::flags::{
+    CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey, CryptWipe,
+};
+use libcryptsetup_rs::consts::vals::{
+    CryptKdf, CryptStatusInfo, CryptWipePattern, EncryptionFormat, KeyslotInfo,
+};
 use libcryptsetup_rs::{
     CryptDevice, CryptInit, CryptParamsLuks1, CryptParamsLuks1Ref, CryptParamsLuks2,
     CryptParamsLuks2Ref, CryptParamsPlain, CryptParamsPlainRef, CryptPbkdfType, Either,
@@ -470,9 +474,37 @@ pub fn format_luks(
     };
     result.map_err(|e| crypt_err("format", device, &e))?;
     super::test_pause("formatted");
-    cd.keyslot_handle()
-        .add_by_key(None, None, passphrase, CryptVolumeKey::empty())
-        .map_err(|e| crypt_err("add keyslot", device, &e))?;
+    let added = if super::test_fault("keyslot") {
+        Err(LibcryptErr::IOError(std::io::Error::other(
+            "test fault injected (VOLCRYPT_TEST_FAIL_AT=keyslot)",
+        )))
+    } else {
+        cd.keyslot_handle()
+            .add_by_key(None, None, passphrase, CryptVolumeKey::empty())
+            .map(drop)
+    };
+    if let Err(e) = added {
+        // The header this call wrote a moment ago has no keyslot, so its volume key exists
+        // nowhere and nothing can be lost by removing it; left in place it would turn the blank
+        // device into a LUKS volume nobody can open, which volcrypt then refuses to format.
+        // (A length of 0 would mean "to the end of the device" to crypt_wipe: never ask that.)
+        let header_bytes = cd.status_handle().get_data_offset() * 512;
+        if header_bytes > 0
+            && let Err(w) = cd.wipe_handle().wipe::<()>(
+                device,
+                CryptWipePattern::Zero,
+                0,
+                header_bytes,
+                1 << 20,
+                CryptWipe::empty(),
+                None,
+                None,
+            )
+        {
+            tracing::error!(device = %device.display(), error = %w, "could not wipe the keyless header of the failed format");
+        }
+        return Err(crypt_err("add keyslot", device, &e));
+    }
     Ok(())
 }
 

@@ -277,6 +277,14 @@ pub(crate) fn test_pause(point: &str) {
     }
 }
 
+/// Test hook for an error path the kernel does not produce on demand: with
+/// `VOLCRYPT_TEST_FAIL_AT=keyslot` adding the first keyslot of a new header fails as if
+/// libcryptsetup had refused (tests/volume_vm.rs sets it for one CLI run). Never set in
+/// production.
+pub(crate) fn test_fault(point: &str) -> bool {
+    std::env::var_os("VOLCRYPT_TEST_FAIL_AT").is_some_and(|v| v == point)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
