@@ -327,6 +327,9 @@ fn header_len(v: &Option<String>) -> Option<u64> {
     v.as_deref().and_then(|s| s.trim().parse().ok())
 }
 
+/// How much of a body declared too large is still read (and dropped) so the client sees the 413.
+const DRAIN_MAX_BYTES: u64 = 1 << 20;
+
 /// Read a body of at most `server.max_body_bytes`; more is 413 before anything is parsed.
 async fn read_body(app: &App, body: Incoming, declared: Option<u64>) -> Result<Bytes, ApiError> {
     let max = app.config.server.max_body_bytes;
@@ -337,7 +340,14 @@ async fn read_body(app: &App, body: Incoming, declared: Option<u64>) -> Result<B
             format!("request body is larger than {max} bytes"),
         )
     };
-    if declared.is_some_and(|n| n > max) {
+    if let Some(n) = declared.filter(|&n| n > max) {
+        // Read and drop a moderately oversized body before answering: a client still writing
+        // it would otherwise fail on the closed connection instead of reading the 413 (seen
+        // under emulation). Bodies beyond the drain bound are refused without reading them.
+        if n <= DRAIN_MAX_BYTES {
+            let mut body = body;
+            while let Some(Ok(_)) = body.frame().await {}
+        }
         return Err(too_large());
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
