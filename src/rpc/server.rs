@@ -220,21 +220,26 @@ fn unlink_if_ours(path: &Path, identity: (u64, u64)) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination_signal() {
+/// Installs the SIGTERM/SIGINT handlers at once and returns a future resolving on either.
+/// Called before the socket is bound: a signal arriving as soon as the socket exists (a
+/// supervisor stopping a just-started agent) must be a graceful stop, not the default kill.
+/// Needs the tokio runtime's context.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM received"),
-                _ = i.recv() => tracing::info!("SIGINT received"),
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => tracing::info!("SIGTERM received"),
+                    _ = i.recv() => tracing::info!("SIGINT received"),
+                }
             }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stopping only on Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                tracing::error!("cannot install signal handlers; stopping only on Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
@@ -248,8 +253,9 @@ pub fn run_blocking(config: ServeConfig, keys: Keys) -> Result<(), Error> {
         .map_err(|e| Error::Runtime(e.to_string()))?;
     let grace = config.server.shutdown_grace();
     let result = rt.block_on(async {
+        let stop = termination_signal();
         let listener = bind(&config)?;
-        serve(listener, config, keys, termination_signal()).await
+        serve(listener, config, keys, stop).await
     });
     // Operations that outlived the grace period are not waited for again.
     rt.shutdown_timeout(grace.min(Duration::from_secs(1)));
