@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rpc_common::{Agent, BIN, sh, skip_without_dm_crypt as skip};
+use rpc_common::{Agent, sh, skip_without_dm_crypt as skip};
 use serde_json::{Value, json};
 use volcrypt::keys::{Keystore, Secret};
 use volcrypt::secret::{SecretBytes, SecretType};
@@ -338,23 +338,7 @@ fn log_len(agent: &Agent) -> u64 {
 
 /// `volcrypt serve` on the agent's config and log, with the pause hook when `pause` is set.
 fn spawn(agent: &Agent, pause: Option<&str>) -> Child {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "--log-level",
-        "info",
-        "--log-format",
-        "json",
-        "serve",
-        "--config",
-    ])
-    .arg(agent.dir.path().join("volcrypt.toml"))
-    .stdout(Stdio::null())
-    .stderr(
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&agent.log)
-            .unwrap(),
-    );
+    let mut cmd = rpc_common::serve_command(&agent.dir.path().join("volcrypt.toml"), &agent.log);
     cmd.env_remove("VOLCRYPT_TEST_PAUSE_AT");
     if let Some(p) = pause {
         cmd.env("VOLCRYPT_TEST_PAUSE_AT", p);

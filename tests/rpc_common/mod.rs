@@ -173,27 +173,32 @@ impl Agent {
     }
 }
 
+/// `volcrypt serve` on `config`, JSON logs at info level appended to `log`, not yet started
+/// (a test may add to its environment).
+pub fn serve_command(config: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--log-level",
+        "info",
+        "--log-format",
+        "json",
+        "serve",
+        "--config",
+    ])
+    .arg(config)
+    .stdout(Stdio::null())
+    .stderr(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap(),
+    );
+    cmd
+}
+
 fn spawn(config: &Path, log: &Path) -> Child {
-    Command::new(BIN)
-        .args([
-            "--log-level",
-            "info",
-            "--log-format",
-            "json",
-            "serve",
-            "--config",
-        ])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap()
+    serve_command(config, log).spawn().unwrap()
 }
 
 impl Drop for Agent {
