@@ -39,7 +39,7 @@ fn back_end_and_noop_volumes_attach_raw_without_touching_anything() {
         let json = format!(r#"{{"volume_id":"v1","device_path":"/dev/sdz","encryption":{enc}}}"#);
         let req = AttachRequest::from_json(json.as_bytes()).unwrap();
         let out = volume::attach(&c, &req).unwrap();
-        assert!(!out.encrypted, "{enc}");
+        assert!(!out.encrypted(), "{enc}");
         assert_eq!(out.device, std::path::PathBuf::from("/dev/sdz"));
         assert!(out.raw_reason.is_some());
     }
@@ -65,7 +65,7 @@ fn missing_device_mapper_is_one_clear_error() {
         err.to_string().contains("device-mapper is not available"),
         "{err}"
     );
-    assert_eq!(err.exit_status(), ExitStatus::Invalid);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::Invalid);
     let err = volume::detach(&c, "v1", Some(std::path::Path::new("/dev/sdz"))).unwrap_err();
     assert!(
         err.to_string().contains("device-mapper is not available"),
