@@ -129,7 +129,10 @@ fn missing_device_mapper_is_one_clear_error() {
     let o = run(&["detach", "jv"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("device-mapper is not available"), "{stderr}");
+    assert!(
+        stderr.contains("device-mapper is not available"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("keystore"), "{stderr}");
     let o = run(&["reconcile"]);
     let stderr = String::from_utf8_lossy(&o.stderr);

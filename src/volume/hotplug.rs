@@ -4,11 +4,16 @@
 //! and holds the volume locks; what they do to mappings, links and the journal is here, so the
 //! CLI's reconcile does the same.
 
+use std::time::{Duration, Instant};
+
 use super::dm::{DevNo, Dm};
 use super::journal::{Journal, Phase, Record};
 use super::{Error, VolumeConfig, links};
 use crate::request::AttachRequest;
 use crate::udev::{self, BlockDevice};
+
+/// How long a mapping whose backing device vanished may stay open before it counts as in use.
+const IN_USE_SETTLE: Duration = Duration::from_secs(2);
 
 /// The request with its device resolved now, from the devices present: `Ok(None)` when a
 /// selector finds nothing. Path requests are returned as they are. Blocking.
@@ -62,15 +67,23 @@ pub fn device_gone(
     }
     let dm = Dm::open()?;
     let name = record.mapping_name.clone();
-    if let Some(info) = dm.info(&name)? {
+    // Short-lived openers (udev's probes, a status query reading the mapping through
+    // libcryptsetup) hold a mapping for milliseconds: only a mapping still in use after a
+    // moment is someone's, to be left alone and reported lost.
+    let deadline = Instant::now() + IN_USE_SETTLE;
+    while let Some(info) = dm.info(&name)? {
         // Only a mapping on the vanished device is ours to remove.
         if !info.deps.is_empty() && !info.deps.contains(&devno) {
             return Ok(None);
         }
-        if info.open_count > 0 || !dm.remove(&name)? {
+        if info.open_count == 0 && dm.remove(&name)? {
+            break;
+        }
+        if Instant::now() >= deadline {
             journal.lost(&mut record)?;
             return Ok(Some(Phase::Lost));
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
     let mapper = links::mapper_path(&name);
     let stable = links::stable_link_path(&config.by_id_dir, volume_id);
