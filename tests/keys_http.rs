@@ -28,6 +28,11 @@ fn cfg(endpoint: &str, retries: u32, backoff: f64) -> BarbicanConfig {
     }
 }
 
+/// Lower bounds on a call's duration follow from the configured backoff and timeouts and hold
+/// however loaded the host is; the only upper bound is this hang guard, far above anything the
+/// configuration allows (a few seconds), so a slow shared host never fails a test.
+const HANG: Duration = Duration::from_secs(60);
+
 /// A port nothing listens on (bound, then released).
 fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -58,7 +63,7 @@ fn unreachable_server_fails_after_the_retries_in_bounded_time() {
         elapsed >= Duration::from_millis(700),
         "{elapsed:?}: no backoff?"
     );
-    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(elapsed < HANG, "{elapsed:?}: the retries did not end");
     assert_eq!(err.exit_status().code(), 2);
     assert!(err.to_string().contains(&url), "{err}");
     assert!(matches!(b.health(), Err(Error::Unreachable { .. })));
@@ -79,7 +84,10 @@ fn a_server_that_never_answers_times_out() {
     );
     // Two 0.5 s read timeouts and one 0.1 s backoff.
     assert!(elapsed >= Duration::from_millis(1000), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(
+        elapsed < HANG,
+        "{elapsed:?}: the timeouts did not end the call"
+    );
     drop(l);
 }
 
