@@ -24,7 +24,7 @@ for line in sys.stdin:
 ((${#bins[@]})) || { echo "attach-suite: no test binaries built" >&2; exit 1; }
 
 # serpent: the fallback test opens a volume whose cipher volcrypt's own engine does not run.
-args=(--udev --timeout "${VOLCRYPT_VM_TIMEOUT:-900}" --mem 1536 --module serpent_generic)
+args=(--udev --timeout "${VOLCRYPT_VM_TIMEOUT:-2400}" --mem 1536 --module serpent_generic)
 url=${VOLCRYPT_TEST_BARBICAN_URL:-}
 if [[ $url =~ ^https?://127\.0\.0\.1:([0-9]+)/?$ ]]; then
     args+=(--forward "10.0.2.100:9311=127.0.0.1:${BASH_REMATCH[1]}"
