@@ -245,7 +245,12 @@ fn attach_of_a_missing_device_with_device_mapper_is_404(agent: &Agent) {
         "/v1/attachments",
         Some(GOOD.as_bytes()),
     );
-    assert_error(s, &v, 404, "unknown_device", None);
+    assert_error(s, &v, 404, "unknown_device", Some("device_path"));
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("/dev/disk/by-path/nonexistent-lun-1"),
+        "{v}"
+    );
 }
 
 #[test]
