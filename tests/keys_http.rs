@@ -2,7 +2,9 @@
 //! that never answers (timeouts), and a tiny local HTTP responder that counts connections to
 //! prove that 5xx answers are retried and 4xx answers are not.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -120,18 +122,8 @@ fn responder(status: u16) -> Responder {
 fn serve(conn: TcpStream, status: u16, count: &AtomicU32, headers: &std::sync::Mutex<Vec<String>>) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
-    loop {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if line == "\r\n" {
-                break;
-            }
-            lines.push(line.trim_end().to_string());
-        }
+    while let Some((request_line, mut lines)) = common::read_request_head(&mut reader) {
+        lines.insert(0, request_line);
         count.fetch_add(1, Ordering::SeqCst);
         *headers.lock().unwrap() = lines;
         let body = format!("{{\"code\": {status}}}");

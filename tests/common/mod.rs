@@ -238,3 +238,24 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
         want.len()
     );
 }
+
+/// Reads one HTTP/1.1 request head from a test server's connection: the request line and the
+/// header lines, trimmed, in order (`None` when the client closed the connection). The tiny
+/// local responders of the HTTP client tests share it.
+pub fn read_request_head(reader: &mut impl std::io::BufRead) -> Option<(String, Vec<String>)> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            return Some((request_line.trim_end().to_owned(), headers));
+        }
+        headers.push(line.trim_end().to_owned());
+    }
+}
