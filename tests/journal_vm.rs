@@ -1,4 +1,4 @@
-//! Crash safety of the journal (issue 4 §4, proved as §6 asks): `kill -9` of `volcrypt serve` at
+//! Crash safety of the journal: `kill -9` of `volcrypt serve` at
 //! every journal point of attach and detach, then a restart, leaves a consistent state.
 //!
 //! For each point the engine's test hook (`VOLCRYPT_TEST_PAUSE_AT`, src/volume/attach.rs
@@ -12,18 +12,19 @@
 //! kill during the restart's own recovery, the formatted flag of a first attach, and a truncated
 //! record beside the others (reported under `corrupt`, moved aside byte for byte).
 //!
-//! Needs root and dm-crypt: natively this prints `skipped: needs dm-crypt` and passes; in the VM
-//! run it with `tests/vm/attach-suite.sh kill9_`.
+//! Needs root and dm-crypt: natively every test is reported *ignored*; the VM stage runs them
+//! (`tests/vm/attach-suite.sh kill9_` for just these), and there a missing prerequisite fails.
 #![cfg(feature = "system")]
 
-mod rpc_common;
+mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rpc_common::{Agent, sh, skip_without_dm_crypt as skip};
+use common::agent::Agent;
+use common::{need, sh};
 use serde_json::{Value, json};
 use volcrypt::keys::{Keystore, Secret};
 use volcrypt::secret::{SecretBytes, SecretType};
@@ -114,13 +115,7 @@ impl Vol {
 
     /// Whether device-mapper has the mapping (`dmsetup info`, not our own code).
     fn mapping_active(&self) -> bool {
-        Command::new("dmsetup")
-            .args(["info", &self.mapping])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
+        need::mapping_active(&self.mapping)
     }
 
     fn attach(&self) -> (u16, Value) {
@@ -338,7 +333,7 @@ fn log_len(agent: &Agent) -> u64 {
 
 /// `volcrypt serve` on the agent's config and log, with the pause hook when `pause` is set.
 fn spawn(agent: &Agent, pause: Option<&str>) -> Child {
-    let mut cmd = rpc_common::serve_command(&agent.dir.path().join("volcrypt.toml"), &agent.log);
+    let mut cmd = common::agent::serve_command(&agent.dir.path().join("volcrypt.toml"), &agent.log);
     cmd.env_remove("VOLCRYPT_TEST_PAUSE_AT");
     if let Some(p) = pause {
         cmd.env("VOLCRYPT_TEST_PAUSE_AT", p);
@@ -479,66 +474,59 @@ fn crash_during_detach(point: &str, mapping_before_kill: bool) {
 
 /// Record `attaching` written, no mapping yet → re-attached from the journaled request.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_attach_before_open_reattaches() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     crash_during_attach("attaching", "attaching", false, false, "reactivated");
 }
 
 /// Killed inside the activation itself: the table-less device it leaves is removed and the
 /// attach redone.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_attach_inside_open_removes_the_tableless_device_and_reattaches() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     crash_during_attach("inside-open", "attaching", true, false, "reactivated");
 }
 
 /// Mapping open, no links yet → links set, record marked attached.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_attach_after_open_repairs_links() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     crash_during_attach("opened", "opened", false, true, "repaired");
 }
 
 /// Links set, record still `attaching` → record marked attached.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_attach_after_links_marks_attached() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     crash_during_attach("linked", "linked", false, true, "repaired");
 }
 
 /// Record `detaching` written, mapping still open → detach finished.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_detach_before_close_finishes_detach() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     crash_during_detach("detaching", true);
 }
 
 /// Mapping closed, links and record still there → links restored, record removed.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_detach_after_close_finishes_detach() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     crash_during_detach("closed", false);
 }
 
 /// Killed at `attaching`, then killed again while the restart's reconcile re-attaches (mapping
 /// open, no links): the second restart finishes it.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_again_during_the_recovery_of_an_attach() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     let mut vol = Vol::new("re-attach");
     vol.attach_and_write();
     let (s, v) = vol.detach();
@@ -571,10 +559,9 @@ fn kill9_again_during_the_recovery_of_an_attach() {
 /// Killed at `detaching`, then killed again while the restart's reconcile finishes the detach
 /// (mapping closed, links and record left): the second restart finishes it.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_again_during_the_recovery_of_a_detach() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     let mut vol = Vol::new("re-detach");
     vol.attach_and_write();
     let from = vol.restart_paused("detaching");
@@ -607,10 +594,9 @@ fn kill9_again_during_the_recovery_of_a_detach() {
 /// Killed after the first attach formatted and opened the blank device: the restart finishes
 /// the attach and the record still says volcrypt formatted it.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_first_attach_after_format_keeps_the_formatted_flag() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     let mut vol = Vol::new("first");
     let from = vol.restart_paused("opened");
     let client = send_in_background(
@@ -645,10 +631,9 @@ fn kill9_first_attach_after_format_keeps_the_formatted_flag() {
 /// volcrypt's own half-done work and formats again (nothing readable can be lost). The same
 /// header with another UUID is not volcrypt's: it is refused and left exactly as it is.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn kill9_inside_the_first_format_formats_the_half_written_header_again() {
-    if skip() {
-        return;
-    }
+    need::require_dm_crypt();
     for ours in [true, false] {
         let mut vol = Vol::new(if ours { "halfformat" } else { "halfother" });
         let from = vol.restart_paused("formatted");

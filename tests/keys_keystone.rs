@@ -6,8 +6,10 @@
 //! requests, how often, with which token); the body shapes are checked against the Keystone v3
 //! API reference's examples.
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
@@ -67,23 +69,14 @@ fn server(lifetime_s: i64) -> Server {
 fn handle(conn: std::net::TcpStream, st: &Mutex<State>, base: &str) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut headers = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if line == "\r\n" {
-                break;
-            }
-            let (k, v) = line.trim_end().split_once(':').unwrap();
-            headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
-        }
+    while let Some((request_line, lines)) = common::read_request_head(&mut reader) {
+        let headers: Vec<(String, String)> = lines
+            .iter()
+            .map(|l| {
+                let (k, v) = l.split_once(':').unwrap();
+                (k.to_ascii_lowercase(), v.trim().to_string())
+            })
+            .collect();
         let header = |name: &str| {
             headers
                 .iter()

@@ -1,25 +1,28 @@
-//! udev-triggered activation against the real udevd and kernel (issue 4 §3, §6): attaches that
+//! udev-triggered activation against the real udevd and kernel: attaches that
 //! name their device by LUKS UUID, WWN or serial and wait for it; teardown when the backing
 //! device is removed (`waiting`), `lost` when it was in use, re-activation when it returns,
 //! activation at start of a device that appeared while the agent was down, and a wait that
 //! times out (504, nothing changed).
 //!
 //! Installs `udev-rules/90-volcrypt.rules` in /run/udev/rules.d, so it needs root, dm-crypt and
-//! a running udevd: natively it prints `skipped: …` and passes; in the VM
-//! (`tests/vm/attach-suite.sh udev_vm_`) it runs for real. The removal tests use scsi_debug
+//! a running udevd: natively every test is reported *ignored*; the VM stage runs them
+//! (`tests/vm/attach-suite.sh udev_vm_` for just these), and there a missing prerequisite
+//! (udevd, scsi_debug) fails the test. The removal tests use scsi_debug
 //! disks: a loop device cannot vanish while dm-crypt holds it (`losetup -d` only sets
 //! autoclear), a SCSI disk can, like an iSCSI logout or a pulled disk.
 #![cfg(feature = "system")]
 
-mod rpc_common;
+mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use rpc_common::{Agent, OpenApi, assert_error, sh};
+use common::agent::{Agent, OpenApi, assert_error};
+use common::need::{self, mapping_active as mapping_exists};
+use common::sh;
 use serde_json::Value;
 use volcrypt::keys::{Keystore, Secret};
 use volcrypt::secret::{SecretBytes, SecretType};
@@ -27,16 +30,10 @@ use volcrypt::secret::{SecretBytes, SecretType};
 const FAST_KDF: &str = "[volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n";
 const PASS: &[u8] = b"udev passphrase";
 
-fn skip() -> bool {
-    if rpc_common::skip_without_dm_crypt() {
-        return true;
-    }
-    if !Path::new("/run/udev/control").exists() {
-        eprintln!("skipped: needs a running udevd (tests/vm/run.sh --udev)");
-        return true;
-    }
+/// Fails the test unless udevd runs with dm-crypt; installs the rules under test.
+fn setup() {
+    need::require_udevd();
     install_rules();
-    false
 }
 
 /// The rules under test, installed once for the whole binary.
@@ -130,19 +127,8 @@ fn wait_for(agent: &Agent, id: &str, what: &str, pred: impl Fn(&Value) -> bool) 
     }
 }
 
-fn mapping_exists(name: &str) -> bool {
-    Command::new("dmsetup")
-        .args(["info", name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..1u32 << 20)
-        .map(|i| (i.wrapping_mul(31) as u8) ^ seed)
-        .collect()
+    common::pattern(seed, 1 << 20)
 }
 
 fn write_dev(dev: &Path, data: &[u8]) {
@@ -169,10 +155,9 @@ fn metric(agent: &Agent, name: &str) -> Option<i64> {
 /// (d) and (a): a wait that times out changes nothing; a loop device with a LUKS header that
 /// appears while an attach waits for its UUID completes that attach, with the right key.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn udev_vm_loop_device_appearing_completes_a_waiting_attach() {
-    if skip() {
-        return;
-    }
+    setup();
     let agent = Agent::start_with("", FAST_KDF);
     keystore(&agent);
     let img = agent.dir.path().join("luks.img");
@@ -304,19 +289,9 @@ struct ScsiDisk {
 }
 
 impl ScsiDisk {
+    /// A new disk of the loaded scsi_debug driver ([`need::require_scsi_debug`]).
     fn new() -> Option<ScsiDisk> {
-        let modprobe = |args: &[&str]| {
-            let mut c = Command::new("modprobe");
-            if let Ok(root) = std::env::var("VOLCRYPT_VM_MODULES_ROOT") {
-                c.arg("-d").arg(root);
-            }
-            c.args(args).status().is_ok_and(|s| s.success())
-        };
-        let _ = modprobe(&["sd_mod"]);
         let drv = Path::new("/sys/bus/pseudo/drivers/scsi_debug");
-        if !drv.exists() && !modprobe(&["scsi_debug", "add_host=0", "dev_size_mb=32"]) {
-            return None;
-        }
         let before = Self::disks();
         std::fs::write(drv.join("add_host"), "1").ok()?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -343,16 +318,7 @@ impl ScsiDisk {
     }
 
     fn disks() -> Vec<String> {
-        std::fs::read_dir("/sys/block")
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("sd"))
-            .filter(|n| {
-                std::fs::read_to_string(format!("/sys/block/{n}/device/model"))
-                    .is_ok_and(|m| m.contains("scsi_debug"))
-            })
-            .collect()
+        need::scsi_debug_disks()
     }
 
     fn property(&self, name: &str) -> Option<String> {
@@ -402,14 +368,11 @@ impl Drop for ScsiDisk {
 /// held open → `lost`, mapping left and reported; released and back → active again.
 /// Selectors: WWN, then serial.
 #[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn udev_vm_scsi_disk_removed_and_returned() {
-    if skip() {
-        return;
-    }
-    let Some(mut disk) = ScsiDisk::new() else {
-        eprintln!("skipped: needs the scsi_debug module");
-        return;
-    };
+    setup();
+    need::require_scsi_debug();
+    let mut disk = ScsiDisk::new().expect("a new scsi_debug disk");
     let mut agent = Agent::start_with("", FAST_KDF);
     keystore(&agent);
     let uuid = luks_format(&disk.dev, agent.dir.path());

@@ -47,12 +47,11 @@ fn back_end_and_noop_volumes_attach_raw_without_touching_anything() {
     assert!(!dir.path().join("by-id").exists());
 }
 
+/// Without device-mapper (the build hosts) an attach is one clear error naming it; where
+/// device-mapper exists (the VM stage runs this binary too) the same attach gets past that check
+/// and is refused for its missing device instead. Either way the test asserts an outcome.
 #[test]
 fn missing_device_mapper_is_one_clear_error() {
-    if !dm_missing() {
-        notice("skipped: this host has device-mapper");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let ks = Keystore::create(dir.path().join("keys")).unwrap();
     let c = ctx(dir.path(), &ks);
@@ -61,6 +60,18 @@ fn missing_device_mapper_is_one_clear_error() {
     )
     .unwrap();
     let err = volume::attach(&c, &req).unwrap_err();
+    if !dm_missing() {
+        let text = err.to_string();
+        assert!(
+            text.contains("/dev/sdz") && !text.contains("device-mapper is not available"),
+            "{text}"
+        );
+        assert!(
+            !dir.path().join("state").exists()
+                || std::fs::read_dir(dir.path().join("state")).unwrap().count() == 0
+        );
+        return;
+    }
     assert!(
         err.to_string().contains("device-mapper is not available"),
         "{err}"
@@ -216,11 +227,6 @@ fn cli_resolves_selectors_now_and_leaves_waiting_to_the_agent() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
-        // Enumeration needs /sys; where it cannot run the error names udev instead.
-        if stderr.contains("udev scan") || stderr.contains("udev enumerator") {
-            notice("skipped: udev enumeration unavailable here");
-            return;
-        }
         assert_eq!(o.status.code(), Some(code), "{body}: {stderr}");
         assert!(stderr.contains(want), "{body}: {stderr}");
     }
@@ -249,10 +255,4 @@ fn raw_attach_through_the_cli_prints_the_raw_device() {
     assert_eq!(v["encrypted"], false);
     assert_eq!(v["device"], "/dev/sdz");
     assert!(v["raw_reason"].as_str().unwrap().contains("back-end"));
-}
-
-/// Print past the test harness's output capture, so skips are visible in a normal run.
-fn notice(msg: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "{msg}");
 }

@@ -1,9 +1,18 @@
-//! Helpers shared by the image and cross-implementation tests: running the real volcrypt
-//! binary, cryptsetup and qemu-img, known random plaintext, temporary files.
+//! The one test-support module every integration test shares: running the real volcrypt
+//! binary, cryptsetup and qemu-img, shell commands, known plaintext and hex, temporary files,
+//! and (submodules) the prerequisite rules ([`need`]), the real Barbican ([`barbican`]) and the
+//! real agent ([`agent`]).
 //!
-//! The reference tools are required, not optional: a missing tool fails the test with the
-//! package to install, so a machine without them can never report a silent pass.
-#![allow(dead_code)]
+//! Prerequisites are required, not optional: a missing tool, kernel feature or server fails the
+//! test with what to install or start, so a machine without them can never report a silent
+//! pass. Tests that need an environment only one stage provides are `#[ignore]`d with the
+//! stage's name instead (see [`need`]).
+#![allow(dead_code, unused_imports)] // each test binary uses its own subset
+
+#[cfg(feature = "system")]
+pub mod agent;
+pub mod barbican;
+pub mod need;
 
 use std::borrow::BorrowMut;
 use std::io::Write;
@@ -84,6 +93,50 @@ pub fn read_file(path: &Path) -> Vec<u8> {
 /// Lowercase hex, the OpenStack rule for non-passphrase secrets.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` bytes from the OS RNG (keys and ids that must differ between runs).
+pub fn os_random(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("OS RNG");
+    b
+}
+
+/// `len` bytes of a cheap reproducible pattern, different per seed (data written through a
+/// mapping and read back).
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Runs `sh -c cmd`; its trimmed stdout, or a panic with the status and stderr.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sh -c {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs `sh -c cmd` with `input` on stdin; its output, whatever the status.
+pub fn sh_in(cmd: &str, input: &[u8]) -> Output {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd);
+    run_with_stdin(c, input)
+}
+
+/// Prints past the test harness's output capture (progress a reader of a long run wants).
+pub fn notice(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }
 
 /// Runs a command, returning its output; panics only if it cannot be started.
@@ -184,4 +237,25 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
         got.len(),
         want.len()
     );
+}
+
+/// Reads one HTTP/1.1 request head from a test server's connection: the request line and the
+/// header lines, trimmed, in order (`None` when the client closed the connection). The tiny
+/// local responders of the HTTP client tests share it.
+pub fn read_request_head(reader: &mut impl std::io::BufRead) -> Option<(String, Vec<String>)> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            return Some((request_line.trim_end().to_owned(), headers));
+        }
+        headers.push(line.trim_end().to_owned());
+    }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Attach-overhead benchmark (issue 4 §7): builds volcrypt (release by default) on the host, then
+# Attach-overhead benchmark: builds volcrypt (release by default) on the host, then
 # boots the VM (tests/vm/run.sh, with udevd) and runs tests/vm/guest-bench-attach.sh there:
 # volcrypt RPC attach/detach vs `cryptsetup open`/`close` as subprocesses, same LUKS2 volume,
 # PBKDF2 1000 iterations, ROUNDS rounds each, printed as ratios from one run. A benchmark, not a

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Guest side of the attach-overhead benchmark (issue 4 §7). Started by tests/vm/bench-attach.sh
+# Guest side of the attach-overhead benchmark. Started by tests/vm/bench-attach.sh
 # through tests/vm/run.sh; do not run it on a host.
 #   guest-bench-attach.sh VOLCRYPT_BINARY [ROUNDS]
 # One LUKS2 volume on a loop device, PBKDF2 with 1000 iterations so the KDF is negligible; then

@@ -12,6 +12,8 @@
 #   --env NAME             copy it from the caller's environment
 #   --rw DIR               mount host directory DIR read-write at the same path (repeatable)
 #   --module MOD           load an extra kernel module at boot (repeatable)
+#   --without-module MOD   do not load MOD at boot, even a required one (repeatable): for the
+#                          self-test that proves the tests fail without, e.g., dm_crypt
 #   --timeout SECS         kill the VM after SECS seconds (default 600)
 #   --mem MB               guest memory (default 1024); /tmp in the guest gets half of it
 #
@@ -41,6 +43,7 @@ FORWARDS=()
 ENVS=()
 RW_DIRS=()
 EXTRA_MODULES=()
+WITHOUT_MODULES=()
 while (($#)); do
     case $1 in
         --udev) UDEV=1; shift ;;
@@ -48,6 +51,7 @@ while (($#)); do
         --env) (($# >= 2)) || usage; ENVS+=("$2"); shift 2 ;;
         --rw) (($# >= 2)) || usage; RW_DIRS+=("$2"); shift 2 ;;
         --module) (($# >= 2)) || usage; EXTRA_MODULES+=("$2"); shift 2 ;;
+        --without-module) (($# >= 2)) || usage; WITHOUT_MODULES+=("$2"); shift 2 ;;
         --timeout) (($# >= 2)) || usage; TIMEOUT=$2; shift 2 ;;
         --mem) (($# >= 2)) || usage; MEM=$2; shift 2 ;;
         --) shift; break ;;
@@ -90,8 +94,8 @@ for n in "${!RW_DIRS[@]}"; do
     [[ $d != / && ! $d =~ [[:space:],] ]] || die "--rw $d: path must not be / or contain spaces or commas"
     RW_DIRS[$n]=$d
 done
-for m in "${EXTRA_MODULES[@]}"; do
-    [[ $m =~ ^[A-Za-z0-9_-]+$ ]] || die "bad --module '$m'"
+for m in "${EXTRA_MODULES[@]}" "${WITHOUT_MODULES[@]}"; do
+    [[ $m =~ ^[A-Za-z0-9_-]+$ ]] || die "bad --module/--without-module '$m'"
 done
 
 # A checkout under a path the guest covers with tmpfs (a CI clone in /tmp, say) would hide this
@@ -162,6 +166,12 @@ OPT_MODULES="aesni_intel xts cbc essiv sha256_ssse3 af_alg algif_skcipher algif_
 NET=0
 if [[ -n $NETDEV ]]; then NET=1; OPT_MODULES="virtio_net $OPT_MODULES"; fi
 [[ -n $NETDEV ]] && MODULES="$MODULES virtio_net"
+without() { local m out=""; for m in $1; do [[ " ${WITHOUT_MODULES[*]} " == *" $m "* ]] || out+="$m "; done; echo "${out% }"; }
+if ((${#WITHOUT_MODULES[@]})); then
+    MODULES=$(without "$MODULES")
+    OPT_MODULES=$(without "$OPT_MODULES")
+    echo "vm-run: not loading ${WITHOUT_MODULES[*]} (--without-module)" >&2
+fi
 {
     printf 'VM_KROOT=%q\n' "$KROOT"
     printf 'VM_RUNNER=%q\n' "$HERE/guest-run.sh"

@@ -5,7 +5,13 @@
 #   3. a failing command: its exit status (7), stdout and stderr, --env and --rw come back,
 #      and --forward reaches a host 127.0.0.1 server while the user-mode gateway stays closed;
 #   4. --timeout: QEMU is killed and run.sh exits 124;
-#   5. bad arguments exit 125 without booting; no QEMU is left running afterwards.
+#   5. bad arguments exit 125 without booting; no QEMU is left running afterwards;
+#   6. the test-count check (run-counted.sh) against fake test binaries: a shortfall, an
+#      ignored test, a failure and a missing result line each fail, a full run passes;
+#   7. the VM stage with dm_crypt not loaded (run.sh --without-module dm_crypt) FAILS, and
+#      the tests themselves say the prerequisite is missing;
+#   8. the Barbican tests with Barbican configured but not answering FAIL, every one of them.
+# 7 and 8 use the test binaries: build them first (make test has; `cargo test --no-run`).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -95,6 +101,68 @@ if pgrep -f "qemu-system-x86_64.*$VOLCRYPT_VM_DIR/runs/" >/dev/null; then
     failed "a QEMU of this harness is still running"
 else
     pass "no QEMU left running"
+fi
+
+# 6: the count check, against fake libtest binaries (no VM needed).
+fake() { # fake NAME LISTED RESULT-LINE EXIT
+    cat >"$scratch/$1-0123abcd" <<FAKE
+#!/bin/sh
+if [ "\$1" = --list ]; then i=0; while [ \$i -lt $2 ]; do echo "t\$i: test"; i=\$((i + 1)); done; echo; echo "$2 tests, 0 benchmarks"; exit 0; fi
+echo "$3"
+exit $4
+FAKE
+    chmod +x "$scratch/$1-0123abcd"
+}
+fake full 3 "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s" 0
+fake short 3 "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s" 0
+fake ignored 3 "test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s" 0
+fake failing 3 "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s" 101
+fake crashed 3 "running 3 tests" 134
+for f in full short ignored failing crashed; do
+    rc=0
+    "$HERE/run-counted.sh" "$scratch/$f-0123abcd" >"$scratch/count-$f.out" 2>&1 || rc=$?
+    if [[ $f == full ]]; then
+        if [[ $rc == 0 ]] && grep -q 'full: 3 of 3 tests ran and passed' "$scratch/count-$f.out"; then
+            pass "count check accepts a full run"
+        else failed "count check refused a full run (exit $rc)"; cat "$scratch/count-$f.out" >&2; fi
+    elif [[ $rc != 0 ]] && grep -q "run-counted: FAIL $f" "$scratch/count-$f.out"; then
+        pass "count check fails a $f run"
+    else
+        failed "count check let a $f run pass (exit $rc)"; cat "$scratch/count-$f.out" >&2
+    fi
+done
+
+# 7: a guest without dm_crypt must fail the VM stage, through the tests' own checks.
+t=$(now)
+rc=0
+VOLCRYPT_VM_RUN_ARGS="--without-module dm_crypt" VOLCRYPT_VM_TIMEOUT=600 \
+    "$HERE/attach-suite.sh" refuses_to_format_a_device_with >"$scratch/nodm.out" 2>&1 || rc=$?
+if [[ $rc != 0 && $rc != 124 && $rc != 125 ]] &&
+   grep -q 'the dm_crypt kernel module is not loaded' "$scratch/nodm.out" &&
+   grep -q 'run-counted: FAIL volume_vm' "$scratch/nodm.out" &&
+   ! grep -q 'run-counted: volume_vm: .* ran and passed' "$scratch/nodm.out"; then
+    pass "a VM without dm_crypt fails the stage (exit $rc) in $(secs "$t")s"
+else
+    failed "VM without dm_crypt: exit $rc"; tail -n 40 "$scratch/nodm.out" >&2
+fi
+
+# 8: Barbican configured but not answering: every Barbican test fails, none passes.
+bin=$(cargo test --no-run --message-format=json --test keys_barbican 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*keys_barbican[^"]*\)".*/\1/p' | tail -n 1)
+if [[ -x $bin ]]; then
+    dead=$((20000 + RANDOM % 20000))
+    rc=0
+    VOLCRYPT_TEST_BARBICAN_URL=http://127.0.0.1:$dead VOLCRYPT_TEST_BARBICAN_TLS_URL=https://127.0.0.1:$dead \
+        VOLCRYPT_TEST_BARBICAN_CA=/dev/null "$bin" >"$scratch/dead.out" 2>&1 || rc=$?
+    listed=$("$bin" --list | grep -c ': test$')
+    if [[ $rc != 0 ]] && grep -q "test result: FAILED. 0 passed; $listed failed" "$scratch/dead.out" &&
+       grep -q 'is configured but does not answer' "$scratch/dead.out"; then
+        pass "Barbican configured but stopped: all $listed Barbican tests fail"
+    else
+        failed "Barbican configured but stopped: exit $rc"; tail -n 30 "$scratch/dead.out" >&2
+    fi
+else
+    failed "cannot find the keys_barbican test binary (build it first)"
 fi
 
 if ((fails)); then echo "selftest: $fails failure(s)" >&2; exit 1; fi

@@ -1,6 +1,5 @@
-//! Shared by the rpc_* tests: start the real `volcrypt serve` binary on a socket in a temp dir,
-//! talk to it with the crate's client, and check every response against docs/openapi.yaml.
-#![allow(dead_code)]
+//! The real agent: start the `volcrypt serve` binary on a socket in a temp dir, talk to it with
+//! the crate's HTTP client, and check every response against docs/openapi.yaml.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,34 +9,6 @@ use serde_json::Value;
 use volcrypt::rpc::client::{self, Reply};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_volcrypt");
-
-/// True when this host has device-mapper (inside the VM); attach results depend on it.
-pub fn dm_available() -> bool {
-    devicemapper::DM::new().is_ok()
-}
-
-/// True (after printing the skip notice) when this host cannot run the agent against dm-crypt:
-/// natively the VM tests pass as skipped; the VM harness sets VOLCRYPT_VM=1 and loads dm_crypt.
-pub fn skip_without_dm_crypt() -> bool {
-    let vm = std::env::var("VOLCRYPT_VM").is_ok_and(|v| v == "1");
-    let dm = Path::new("/sys/module/dm_crypt").exists() || vm;
-    if !(dm && nix::unistd::geteuid().is_root() && dm_available()) {
-        eprintln!("skipped: needs dm-crypt (root and the dm_crypt module; run in the VM)");
-        return true;
-    }
-    false
-}
-
-/// Run a shell command; its trimmed stdout, or a panic with its stderr.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 pub struct Agent {
     pub child: Child,
