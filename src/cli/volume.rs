@@ -203,13 +203,12 @@ pub fn status(args: StatusArgs) -> Result<(), Error> {
             (false, _) => "INACTIVE",
         };
         println!("{}: {}", s.volume_id, state);
-        println!("  mapping:      /dev/mapper/{}", s.mapping_name);
-        println!(
-            "  backing:      {} ({})",
-            s.backing_device.display(),
-            s.backing_devno
+        print_placement(
+            &s.mapping_name,
+            &s.backing_device,
+            s.backing_devno,
+            &s.device_path,
         );
-        println!("  device path:  {}", s.device_path.display());
         println!(
             "  format:       {} {}",
             s.kind.as_deref().unwrap_or(&s.format.to_string()),
@@ -254,6 +253,18 @@ pub fn status(args: StatusArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// The lines of `status` that say where a volume sits: its mapping and devices.
+fn print_placement(
+    mapping: &str,
+    backing: &std::path::Path,
+    devno: volume::dm::DevNo,
+    device_path: &std::path::Path,
+) {
+    println!("  mapping:      /dev/mapper/{mapping}");
+    println!("  backing:      {} ({devno})", backing.display());
+    println!("  device path:  {}", device_path.display());
+}
+
 /// `status` where device-mapper is unavailable: the journal's records, and the reason.
 fn journal_only(ctx: &Context<'_>, dm_detail: &str, json: bool) -> Result<(), Error> {
     let records = ctx.journal().list()?;
@@ -280,13 +291,12 @@ fn journal_only(ctx: &Context<'_>, dm_detail: &str, json: bool) -> Result<(), Er
     }
     for r in &records {
         println!("{}: {} (journal only)", r.volume_id, r.phase);
-        println!("  mapping:      /dev/mapper/{}", r.mapping_name);
-        println!(
-            "  backing:      {} ({})",
-            r.backing_device.display(),
-            r.backing_devno
+        print_placement(
+            &r.mapping_name,
+            &r.backing_device,
+            r.backing_devno,
+            &r.device_path,
         );
-        println!("  device path:  {}", r.device_path.display());
         println!(
             "  key source:   {} key {} ({})",
             r.key_manager, r.key_id, r.derivation
