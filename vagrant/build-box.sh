@@ -24,6 +24,9 @@ if [ -s "$box" ]; then echo "$box"; exit 0; fi
 mirror=$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -n1 || true)
 [ -n "$mirror" ] || mirror=$(grep -hsE '^deb .*debian/? bookworm' /etc/apt/sources.list | awk '{print $2}' | head -n1 || true)
 mirror=${mirror:-http://deb.debian.org/debian}
+for tool in debootstrap qemu-img mkfs.ext4; do
+  command -v "$tool" >/dev/null || { log "$tool not found (scripts/install-deps.sh installs it)"; exit 1; }
+done
 pubkey=$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -n1)
 [ -r "$pubkey" ] || { log "vagrant's insecure public key not found (is the vagrant package installed?)"; exit 1; }
 
@@ -64,7 +67,7 @@ install -m 0600 -o 1000 -g 1000 "$pubkey" "$root/home/vagrant/.ssh/authorized_ke
 echo 'vagrant ALL=(ALL) NOPASSWD: ALL' >"$root/etc/sudoers.d/vagrant"
 chmod 0440 "$root/etc/sudoers.d/vagrant"
 printf 'UseDNS no\n' >"$root/etc/ssh/sshd_config.d/vagrant.conf"
-# Volatile journal off: scenarios read `journalctl -u volcrypt` across a reboot.
+# A persistent journal: scenarios read `journalctl -u volcrypt` across a reboot.
 mkdir -p "$root/var/log/journal"
 rm -f "$root"/var/cache/apt/archives/*.deb
 

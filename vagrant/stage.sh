@@ -16,8 +16,10 @@ timing() { printf 'vagrant-e2e: time %-18s %4d s\n' "$1" "$2" >&2; }
 for d in /etc/libvirt /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
   mkdir -p "$d"; mount -t tmpfs -o mode=0755 tmpfs "$d"
 done
+# Debian's libvirt resolves its QEMU user and group at start even when qemu.conf says root.
 getent group kvm >/dev/null || groupadd -r kvm
-getent passwd libvirt-qemu >/dev/null || useradd -r -g kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 cat >/etc/libvirt/libvirtd.conf <<'CONF'
 listen_tls = 0
 listen_tcp = 0
