@@ -38,7 +38,7 @@ timing "deb" $((SECONDS - t))
 # promtool from Debian's prometheus package, unpacked only: installing the package would start
 # a Prometheus server on hosts with systemd.
 if [ ! -x "$cache/promtool/usr/bin/promtool" ]; then
-  (cd "$cache" && rm -f prometheus_*.deb && apt-get download -q prometheus >/dev/null \
+  (cd "$cache" && rm -f prometheus_*.deb && apt-get download -q -o APT::Sandbox::User=root prometheus >/dev/null \
     && rm -rf promtool && dpkg-deb -x prometheus_*.deb promtool && rm -f prometheus_*.deb)
 fi
 export PATH=$cache/promtool/usr/bin:$PATH

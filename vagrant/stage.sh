@@ -39,7 +39,6 @@ stdio_handler = "file"
 CONF
 : >/etc/libvirt/libvirt.conf
 
-pids_to_stop=()
 barbican_started=""
 up=""
 cleanup() {
@@ -51,8 +50,9 @@ cleanup() {
   fi
   [ -z "$barbican_started" ] || "$repo/scripts/barbican-test-server.sh" stop "$VOLCRYPT_E2E_BARBICAN_DIR" >/dev/null 2>&1
   if [ -s "$run/libvirtd.pid" ]; then
-    kill "$(cat "$run/libvirtd.pid")" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$(cat "$run/libvirtd.pid")" 2>/dev/null || break; sleep 0.1; done
+    local pid; pid=$(cat "$run/libvirtd.pid")
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   exit $rc
 }
