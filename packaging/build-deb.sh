@@ -10,7 +10,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 # The release build and the package; cargo-deb strips the binary and computes Depends from its
 # shared libraries (dpkg-shlibdeps).
-out=$(cargo deb --quiet 2>&1 | tail -n1) || { echo "$out" >&2; exit 1; }
+out=$(cargo deb --strip --quiet 2>&1 | tail -n1) || { echo "$out" >&2; exit 1; }
 deb=$(ls -t target/debian/volcrypt_*_amd64.deb | head -n1)
 [ -s "$deb" ] || { echo "build-deb: no package produced" >&2; exit 1; }
 echo "build-deb: $(dpkg-deb -f "$deb" Package Version Depends | tr '\n' ' ')" >&2

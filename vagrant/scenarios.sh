@@ -187,10 +187,12 @@ sc_hotplug() {
   mkdir -p "$hp"
   pass_b64=$(head -c 32 /dev/urandom | base64 -w0)
   # Two LUKS2 disks made on the host (format needs no device-mapper), one keystore passphrase.
+  local n uuid_arg
   for n in a b; do
+    uuid_arg=(); [ $n = a ] && uuid_arg=(--uuid "$hp_uuid")
     truncate -s 32M "$hp/$n.img"
     printf '%s' "$pass_b64" | base64 -d | cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 \
-      --pbkdf-force-iterations 1000 --key-file - ${n/a/--uuid=$hp_uuid} ${n/b/} "$hp/$n.img" || return 1
+      --pbkdf-force-iterations 1000 --key-file - "${uuid_arg[@]}" "$hp/$n.img" || return 1
   done
   g "printf '%s' '$pass_b64' | base64 -d | volcrypt keystore add e2e-hot --type passphrase --file - >/dev/null" || return 1
   # Both attaches wait in the background in the guest.
