@@ -14,6 +14,8 @@ packages=(
   python3-venv
   # `make deb`: cargo-deb computes Depends with dpkg-shlibdeps
   dpkg-dev
+  # the demo's attach through the agent's socket
+  curl jq
   # the Vagrant stage: vagrant-libvirt with a private libvirtd (no libvirt networks or
   # services: they come with libvirt-daemon-system, not installed), the box built by
   # debootstrap, a netns. (promtool is unpacked from Debian's prometheus package by

@@ -76,7 +76,7 @@ scenario() { # NAME DESCRIPTION
 sc_package() {
   scp -F "$cfg" -o LogLevel=ERROR "$deb" default:/tmp/ || return 1
   g "
-    cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download ./$(basename "$deb") >/tmp/apt.log 2>&1 \
+    cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./$(basename "$deb") >/tmp/apt.log 2>&1 \
       || { cat /tmp/apt.log; fail 'apt install failed'; }
     dpkg-query -W -f='\${Status}\n' volcrypt | grep -q 'install ok installed'
     test -x /usr/bin/volcrypt && volcrypt --version
