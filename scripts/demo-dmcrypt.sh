@@ -18,13 +18,16 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 export PATH=/usr/sbin:/sbin:$PATH
 
 loop="" agent="" mnt=""
+# The agent's socket, journal and keystore on a local tmpfs (/run): WORKDIR may be a 9p share
+# (in the VM), where a Unix socket cannot be bound.
+rt=$(mktemp -d /run/volcrypt-demo.XXXXXX)
 cleanup() {
   set +e
   [ -n "$mnt" ] && mountpoint -q "$mnt" && umount "$mnt"
   dmsetup info crypt-demo-disk >/dev/null 2>&1 && cryptsetup close crypt-demo-disk
   if [ -n "$agent" ]; then kill "$agent" 2>/dev/null; wait "$agent" 2>/dev/null; fi
   [ -n "$loop" ] && losetup -d "$loop"
-  rm -rf "$dir/run" "$dir/state" "$dir/by-id" "$dir/keys" "$dir/mnt"
+  rm -rf "$rt"
 }
 trap cleanup EXIT
 
@@ -33,52 +36,52 @@ step "a blank 48 MiB disk: $(
   loop=$(losetup --find --show "$dir/disk.img"); echo "$loop" >"$dir/loop"; echo "$loop")"
 loop=$(cat "$dir/loop")
 # What an orchestrator hands over: a stable path to the disk (os-brick uses /dev/disk/by-path).
-ln -sfn "$loop" "$dir/demo-disk"
+ln -sfn "$loop" "$rt/demo-disk"
 
 step "a 512-bit symmetric secret in the keystore (never printed; OpenStack derives the passphrase as its hex)"
 ( umask 077; head -c 64 /dev/urandom >"$dir/key.bin" )
-"$bin" keystore --dir "$dir/keys" add 5b7c0a3e-demo --type symmetric --file "$dir/key.bin"
-"$bin" keystore --dir "$dir/keys" list
+"$bin" keystore --dir "$rt/keys" add 5b7c0a3e-demo --type symmetric --file "$dir/key.bin"
+"$bin" keystore --dir "$rt/keys" list
 
 step "start the agent: volcrypt serve (API on a Unix socket)"
-cat >"$dir/volcrypt.toml" <<TOML
+cat >"$rt/volcrypt.toml" <<TOML
 [server]
-socket = "$dir/run/api.sock"
+socket = "$rt/api.sock"
 udev = false
 [volume]
-state_dir = "$dir/state"
-by_id_dir = "$dir/by-id"
+state_dir = "$rt/state"
+by_id_dir = "$rt/by-id"
 # A cheap KDF for the demo (real volumes keep libcryptsetup's benchmarked argon2id).
 [volume.pbkdf]
 kind = "pbkdf2"
 iterations = 1000
 [key_manager.keystore]
-dir = "$dir/keys"
+dir = "$rt/keys"
 TOML
-"$bin" --log-level warn serve --config "$dir/volcrypt.toml" 2>"$dir/agent.log" &
+"$bin" --log-level warn serve --config "$rt/volcrypt.toml" 2>"$rt/agent.log" &
 agent=$!
-for _ in $(seq 100); do [ -S "$dir/run/api.sock" ] && break; sleep 0.2; done
-[ -S "$dir/run/api.sock" ] || { cat "$dir/agent.log"; exit 1; }
-api() { curl -sS --unix-socket "$dir/run/api.sock" -H 'Content-Type: application/json' "$@"; }
+for _ in $(seq 300); do [ -S "$rt/api.sock" ] && break; sleep 0.2; done
+[ -S "$rt/api.sock" ] || { cat "$rt/agent.log"; exit 1; }
+api() { curl -sS --unix-socket "$rt/api.sock" -H 'Content-Type: application/json' "$@"; }
 api http://localhost/v1/health | jq -c '{status, dm_crypt: .dm_crypt.ok}'
 
 step "the attach request (what Nova hands os-brick), POST /v1/attachments"
-cat >"$dir/request.json" <<JSON
-{"volume_id": "demo-volume", "device_path": "$dir/demo-disk",
+cat >"$rt/request.json" <<JSON
+{"volume_id": "demo-volume", "device_path": "$rt/demo-disk",
  "encryption": {"provider": "luks2", "control_location": "front-end",
                 "cipher": "aes-xts-plain64", "key_size": 512, "encryption_key_id": "5b7c0a3e-demo"}}
 JSON
-jq -c . "$dir/request.json"
-api --data-binary @"$dir/request.json" http://localhost/v1/attachments \
+jq -c . "$rt/request.json"
+api --data-binary @"$rt/request.json" http://localhost/v1/attachments \
   | jq '{volume_id, device, formatted, format, derivation, stable_link}'
 
 step "the dm-crypt mapping (dmsetup table, key field masked)"
 dmsetup table crypt-demo-disk | awk '$3 == "crypt" { $5 = "<key masked>" } { print }'
-echo "$dir/demo-disk -> $(readlink "$dir/demo-disk")   (os-brick's symlink now points at the mapping)"
+echo "$rt/demo-disk -> $(readlink "$rt/demo-disk")   (os-brick's symlink now points at the mapping)"
 
 step "an ext4 file system written through the mapping"
 mkfs.ext4 -q -L demo /dev/mapper/crypt-demo-disk
-mnt=$dir/mnt; mkdir -p "$mnt"
+mnt=$rt/mnt; mkdir -p "$mnt"
 mount /dev/mapper/crypt-demo-disk "$mnt"
 echo "written through dm-crypt by volcrypt's demo" >"$mnt/hello.txt"
 head -c 1M /dev/urandom >"$mnt/random.bin"
@@ -91,4 +94,4 @@ echo "plaintext seen through the mapping: sha256 $(cut -c1-16 "$dir/mapped.sha25
 step "detach: DELETE /v1/attachments/demo-volume"
 api -X DELETE http://localhost/v1/attachments/demo-volume | jq -c '{volume_id, was_active}'
 dmsetup info crypt-demo-disk >/dev/null 2>&1 && { echo "mapping still there" >&2; exit 1; }
-echo "mapping closed; $dir/demo-disk -> $(readlink "$dir/demo-disk") again"
+echo "mapping closed; $rt/demo-disk -> $(readlink "$rt/demo-disk") again"
