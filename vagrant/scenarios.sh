@@ -417,7 +417,7 @@ sc_barbican_down_reboot() {
   '
 }
 
-all=(package service wrong_uid test_config busy_detach hotplug barbican filesystem reboot metrics journal)
+all=(package service wrong_uid test_config busy_detach hotplug barbican filesystem metrics journal reboot)
 PENDING=(metrics_promtool barbican_down_reboot)
 declare -A desc=(
   [package]="apt install ./volcrypt_*.deb offline: files, 0600 conffile, 0700 dirs, nothing enabled or started"
