@@ -26,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 stage "build"
-cargo build --all-targets
+cargo build --all-targets --features test-hooks
 cargo build --no-default-features --all-targets
 
 stage "real Barbican on 127.0.0.1"
@@ -39,7 +39,7 @@ if [ "${VOLCRYPT_SKIP_NATIVE:-}" = 1 ]; then
   stage "native tests: skipped (VOLCRYPT_SKIP_NATIVE=1)"
 else
   stage "native tests"
-  cargo test --all-targets --no-fail-fast
+  cargo test --all-targets --features test-hooks --no-fail-fast
 fi
 
 if [ "${VOLCRYPT_SKIP_VM:-}" = 1 ]; then

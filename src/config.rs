@@ -47,20 +47,19 @@
 //! Secrets (passwords, tokens, fixed keys) live in [`ConfigSecret`]s: zeroed on drop, never
 //! printed; a config file holding any should be mode 0600 (a warning is logged otherwise).
 
-use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::ExitStatus;
-use crate::keys;
-use crate::secret::SecretBytes;
+pub use crate::keys::config::*;
+use crate::kind::Kind;
 
 /// Where `--config` defaults to; a missing file there means "all defaults".
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/volcrypt/volcrypt.toml";
-/// The keystore directory when nothing else is configured.
-pub const DEFAULT_KEYSTORE_DIR: &str = "/var/lib/volcrypt/keys";
+/// The environment variable that names the configuration file when `--config` is not given
+/// (it must exist, like `--config`).
+pub const CONFIG_ENV: &str = "VOLCRYPT_CONFIG";
 /// Config files larger than this are refused (a config is a few KiB).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -82,11 +81,14 @@ pub enum Error {
         line: usize,
         message: String,
     },
+    /// Parsed, but a value is out of its bounds.
+    #[error("config {path}: {detail}")]
+    Invalid { path: String, detail: String },
 }
 
 impl Error {
-    pub fn exit_status(&self) -> ExitStatus {
-        ExitStatus::Invalid
+    pub fn kind(&self) -> Kind {
+        Kind::Invalid
     }
 }
 
@@ -148,10 +150,13 @@ impl Config {
         Ok(cfg)
     }
 
-    /// `--config FILE` if given (it must exist), else [`DEFAULT_CONFIG_PATH`] if it exists,
-    /// else all defaults.
+    /// `--config FILE` if given, else `$VOLCRYPT_CONFIG` if set (either must exist), else
+    /// [`DEFAULT_CONFIG_PATH`] if it exists, else all defaults.
     pub fn load_or_default(path: Option<&Path>) -> Result<Config, Error> {
-        match path {
+        let from_env = std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        match path.or(from_env.as_deref()) {
             Some(p) => Config::load(p),
             None => {
                 let p = Path::new(DEFAULT_CONFIG_PATH);
@@ -165,233 +170,96 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyManagerBackend {
-    #[default]
-    Keystore,
-    Barbican,
-    FixedKey,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KeyManagerConfig {
-    pub backend: KeyManagerBackend,
-    pub fixed_key: Option<ConfigSecret>,
-    pub fixed_key_file: Option<PathBuf>,
-    pub keystore: KeystoreConfig,
-    pub barbican: BarbicanConfig,
-}
-
-impl KeyManagerConfig {
-    fn has_inline_secrets(&self) -> bool {
-        self.fixed_key.is_some()
-            || matches!(
-                self.barbican.auth,
-                Some(BarbicanAuth::Password(_))
-                    | Some(BarbicanAuth::ApplicationCredential(_))
-                    | Some(BarbicanAuth::Token(_))
-            )
-    }
-
-    /// The configured fixed key, hex-decoded (from `fixed_key` or `fixed_key_file`), or None.
-    pub fn fixed_key_bytes(&self) -> Result<Option<SecretBytes>, keys::Error> {
-        let hex = match (&self.fixed_key, &self.fixed_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(keys::Error::Config {
-                    field: "key_manager.fixed_key".into(),
-                    reason: "set fixed_key or fixed_key_file, not both".into(),
-                });
-            }
-            (Some(k), None) => k.0.clone(),
-            (None, Some(path)) => read_secret_file(path)?,
-            (None, None) => return Ok(None),
+#[cfg(feature = "system")]
+impl Config {
+    /// Split the file into what the agent runs with (`[server]`, checked, and `[volume]`) and
+    /// the key manager's section, from which the caller builds the key manager. `origin` names
+    /// the file in errors.
+    pub fn into_serve(
+        self,
+        origin: &str,
+    ) -> Result<(crate::rpc::config::ServeConfig, KeyManagerConfig), Error> {
+        self.server.check().map_err(|detail| Error::Invalid {
+            path: origin.to_owned(),
+            detail,
+        })?;
+        let serve = crate::rpc::config::ServeConfig {
+            server: self.server,
+            volume: self.volume,
         };
-        keys::fixed::decode_hex_key(hex.expose()).map(Some)
+        Ok((serve, self.key_manager))
     }
 }
 
-/// Read a small secret file (a fixed key in hex), refusing group/other access, trimming
-/// surrounding whitespace.
-fn read_secret_file(path: &Path) -> Result<SecretBytes, keys::Error> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| keys::Error::io(path, e))?;
-    let meta = f.metadata().map_err(|e| keys::Error::io(path, e))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(keys::Error::InsecurePermissions {
-            path: path.to_path_buf(),
-            mode,
-        });
+/// The agent's configuration from TOML text (tests, and tools that embed a config).
+#[cfg(feature = "system")]
+pub fn parse_serve(
+    text: &str,
+) -> Result<(crate::rpc::config::ServeConfig, KeyManagerConfig), Error> {
+    Config::from_toml(text, "<string>")?.into_serve("<string>")
+}
+
+/// The agent's configuration: `--config FILE`, else the default file if present, else the
+/// defaults; `[server]` checked.
+#[cfg(feature = "system")]
+pub fn load_serve(
+    path: Option<&Path>,
+) -> Result<(crate::rpc::config::ServeConfig, KeyManagerConfig), Error> {
+    let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+    let origin = path
+        .or(from_env.as_deref())
+        .unwrap_or(Path::new(DEFAULT_CONFIG_PATH))
+        .display()
+        .to_string();
+    Config::load_or_default(path)?.into_serve(&origin)
+}
+
+#[cfg(all(test, feature = "system"))]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::rpc::config::ServerConfig;
+    use crate::volume::VolumeConfig;
+
+    fn parse(text: &str) -> Result<crate::rpc::config::ServeConfig, String> {
+        parse_serve(text).map(|(s, _)| s).map_err(|e| e.to_string())
     }
-    let mut buf = zeroize::Zeroizing::new(Vec::new());
-    (&mut f)
-        .take(64 * 1024)
-        .read_to_end(&mut buf)
-        .map_err(|e| keys::Error::io(path, e))?;
-    Ok(SecretBytes::new(buf.trim_ascii().to_vec()))
-}
 
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KeystoreConfig {
-    pub dir: PathBuf,
-    pub create: bool,
-}
-
-impl Default for KeystoreConfig {
-    fn default() -> Self {
-        KeystoreConfig {
-            dir: PathBuf::from(DEFAULT_KEYSTORE_DIR),
-            create: true,
-        }
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.volume, VolumeConfig::default());
+        assert_eq!(c.server.socket, PathBuf::from("/run/volcrypt/api.sock"));
+        assert_eq!(c.server.max_body_bytes, crate::request::MAX_REQUEST_BYTES);
+        assert!(c.server.kdf_budget_mib() >= 1);
+        let small = ServerConfig {
+            kdf_memory_budget_mib: Some(24),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            small.kdf_budget_mib(),
+            24,
+            "a configured budget is honoured exactly"
+        );
     }
-}
 
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BarbicanConfig {
-    pub endpoint: Option<String>,
-    pub interface: String,
-    pub region: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub connect_timeout: f64,
-    pub read_timeout: f64,
-    pub retries: u32,
-    pub backoff_initial: f64,
-    pub backoff_max: f64,
-    pub auth: Option<BarbicanAuth>,
-}
-
-impl Default for BarbicanConfig {
-    fn default() -> Self {
-        BarbicanConfig {
-            endpoint: None,
-            interface: "public".into(),
-            region: None,
-            ca_file: None,
-            connect_timeout: 5.0,
-            read_timeout: 30.0,
-            retries: 3,
-            backoff_initial: 0.2,
-            backoff_max: 5.0,
-            auth: None,
-        }
-    }
-}
-
-/// How volcrypt authenticates to Barbican.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "method", rename_all = "kebab-case")]
-pub enum BarbicanAuth {
-    /// Keystone v3 password authentication, project-scoped.
-    Password(KeystonePassword),
-    /// Keystone v3 application credential (scoped by the credential itself).
-    ApplicationCredential(KeystoneAppCredential),
-    /// A static token sent as X-Auth-Token (no renewal).
-    Token(StaticToken),
-    /// No Keystone: send the headers keystonemiddleware would set (test deployments).
-    Headers(HeaderAuth),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeystonePassword {
-    pub auth_url: String,
-    pub username: Option<String>,
-    pub user_id: Option<String>,
-    pub user_domain_name: Option<String>,
-    pub user_domain_id: Option<String>,
-    pub password: ConfigSecret,
-    pub project_name: Option<String>,
-    pub project_id: Option<String>,
-    pub project_domain_name: Option<String>,
-    pub project_domain_id: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeystoneAppCredential {
-    pub auth_url: String,
-    pub application_credential_id: Option<String>,
-    pub application_credential_name: Option<String>,
-    pub username: Option<String>,
-    pub user_id: Option<String>,
-    pub user_domain_name: Option<String>,
-    pub user_domain_id: Option<String>,
-    pub application_credential_secret: ConfigSecret,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StaticToken {
-    pub token: ConfigSecret,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeaderAuth {
-    pub project_id: String,
-    #[serde(default = "default_roles")]
-    pub roles: String,
-    pub user_id: Option<String>,
-}
-
-fn default_roles() -> String {
-    "member".into()
-}
-
-/// A secret string from the config file. Zeroed on drop; Debug shows only its length; a
-/// wrongly typed value is reported without echoing it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ConfigSecret(pub SecretBytes);
-
-impl ConfigSecret {
-    pub fn expose(&self) -> &[u8] {
-        self.0.expose()
-    }
-}
-
-impl fmt::Debug for ConfigSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ConfigSecret(<{} bytes redacted>)", self.0.len())
-    }
-}
-
-impl<'de> Deserialize<'de> for ConfigSecret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl V {
-            fn wrong<E: serde::de::Error>() -> E {
-                E::custom("expected a string (value not shown: it is a secret)")
-            }
-        }
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = ConfigSecret;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(ConfigSecret(SecretBytes::new(v.as_bytes().to_vec())))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-                let v = zeroize::Zeroizing::new(v);
-                Ok(ConfigSecret(SecretBytes::new(v.as_bytes().to_vec())))
-            }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Err(V::wrong())
-            }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Err(V::wrong())
-            }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Err(V::wrong())
-            }
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Err(V::wrong())
-            }
-        }
-        d.deserialize_any(V)
+    #[test]
+    fn sections_parse_and_typos_are_rejected() {
+        let text = "[server]\nsocket = \"/tmp/x.sock\"\ngroup = \"disk\"\nkdf_memory_budget_mib = 2048\n\
+             [volume]\nstate_dir = \"/tmp/st\"\n\
+             [key_manager.keystore]\ndir = \"/tmp/keys\"\n";
+        let (c, keys) = parse_serve(text).unwrap();
+        assert_eq!(c.server.group.as_deref(), Some("disk"));
+        assert_eq!(c.server.kdf_budget_mib(), 2048);
+        assert_eq!(c.volume.state_dir, PathBuf::from("/tmp/st"));
+        assert_eq!(keys.keystore.dir, PathBuf::from("/tmp/keys"));
+        let e = parse("[server]\nsokcet = \"/x\"\n").unwrap_err();
+        assert!(e.contains("sokcet"), "{e}");
+        let e = parse("[server]\nmax_body_bytes = 0\n").unwrap_err();
+        assert!(e.contains("max_body_bytes"), "{e}");
+        let e = parse("[server]\nsocket = \"rel.sock\"\n").unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
     }
 }

@@ -1,7 +1,12 @@
-//! The top-level error, and the mapping of every failure onto cryptsetup's exit codes, because
-//! operators and scripts coming from cryptsetup already branch on those numbers.
+//! The command line's error, and the mapping of every failure onto cryptsetup's exit codes,
+//! because operators and scripts coming from cryptsetup already branch on those numbers.
+//!
+//! This is an edge: it imports every layer's error, and no layer imports it. Layers say what
+//! kind of failure they had ([`crate::kind::Kind`]); the number is chosen here.
 
 use std::fmt;
+
+use crate::kind::Kind;
 
 /// Process exit statuses, numbered exactly as cryptsetup's (see cryptsetup(8), "RETURN CODES").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +30,25 @@ impl ExitStatus {
     }
 }
 
+impl From<Kind> for ExitStatus {
+    fn from(kind: Kind) -> ExitStatus {
+        match kind {
+            Kind::Invalid => ExitStatus::Invalid,
+            Kind::NoKey => ExitStatus::NoKey,
+            Kind::OutOfMemory => ExitStatus::OutOfMemory,
+            Kind::WrongDevice => ExitStatus::WrongDevice,
+            Kind::Busy => ExitStatus::Busy,
+        }
+    }
+}
+
 impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.code())
     }
 }
 
-/// Every layer's error, so the CLI (and later the RPC) has one type to map onto exit codes.
+/// Every layer's error, so the CLI has one type to map onto exit codes.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -63,18 +80,18 @@ pub enum Error {
 impl Error {
     pub fn exit_status(&self) -> ExitStatus {
         match self {
-            Error::Crypto(e) => e.exit_status(),
-            Error::Luks(e) => e.exit_status(),
-            Error::Image(e) => e.exit_status(),
-            Error::Keys(e) => e.exit_status(),
-            Error::Request(e) => e.exit_status(),
+            Error::Crypto(e) => e.kind().into(),
+            Error::Luks(e) => e.kind().into(),
+            Error::Image(e) => e.kind().into(),
+            Error::Keys(e) => e.kind().into(),
+            Error::Request(e) => e.kind().into(),
             #[cfg(feature = "system")]
-            Error::Volume(e) => e.exit_status(),
+            Error::Volume(e) => e.kind().into(),
             #[cfg(feature = "system")]
-            Error::Rpc(e) => e.exit_status(),
+            Error::Rpc(e) => e.kind().into(),
             #[cfg(feature = "system")]
-            Error::Udev(e) => e.exit_status(),
-            Error::Config(e) => e.exit_status(),
+            Error::Udev(e) => e.kind().into(),
+            Error::Config(e) => e.kind().into(),
             Error::Usage(_) => ExitStatus::Invalid,
         }
     }

@@ -15,7 +15,8 @@
 //! - `udev` (feature `system`): block devices by identity (serial, WWN, by-path, LUKS UUID),
 //!   enumeration and the udev monitor thread behind udev-triggered activation.
 //! - [`config`]: the TOML configuration file and its defaults.
-//! - [`error`]: the top-level error and its cryptsetup-compatible exit codes.
+//! - [`kind`]: the kinds of failure every layer's error reports (a leaf: imports nothing).
+//! - [`error`]: the command line's error and its cryptsetup-compatible exit codes.
 //! - [`cli`]: the command-line front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -25,6 +26,7 @@ pub mod crypto;
 pub mod error;
 pub mod image;
 pub mod keys;
+pub mod kind;
 pub mod luks;
 pub mod request;
 #[cfg(feature = "system")]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ExitStatus;
+use crate::kind::Kind;
 
 /// Upper bound on a request document; a request is a few hundred bytes, so anything near this
 /// is not a request, and reading stops before an input-driven allocation grows.
@@ -287,8 +287,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_status(&self) -> ExitStatus {
-        ExitStatus::Invalid
+    pub fn kind(&self) -> Kind {
+        Kind::Invalid
     }
 
     /// The offending field, for the RPC's `{"error": {"field": …}}`.
@@ -361,6 +361,31 @@ pub struct ValidRequest {
     pub wait: Option<std::time::Duration>,
     pub plan: Plan,
     pub options: AttachOptions,
+    /// The request as it was sent (key ids only, no secrets): what the journal keeps so the
+    /// attachment can be made again after a crash or reboot.
+    request: AttachRequest,
+}
+
+impl ValidRequest {
+    /// The request this was validated from.
+    pub fn request(&self) -> &AttachRequest {
+        &self.request
+    }
+
+    /// Whether the device is known: a path request, or a selector resolved to a node.
+    pub fn is_resolved(&self) -> bool {
+        self.selector.is_none() || self.request.resolved_device.is_some()
+    }
+
+    /// This request once its selector found `devnode` (see [`AttachRequest::resolved`]); the
+    /// checks already made hold for the resolved request, so they are not made again.
+    pub fn resolved(mut self, devnode: &Path) -> ValidRequest {
+        self.request = self.request.resolved(devnode);
+        self.device_path = devnode.to_owned();
+        self.wait = None;
+        self.options.replace_device_symlink = false;
+        self
+    }
 }
 
 impl AttachRequest {
@@ -408,7 +433,7 @@ impl AttachRequest {
     /// ([`AttachRequest::resolved`]): only the agent resolves selectors.
     pub fn validate(&self) -> Result<ValidRequest, Error> {
         let v = self.validate_unresolved()?;
-        if v.selector.is_some() && self.resolved_device.is_none() {
+        if !v.is_resolved() {
             return Err(field(
                 "device",
                 "a device selector must be resolved to a device node first (`volcrypt attach` \
@@ -487,6 +512,7 @@ impl AttachRequest {
             wait,
             plan,
             options,
+            request: self.clone(),
         })
     }
 

@@ -271,7 +271,7 @@ fn unknown_secret_is_not_found_without_retries() {
         "{err}"
     );
     assert!(err.to_string().contains(id), "{err}");
-    assert_eq!(err.exit_status().code(), 2);
+    assert_eq!(volcrypt::error::ExitStatus::from(err.kind()).code(), 2);
     assert!(
         elapsed < Duration::from_secs(2),
         "took {elapsed:?}: retried a 404?"

@@ -213,7 +213,7 @@ fn config_files_are_loaded_and_a_missing_explicit_file_is_an_error() {
     let missing = tmp.path().join("missing.toml");
     let err = Config::load_or_default(Some(&missing)).unwrap_err();
     assert!(err.to_string().contains("missing.toml"), "{err}");
-    assert_eq!(err.exit_status().code(), 1);
+    assert_eq!(volcrypt::error::ExitStatus::from(err.kind()).code(), 1);
 }
 
 #[test]

@@ -59,7 +59,7 @@ fn unreachable_server_fails_after_the_retries_in_bounded_time() {
         "{elapsed:?}: no backoff?"
     );
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
-    assert_eq!(err.exit_status().code(), 2);
+    assert_eq!(volcrypt::error::ExitStatus::from(err.kind()).code(), 2);
     assert!(err.to_string().contains(&url), "{err}");
     assert!(matches!(b.health(), Err(Error::Unreachable { .. })));
 }

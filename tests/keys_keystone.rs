@@ -264,7 +264,7 @@ fn application_credentials_and_refused_auth() {
         !text.contains("pa55-unique-marker"),
         "password leaked: {text}"
     );
-    assert_eq!(err.exit_status().code(), 2);
+    assert_eq!(volcrypt::error::ExitStatus::from(err.kind()).code(), 2);
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn missing_and_duplicate_secrets() {
         matches!(&err, Error::NotFound { key_id, .. } if key_id == "nope"),
         "{err}"
     );
-    assert_eq!(err.exit_status().code(), 2);
+    assert_eq!(volcrypt::error::ExitStatus::from(err.kind()).code(), 2);
     assert!(matches!(ks.remove("nope"), Err(Error::NotFound { .. })));
     ks.add("k", &secret(SecretType::Opaque, b"1")).unwrap();
     let err = ks.add("k", &secret(SecretType::Opaque, b"2")).unwrap_err();

@@ -176,7 +176,7 @@ fn luks2_from_cryptsetup_parses_and_unlocks_to_the_dumped_key() {
         // The trailing newline is part of the key file, so without it the key is wrong.
         let e = unlock(&i.path, &h, b"correct horse", None).unwrap_err();
         assert!(matches!(e, luks::Error::NoKey), "{e}");
-        assert_eq!(e.exit_status().code(), 2);
+        assert_eq!(volcrypt::error::ExitStatus::from(e.kind()).code(), 2);
         assert_eq!(e.to_string(), "no key available with this passphrase");
     }
 }

@@ -652,34 +652,31 @@ fn systemd_unit_verifies() {
 /// been read — the mapping and the journal phase, which `GET /v1/attachments/{id}` also shows.
 #[test]
 fn json_logs_carry_the_request_span_with_volume_mapping_and_phase() {
-    use volcrypt::volume::dm::DevNo;
-    use volcrypt::volume::state::{self, Phase, Record};
     let agent = Agent::start("");
-    let record = Record {
-        volume_id: "span-vol".into(),
-        mapping_name: "crypt-span-disk".into(),
-        device_path: "/dev/disk/by-path/span-disk".into(),
-        backing_device: "/dev/nonexistent-span".into(),
-        backing_devno: DevNo {
-            major: 7,
-            minor: 250,
-        },
-        format: volcrypt::request::VolumeFormat::Luks2,
-        cipher: None,
-        key_size: None,
-        key_manager: "keystore".into(),
-        key_id: "k".into(),
-        derivation: "raw".into(),
-        flags: volcrypt::volume::PerfFlags::default(),
-        formatted: false,
-        stable_link: None,
-        device_link_previous: None,
-        attached_at: 1,
-        phase: Phase::Detaching,
-        format_uuid: None,
-        request: None,
-    };
-    state::save(&agent.dir.path().join("state"), &record).unwrap();
+    // A record as the journal writes it on disk (its format is a contract: records written by
+    // one version are read by the next), planted in the state directory.
+    let record = serde_json::json!({
+        "volume_id": "span-vol",
+        "mapping_name": "crypt-span-disk",
+        "device_path": "/dev/disk/by-path/span-disk",
+        "backing_device": "/dev/nonexistent-span",
+        "backing_devno": {"major": 7, "minor": 250},
+        "format": "luks2",
+        "cipher": null,
+        "key_size": null,
+        "key_manager": "keystore",
+        "key_id": "k",
+        "derivation": "raw",
+        "flags": {"allow_discards": false, "no_read_workqueue": false, "no_write_workqueue": false},
+        "formatted": false,
+        "stable_link": null,
+        "device_link_previous": null,
+        "attached_at": 1,
+        "phase": "detaching"
+    });
+    let state = agent.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("span-vol.json"), record.to_string()).unwrap();
     let (s, v) = agent.checked(
         "GET",
         "/v1/attachments/{volume_id}",

@@ -46,7 +46,7 @@ fn slow_keys(delay: Duration, slow_calls: usize) -> (KeyFactory, Arc<AtomicUsize
 }
 
 fn config(dir: &Path, server_extra: &str) -> ServeConfig {
-    volcrypt::rpc::config::parse(&format!(
+    volcrypt::config::parse_serve(&format!(
         "[server]\nsocket = \"{}\"\n{server_extra}\n[volume]\nstate_dir = \"{}\"\nby_id_dir = \"{}\"\n\
          [key_manager.keystore]\ndir = \"{}\"\n",
         dir.join("api.sock").display(),
@@ -55,6 +55,7 @@ fn config(dir: &Path, server_extra: &str) -> ServeConfig {
         dir.join("keys").display()
     ))
     .unwrap()
+    .0
 }
 
 /// Run `body` against a server; returns when both are done.

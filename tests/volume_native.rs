@@ -39,7 +39,7 @@ fn back_end_and_noop_volumes_attach_raw_without_touching_anything() {
         let json = format!(r#"{{"volume_id":"v1","device_path":"/dev/sdz","encryption":{enc}}}"#);
         let req = AttachRequest::from_json(json.as_bytes()).unwrap();
         let out = volume::attach(&c, &req).unwrap();
-        assert!(!out.encrypted, "{enc}");
+        assert!(!out.encrypted(), "{enc}");
         assert_eq!(out.device, std::path::PathBuf::from("/dev/sdz"));
         assert!(out.raw_reason.is_some());
     }
@@ -65,30 +65,78 @@ fn missing_device_mapper_is_one_clear_error() {
         err.to_string().contains("device-mapper is not available"),
         "{err}"
     );
-    assert_eq!(err.exit_status(), ExitStatus::Invalid);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::Invalid);
     let err = volume::detach(&c, "v1", Some(std::path::Path::new("/dev/sdz"))).unwrap_err();
     assert!(
         err.to_string().contains("device-mapper is not available"),
         "{err}"
     );
 
+    // Without device-mapper `status` still lists what the journal wants, and says why the live
+    // state is missing; detach, status and reconcile never build the key manager, so a keystore
+    // that cannot be opened does not get in their way (nor is it created as a side effect).
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let record = serde_json::json!({
+        "volume_id": "jv", "mapping_name": "crypt-jv", "device_path": "/dev/disk/by-path/jv",
+        "backing_device": "/dev/nonexistent-jv", "backing_devno": {"major": 7, "minor": 251},
+        "format": "luks2", "cipher": null, "key_size": null, "key_manager": "keystore",
+        "key_id": "k-jv", "derivation": "raw",
+        "flags": {"allow_discards": false, "no_read_workqueue": false, "no_write_workqueue": false},
+        "formatted": false, "stable_link": null, "device_link_previous": null,
+        "attached_at": 1, "phase": "attached"
+    });
+    std::fs::write(state.join("jv.json"), record.to_string()).unwrap();
+    let keystore = dir.path().join("no").join("such").join("keystore");
+    let cfg = dir.path().join("volcrypt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[key_manager.keystore]\ndir = \"{}\"\ncreate = false\n",
+            keystore.display()
+        ),
+    )
+    .unwrap();
     let bin = env!("CARGO_BIN_EXE_volcrypt");
-    let o = Command::new(bin)
-        .args(["status", "--state-dir"])
-        .arg(dir.path().join("state"))
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let run = |args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("VOLCRYPT_CONFIG", &cfg)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["status"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("device-mapper is unavailable"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one warning line: {stderr}");
     assert!(
-        stderr.contains("device-mapper is not available"),
-        "{stderr}"
+        stdout.contains("jv: attached (journal only)") && stdout.contains("k-jv"),
+        "{stdout}"
     );
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "one error line expected: {stderr}"
-    );
+    let o = run(&["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["device_mapper"]["available"], false, "{v}");
+    assert_eq!(v["attachments"][0]["volume_id"], "jv", "{v}");
+    assert_eq!(v["attachments"][0]["phase"], "attached", "{v}");
+
+    let o = run(&["detach", "jv"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("device-mapper is not available"), "{stderr}");
+    assert!(!stderr.contains("keystore"), "{stderr}");
+    let o = run(&["reconcile"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("reconcile could not run"), "{stderr}");
+    assert!(!keystore.exists(), "no command created the keystore");
+    assert!(state.join("jv.json").exists(), "the record is kept");
 }
 
 #[test]

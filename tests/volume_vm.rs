@@ -350,9 +350,9 @@ fn round_trip_with(
         "",
     );
     let out = volume::attach(&ctx, &req).unwrap();
-    assert!(out.encrypted);
+    assert!(out.encrypted());
     assert_eq!(out.mapping_name.as_deref(), Some(v.name.as_str()));
-    assert_eq!(out.formatted, expect_luks.is_some(), "{out:?}");
+    assert_eq!(out.formatted(), expect_luks.is_some(), "{out:?}");
     assert_eq!(out.device, v.mapper());
     assert_eq!(
         std::fs::read_link(&v.link).unwrap(),
@@ -417,7 +417,7 @@ fn round_trip_with(
     assert!(std::fs::symlink_metadata(v.stable_link()).is_err());
 
     let out = volume::attach(&ctx, &req).unwrap();
-    assert!(!out.formatted);
+    assert!(!out.formatted());
     assert_eq!(
         read_at(&v.mapper(), 4096, data.len()),
         data,
@@ -495,7 +495,7 @@ fn plain_defaults_hash_the_passphrase_with_ripemd160() {
     let k = keys();
     let ctx = v.ctx(&k);
     let out = volume::attach(&ctx, &v.request("plain", "sym-1", "", "")).unwrap();
-    assert!(!out.formatted);
+    assert!(!out.formatted());
     let table = sh(&format!("dmsetup table --showkeys {}", v.name));
     let fields: Vec<&str> = table.split_whitespace().collect();
     assert_eq!(fields[2], "crypt", "{}", fields[2]);
@@ -556,7 +556,7 @@ fn cryptsetup_formatted_volume_opens_with_volcrypt() {
 
     let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
     assert!(
-        !out.formatted,
+        !out.formatted(),
         "an existing LUKS2 volume must be opened, not formatted"
     );
     assert_eq!(read_at(&v.mapper(), 0, data.len()), data);
@@ -573,7 +573,7 @@ fn refuse_format(tag: &str, prepare: &str, expect: &str) {
     let msg = err.to_string();
     assert!(matches!(err, volume::Error::RefuseFormat { .. }), "{msg}");
     assert!(msg.contains(expect), "{msg}");
-    assert_eq!(err.exit_status(), ExitStatus::Invalid);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::Invalid);
     assert_eq!(sha256_of(&v.loopdev), before, "device content changed");
     v.assert_nothing_left();
 }
@@ -607,13 +607,13 @@ fn double_attach_returns_the_existing_mapping() {
     let first = volume::attach(&ctx, &req).unwrap();
     // device_path now points at the mapping itself; a repeat must still recognise the volume.
     let second = volume::attach(&ctx, &req).unwrap();
-    assert!(second.already_attached && !second.formatted);
+    assert!(second.already_attached() && !second.formatted());
     assert_eq!(second.device, first.device);
     assert_eq!(second.backing_device.as_deref(), Some(v.loopdev.as_path()));
     // Links removed by someone are re-asserted by the repeat attach.
     std::fs::remove_file(v.stable_link()).unwrap();
     let third = volume::attach(&ctx, &req).unwrap();
-    assert!(third.already_attached);
+    assert!(third.already_attached());
     assert_eq!(std::fs::read_link(v.stable_link()).unwrap(), v.mapper());
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
     assert_eq!(std::fs::read_link(&v.link).unwrap(), v.loopdev);
@@ -633,7 +633,7 @@ fn name_held_by_another_device_is_refused_and_nothing_changes() {
     let ctx_b = b.ctx(&k);
     let err = volume::attach(&ctx_b, &b.request("luks2", "sym-1", "", "")).unwrap_err();
     assert!(matches!(err, volume::Error::NameConflict { .. }), "{err}");
-    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::Busy);
     assert_eq!(sh(&format!("dmsetup deps {}", a.name)), table_before);
     assert_eq!(std::fs::read_link(&b.link).unwrap(), b.loopdev);
     assert!(std::fs::symlink_metadata(b.stable_link()).is_err());
@@ -661,7 +661,7 @@ fn busy_detach_fails_naming_holders_then_succeeds_after_release() {
     let waited = t.elapsed();
     let msg = err.to_string();
     assert!(matches!(err, volume::Error::Busy { .. }), "{msg}");
-    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::Busy);
     assert!(msg.contains("open count 1"), "{msg}");
     assert!(
         msg.contains(&std::process::id().to_string()),
@@ -724,7 +724,7 @@ fn wrong_key_is_exit_2_naming_the_key_and_leaves_nothing() {
     let header = sha256_of(&v.loopdev);
     let err = volume::attach(&ctx, &v.request("luks2", "sym-2", "", "")).unwrap_err();
     assert!(matches!(err, volume::Error::WrongKey { .. }), "{err}");
-    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::NoKey);
     assert!(err.to_string().contains("sym-2"), "{err}");
     assert_eq!(
         sha256_of(&v.loopdev),
@@ -780,7 +780,7 @@ fn unreachable_barbican_is_exit_2_and_leaves_nothing() {
         msg.contains("unreachable") && msg.contains("3e1b0f0a"),
         "{msg}"
     );
-    assert_eq!(err.exit_status(), ExitStatus::NoKey);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::NoKey);
     assert!(
         read_at(&v.loopdev, 0, 4096).iter().all(|&x| x == 0),
         "formatted without a key"
@@ -961,11 +961,11 @@ fn stale_mapping_is_reported_and_replaced_only_when_unused() {
     let held = std::fs::File::open(v.mapper()).unwrap();
     let err = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap_err();
     assert!(matches!(err, volume::Error::StaleBusy { .. }), "{err}");
-    assert_eq!(err.exit_status(), ExitStatus::Busy);
+    assert_eq!(ExitStatus::from(err.kind()), ExitStatus::Busy);
     assert!(v.active());
     drop(held);
     let out = volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
-    assert!(out.replaced_stale && out.formatted, "{out:?}");
+    assert!(out.replaced_stale && out.formatted(), "{out:?}");
     assert_eq!(out.backing_device.as_deref(), Some(v.loopdev.as_path()));
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
 }
@@ -1096,7 +1096,7 @@ fn kernel_and_userspace_engine_agree() {
         let wctx = w.ctx(&k);
         let o = volume::attach(&wctx, &w.request(provider, "sym-1", "", "")).unwrap();
         assert!(
-            !o.formatted,
+            !o.formatted(),
             "an encrypted image must be opened, not formatted"
         );
         assert!(
@@ -1229,7 +1229,7 @@ fn os_brick_mappings_are_reused_and_detached() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = volume::attach(&ctx, &v.request("luks", "sym-2", "", "")).unwrap();
-    assert!(out.already_attached, "{out:?}");
+    assert!(out.already_attached(), "{out:?}");
     assert_eq!(out.mapping_name.as_deref(), Some(base.as_str()));
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
     assert!(!Path::new("/dev/mapper").join(&base).exists());
@@ -1385,7 +1385,7 @@ fn userspace_unlock_opens_cryptsetup_volumes_like_cryptsetup() {
         );
         assert_eq!(
             o.status.code(),
-            Some(err.exit_status().code()),
+            Some(volcrypt::error::ExitStatus::from(err.kind()).code()),
             "{tag}: cryptsetup's exit code for the same wrong passphrase"
         );
         assert_eq!(sha256_of(&v.loopdev), header, "{tag}: header changed");
@@ -1393,7 +1393,7 @@ fn userspace_unlock_opens_cryptsetup_volumes_like_cryptsetup() {
 
         // The right one: volcrypt's userspace unlock, the same table, the same plaintext.
         let out = volume::attach(&ctx, &v.request(provider, "sym-2", "", "")).unwrap();
-        assert!(!out.formatted, "{tag}: must open, not format");
+        assert!(!out.formatted(), "{tag}: must open, not format");
         let t = out.timings;
         if format_args.contains("serpent") {
             assert!(

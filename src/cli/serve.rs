@@ -25,11 +25,11 @@ pub struct ServeArgs {
 
 /// Run the agent until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs) -> Result<(), Error> {
-    let mut config = rpc::config::load(args.config.as_deref())?;
+    let (mut config, key_manager) = crate::config::load_serve(args.config.as_deref())?;
     if let Some(s) = args.socket {
         config.server.socket = s;
     }
-    let manager = crate::keys::from_config(&config.key_manager).map_err(rpc::Error::from)?;
+    let manager = crate::keys::from_config(&key_manager).map_err(rpc::Error::from)?;
     let keys = rpc::Keys::from_manager(Arc::from(manager));
     rpc::server::run_blocking(config, keys)?;
     Ok(())
@@ -42,6 +42,7 @@ pub fn remote(cmd: &VolumeCommand) -> Option<Result<(), Error>> {
         VolumeCommand::Detach(a) => a.opts.socket.as_deref(),
         VolumeCommand::Extend(a) => a.opts.socket.as_deref(),
         VolumeCommand::Status(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Reconcile(a) => a.opts.socket.as_deref(),
     }?;
     Some(remote_at(socket, cmd))
 }
@@ -74,6 +75,13 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
             None,
         )?,
         VolumeCommand::Status(_) => client::call(socket, "GET", "/v1/attachments", None)?,
+        VolumeCommand::Reconcile(_) => {
+            return Err(Error::Usage(
+                "reconcile acts on this host directly: the agent reconciles by itself when it \
+                 starts (see GET /v1/health); run it without --socket, with the agent stopped"
+                    .into(),
+            ));
+        }
     };
     let value = reply.into_result()?;
     let value = match cmd {

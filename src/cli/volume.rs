@@ -24,10 +24,14 @@ pub struct VolumeOpts {
     /// /dev/disk/by-id].
     #[arg(long, global = true)]
     pub by_id_dir: Option<PathBuf>,
-    /// Configuration file (TOML: [key_manager] and [volume]) [default
+    /// Configuration file (TOML: [key_manager] and [volume]) [env VOLCRYPT_CONFIG; default
     /// /etc/volcrypt/volcrypt.toml if it exists].
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Keystore directory for a keystore key manager: overrides `[key_manager.keystore] dir`
+    /// of the config, exactly as `volcrypt keystore --dir` does, so both can name one keystore.
+    #[arg(long, global = true)]
+    pub keystore_dir: Option<PathBuf>,
     /// Send the command to a running `volcrypt serve` on this socket instead of acting directly.
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
@@ -63,6 +67,12 @@ pub struct ExtendArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -74,6 +84,9 @@ pub struct StatusArgs {
 /// Build the configuration: file (if any), then environment, then flags.
 pub fn load_config(opts: &VolumeOpts) -> Result<(Config, VolumeConfig), Error> {
     let mut config = Config::load_or_default(opts.config.as_deref())?;
+    if let Some(d) = &opts.keystore_dir {
+        config.key_manager.keystore.dir = d.clone();
+    }
     let mut volume = std::mem::take(&mut config.volume);
     if let Some(d) = std::env::var_os("VOLCRYPT_STATE_DIR") {
         volume.state_dir = d.into();
@@ -90,8 +103,8 @@ pub fn load_config(opts: &VolumeOpts) -> Result<(Config, VolumeConfig), Error> {
     Ok((config, volume))
 }
 
-/// The key manager the configuration names. Built only when an operation needs a key, so a
-/// raw attach, a detach or status work even where the key manager is unreachable.
+/// The key manager the configuration names. Built only by the operations that fetch a key
+/// (attach, extend): detach, status and reconcile work where it is unreachable.
 fn key_manager(config: &Config) -> Result<Box<dyn KeyManager>, Error> {
     Ok(crate::keys::from_config(&config.key_manager)?)
 }
@@ -139,7 +152,7 @@ fn resolve_present(req: AttachRequest) -> Result<AttachRequest, Error> {
 }
 
 pub fn detach(args: DetachArgs) -> Result<(), Error> {
-    let (config, mut volume) = load_config(&args.opts)?;
+    let (_, mut volume) = load_config(&args.opts)?;
     if let Some(t) = args.timeout {
         if !(0.0..=3600.0).contains(&t) {
             return Err(Error::Usage(format!(
@@ -148,11 +161,7 @@ pub fn detach(args: DetachArgs) -> Result<(), Error> {
         }
         volume.detach_timeout_ms = (t * 1000.0) as u64;
     }
-    let keys = key_manager(&config)?;
-    let ctx = Context {
-        keys: keys.as_ref(),
-        config: volume,
-    };
+    let ctx = Context::without_keys(volume);
     let outcome = volume::detach(&ctx, &args.volume_id, args.device_path.as_deref())?;
     print_json(&outcome)
 }
@@ -169,13 +178,17 @@ pub fn extend(args: ExtendArgs) -> Result<(), Error> {
 }
 
 pub fn status(args: StatusArgs) -> Result<(), Error> {
-    let (config, volume) = load_config(&args.opts)?;
-    let keys = key_manager(&config)?;
-    let ctx = Context {
-        keys: keys.as_ref(),
-        config: volume,
+    let (_, volume) = load_config(&args.opts)?;
+    let ctx = Context::without_keys(volume);
+    let list = match volume::status(&ctx) {
+        Ok(list) => list,
+        // Without device-mapper the live state is unknown, but the journal still says what is
+        // wanted: list it, and say why the rest is missing.
+        Err(volume::Error::DmUnavailable { detail }) => {
+            return journal_only(&ctx, &detail, args.json);
+        }
+        Err(e) => return Err(e.into()),
     };
-    let list = volume::status(&ctx)?;
     if args.json {
         return print_json(&list);
     }
@@ -241,6 +254,73 @@ pub fn status(args: StatusArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// `status` where device-mapper is unavailable: the journal's records, and the reason.
+fn journal_only(ctx: &Context<'_>, dm_detail: &str, json: bool) -> Result<(), Error> {
+    let records = ctx.journal().list()?;
+    if json {
+        let list: Vec<_> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "volume_id": r.volume_id, "mapping_name": r.mapping_name,
+                    "device_path": r.device_path, "backing_device": r.backing_device,
+                    "format": r.format, "key_manager": r.key_manager, "key_id": r.key_id,
+                    "phase": r.phase, "active": null,
+                })
+            })
+            .collect();
+        return print_json(&serde_json::json!({
+            "device_mapper": {"available": false, "detail": dm_detail},
+            "attachments": list,
+        }));
+    }
+    eprintln!("volcrypt: device-mapper is unavailable, live state unknown: {dm_detail}");
+    if records.is_empty() {
+        println!("no volumes managed by volcrypt");
+    }
+    for r in &records {
+        println!("{}: {} (journal only)", r.volume_id, r.phase);
+        println!("  mapping:      /dev/mapper/{}", r.mapping_name);
+        println!(
+            "  backing:      {} ({})",
+            r.backing_device.display(),
+            r.backing_devno
+        );
+        println!("  device path:  {}", r.device_path.display());
+        println!(
+            "  key source:   {} key {} ({})",
+            r.key_manager, r.key_id, r.derivation
+        );
+    }
+    Ok(())
+}
+
+/// `volcrypt reconcile`: the recovery the agent runs at start, for an operator without one.
+pub fn reconcile(args: ReconcileArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    // Re-activation needs keys; everything else works without a key manager, so a broken one
+    // only fails the records that need it (reported under `failed`).
+    let keys = key_manager(&config)
+        .map(std::sync::Arc::from)
+        .map_err(|e| e.to_string());
+    let report = volume::reconcile(&volume, keys);
+    volume::reconcile::log(&report);
+    print_json(&report)?;
+    if !report.checked {
+        return Err(Error::Usage(format!(
+            "reconcile could not run: {}",
+            report.detail
+        )));
+    }
+    if !report.failed.is_empty() {
+        return Err(volume::Error::ReconcileFailed {
+            failed: report.failed.len(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Dispatch one volume command.
 pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
     if let Some(result) = super::serve::remote(&cmd) {
@@ -251,6 +331,7 @@ pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
         VolumeCommand::Detach(a) => detach(a),
         VolumeCommand::Extend(a) => extend(a),
         VolumeCommand::Status(a) => status(a),
+        VolumeCommand::Reconcile(a) => reconcile(a),
     }
 }
 
@@ -265,4 +346,9 @@ pub enum VolumeCommand {
     Extend(ExtendArgs),
     /// Show the volumes volcrypt manages (never key material).
     Status(StatusArgs),
+    /// Bring the journal and the kernel back in line after a crash or reboot, as the agent does
+    /// when it starts: re-activate wanted volumes, finish interrupted attaches and detaches,
+    /// repair links; report (never touch) mappings volcrypt did not create. Prints the report;
+    /// exit 0 when nothing failed.
+    Reconcile(ReconcileArgs),
 }

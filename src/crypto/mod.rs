@@ -6,7 +6,7 @@
 //! Everything here is a plain function or a small value type; the LUKS layer decides what to
 //! call with which parameters.
 
-use crate::error::ExitStatus;
+use crate::kind::Kind;
 
 pub mod aes_impl;
 pub mod af;
@@ -64,10 +64,10 @@ pub enum Error {
 impl Error {
     /// Maps onto cryptsetup's exit codes: a KDF cost above the limit or a failed allocation is
     /// "out of memory" (3), everything else is "wrong parameters or invalid data" (1).
-    pub fn exit_status(&self) -> ExitStatus {
+    pub fn kind(&self) -> Kind {
         match self {
-            Error::KdfLimitExceeded { .. } | Error::OutOfMemory(_) => ExitStatus::OutOfMemory,
-            _ => ExitStatus::Invalid,
+            Error::KdfLimitExceeded { .. } | Error::OutOfMemory(_) => Kind::OutOfMemory,
+            _ => Kind::Invalid,
         }
     }
 }

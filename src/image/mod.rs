@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::crypto::cipher::SectorCipher;
 use crate::crypto::kdf::KdfLimits;
-use crate::error::ExitStatus;
+use crate::kind::Kind;
 use crate::luks::{self, Header};
 use crate::secret::SecretBytes;
 
@@ -91,12 +91,12 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_status(&self) -> ExitStatus {
+    pub fn kind(&self) -> Kind {
         match self {
-            Error::Open { .. } => ExitStatus::WrongDevice,
-            Error::Luks(e) | Error::Header { source: e, .. } => e.exit_status(),
-            Error::Crypto(e) => e.exit_status(),
-            _ => ExitStatus::Invalid,
+            Error::Open { .. } => Kind::WrongDevice,
+            Error::Luks(e) | Error::Header { source: e, .. } => e.kind(),
+            Error::Crypto(e) => e.kind(),
+            _ => Kind::Invalid,
         }
     }
 }
@@ -626,7 +626,7 @@ mod tests {
             e.to_string().contains(&f.path().display().to_string()),
             "{e}"
         );
-        assert_eq!(e.exit_status(), ExitStatus::Invalid);
+        assert_eq!(e.kind(), Kind::Invalid);
 
         let big = tempfile::NamedTempFile::new().expect("temp");
         big.as_file()
@@ -636,7 +636,7 @@ mod tests {
         assert!(e.to_string().contains("maximum"), "{e}");
 
         let e = read_key_file(Path::new("/nonexistent/key")).unwrap_err();
-        assert_eq!(e.exit_status(), ExitStatus::WrongDevice);
+        assert_eq!(e.kind(), Kind::WrongDevice);
     }
 
     #[test]

@@ -386,7 +386,7 @@ mod tests {
         for (o, needle) in cases {
             let e = o.resolve(1 << 20, false, &limits()).unwrap_err();
             assert!(e.to_string().contains(needle), "{needle}: {e}");
-            assert_eq!(e.exit_status(), crate::error::ExitStatus::Invalid);
+            assert_eq!(e.kind(), crate::kind::Kind::Invalid);
         }
     }
 }

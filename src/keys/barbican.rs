@@ -17,7 +17,7 @@ use std::time::Duration;
 use ureq::http::{Response, StatusCode};
 use zeroize::Zeroizing;
 
-use crate::config::{BarbicanAuth, BarbicanConfig};
+use crate::keys::config::{BarbicanAuth, BarbicanConfig};
 use crate::keys::keystone::Keystone;
 use crate::keys::{Error, KeyManager, Secret, validate_key_id};
 use crate::secret::{SecretBytes, SecretType};

@@ -14,9 +14,9 @@ use serde::Serialize;
 use ureq::http::StatusCode;
 use zeroize::Zeroizing;
 
-use crate::config::{ConfigSecret, KeystoneAppCredential, KeystonePassword};
 use crate::keys::Error;
 use crate::keys::barbican::{Http, MAX_JSON_BYTES, excerpt, read_body};
+use crate::keys::config::{ConfigSecret, KeystoneAppCredential, KeystonePassword};
 use crate::secret::SecretBytes;
 
 /// Renew this long before expiry at most.

@@ -14,11 +14,12 @@
 
 use std::path::PathBuf;
 
-use crate::config::{KeyManagerBackend, KeyManagerConfig};
-use crate::error::ExitStatus;
+use crate::keys::config::{KeyManagerBackend, KeyManagerConfig};
+use crate::kind::Kind;
 use crate::secret::{SecretBytes, SecretType, derive_passphrase};
 
 pub mod barbican;
+pub mod config;
 pub mod fixed;
 pub mod keystone;
 pub mod keystore;
@@ -210,21 +211,21 @@ impl Error {
     /// cryptsetup-style exit status: a key that cannot be had (missing, forbidden, server
     /// unreachable) is "no key available" (2); everything else is invalid input or setup (1),
     /// except an existing secret on add (5, "already exists").
-    pub fn exit_status(&self) -> ExitStatus {
+    pub fn kind(&self) -> Kind {
         match self {
             Error::NotFound { .. }
             | Error::Unreachable { .. }
             | Error::Server { .. }
             | Error::Auth { .. }
-            | Error::Forbidden { .. } => ExitStatus::NoKey,
-            Error::AlreadyExists { .. } => ExitStatus::Busy,
+            | Error::Forbidden { .. } => Kind::NoKey,
+            Error::AlreadyExists { .. } => Kind::Busy,
             Error::InvalidKeyId { .. }
             | Error::ContentType { .. }
             | Error::Protocol { .. }
             | Error::Invalid { .. }
             | Error::Io { .. }
             | Error::InsecurePermissions { .. }
-            | Error::Config { .. } => ExitStatus::Invalid,
+            | Error::Config { .. } => Kind::Invalid,
         }
     }
 
@@ -277,7 +278,7 @@ mod tests {
             key_id: "k".into(),
             manager: "keystore",
         };
-        assert_eq!(e.exit_status(), ExitStatus::NoKey);
+        assert_eq!(e.kind(), Kind::NoKey);
         assert!(e.to_string().contains("secret k not found"));
     }
 }

@@ -367,7 +367,7 @@ impl Header {
         for i in slots {
             let key = match keyslot::candidate_key(r, &self.slot_params(i)?, passphrase, limits) {
                 Ok(k) => k,
-                Err(Error::Crypto(e)) if e.exit_status() == crate::ExitStatus::OutOfMemory => {
+                Err(Error::Crypto(e)) if e.kind() == crate::kind::Kind::OutOfMemory => {
                     limit_error = Some(Error::Crypto(e));
                     continue;
                 }

@@ -18,7 +18,7 @@ use std::io::{Read, Seek};
 use crate::crypto;
 use crate::crypto::cipher::CipherSpec;
 use crate::crypto::kdf::KdfLimits;
-use crate::error::ExitStatus;
+use crate::kind::Kind;
 use crate::secret::SecretBytes;
 
 pub use create::{Created, NewContainer, create};
@@ -64,17 +64,17 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_status(&self) -> ExitStatus {
+    pub fn kind(&self) -> Kind {
         match self {
-            Error::NoKey => ExitStatus::NoKey,
-            Error::Crypto(e) => e.exit_status(),
-            Error::Io(_) => ExitStatus::WrongDevice,
+            Error::NoKey => Kind::NoKey,
+            Error::Crypto(e) => e.kind(),
+            Error::Io(_) => Kind::WrongDevice,
             Error::NotLuks
             | Error::Invalid { .. }
             | Error::UnsupportedRequirement(_)
             | Error::UnsupportedFeature(_)
             | Error::Keyslot { .. }
-            | Error::BadParameters(_) => ExitStatus::Invalid,
+            | Error::BadParameters(_) => Kind::Invalid,
         }
     }
 

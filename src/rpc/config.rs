@@ -21,19 +21,22 @@
 //! backend = "keystore"                # /var/lib/volcrypt/keys)
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Error;
-#[cfg(test)]
 use crate::volume::VolumeConfig;
 
-/// The whole agent configuration is the crate's one configuration file
-/// ([`crate::config::Config`]): the agent's own `[server]` section, the attach engine's
-/// `[volume]` and the key manager's `[key_manager]`, so the CLI and the agent share one file.
-pub type ServeConfig = crate::config::Config;
+/// What the agent runs with: its own `[server]` section and the attach engine's `[volume]`.
+/// The key manager is built from `[key_manager]` by the caller and handed over ready, so the
+/// agent never reads the configuration file itself (`crate::config` assembles the file from
+/// each layer's section, and the CLI splits it up again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub server: ServerConfig,
+    pub volume: VolumeConfig,
+}
 
 /// The `[server]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,26 +101,6 @@ fn mem_total_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-/// Read the configuration (`--config FILE`, else /etc/volcrypt/volcrypt.toml if present, else
-/// the defaults) and check the `[server]` values.
-pub fn load(path: Option<&Path>) -> Result<ServeConfig, Error> {
-    let c = ServeConfig::load_or_default(path)?;
-    c.server.check().map_err(|detail| Error::Config {
-        path: path
-            .map(Path::to_owned)
-            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH)),
-        detail,
-    })?;
-    Ok(c)
-}
-
-/// Parse configuration text (tests, embedded configs) and check the `[server]` values.
-pub fn parse(text: &str) -> Result<ServeConfig, String> {
-    let c = ServeConfig::from_toml(text, "<string>").map_err(|e| e.to_string())?;
-    c.server.check()?;
-    Ok(c)
-}
-
 impl ServerConfig {
     /// Bounds that keep a typo from disabling a limit.
     pub fn check(&self) -> Result<(), String> {
@@ -146,49 +129,5 @@ impl ServerConfig {
             ));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_file_gives_documented_defaults() {
-        let c = parse("").unwrap();
-        assert_eq!(c.server, ServerConfig::default());
-        assert_eq!(c.volume, VolumeConfig::default());
-        assert_eq!(c.server.socket, PathBuf::from("/run/volcrypt/api.sock"));
-        assert_eq!(c.server.max_body_bytes, crate::request::MAX_REQUEST_BYTES);
-        assert!(c.server.kdf_budget_mib() >= 1);
-        let small = ServerConfig {
-            kdf_memory_budget_mib: Some(24),
-            ..ServerConfig::default()
-        };
-        assert_eq!(
-            small.kdf_budget_mib(),
-            24,
-            "a configured budget is honoured exactly"
-        );
-    }
-
-    #[test]
-    fn sections_parse_and_typos_are_rejected() {
-        let c = parse(
-            "[server]\nsocket = \"/tmp/x.sock\"\ngroup = \"disk\"\nkdf_memory_budget_mib = 2048\n\
-             [volume]\nstate_dir = \"/tmp/st\"\n\
-             [key_manager.keystore]\ndir = \"/tmp/keys\"\n",
-        )
-        .unwrap();
-        assert_eq!(c.server.group.as_deref(), Some("disk"));
-        assert_eq!(c.server.kdf_budget_mib(), 2048);
-        assert_eq!(c.volume.state_dir, PathBuf::from("/tmp/st"));
-        assert_eq!(c.key_manager.keystore.dir, PathBuf::from("/tmp/keys"));
-        let e = parse("[server]\nsokcet = \"/x\"\n").unwrap_err();
-        assert!(e.contains("sokcet"), "{e}");
-        let e = parse("[server]\nmax_body_bytes = 0\n").unwrap_err();
-        assert!(e.contains("max_body_bytes"), "{e}");
-        let e = parse("[server]\nsocket = \"rel.sock\"\n").unwrap_err();
-        assert!(e.contains("absolute"), "{e}");
     }
 }

@@ -1,4 +1,4 @@
-//! udev-triggered activation in the agent (issue 4 §3): the agent's side of [`crate::udev`].
+//! udev-triggered activation in the agent: the agent's side of [`crate::udev`].
 //!
 //! - An attach may name its device by identity (`device`: serial, WWN, by-path link, LUKS
 //!   UUID) and ask to wait for it (`wait_for_device`). [`resolve_for_attach`] registers a
@@ -19,99 +19,18 @@
 //!
 //! Everything touching a volume runs under that volume's lock, like the API's own operations.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hyper::StatusCode;
-use tokio::sync::oneshot;
 
+use super::app::{App, attach_locked};
 use super::errors::ApiError;
-use super::routes::App;
-use crate::request::{AttachRequest, Selector, ValidRequest};
+use super::waiters::Want;
+use crate::request::ValidRequest;
 use crate::udev::{self, Action, BlockDevice, DeviceEvent};
-use crate::volume::state::{self, Phase, Record};
-use crate::volume::{self, VolumeConfig, dm::Dm, links};
-
-/// What a pending attach waits for.
-#[derive(Debug, Clone)]
-enum Want {
-    Selector(Selector),
-    /// A `device_path` request with `wait_for_device`: the path (node or udev link).
-    Path(PathBuf),
-}
-
-impl Want {
-    fn matches(&self, d: &BlockDevice) -> bool {
-        match self {
-            Want::Selector(s) => d.matches(s),
-            Want::Path(p) => d.is_path(p),
-        }
-    }
-}
-
-struct Waiter {
-    id: u64,
-    want: Want,
-    tx: oneshot::Sender<BlockDevice>,
-}
-
-/// The agent's udev state: pending waits and whether the monitor runs.
-#[derive(Default)]
-pub struct Devices {
-    monitor_running: AtomicBool,
-    waiters: Mutex<Vec<Waiter>>,
-    next_id: AtomicU64,
-}
-
-/// A pending wait; unregistered when dropped.
-struct Registration<'a> {
-    devices: &'a Devices,
-    id: u64,
-    rx: oneshot::Receiver<BlockDevice>,
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.devices.unregister(self.id);
-    }
-}
-
-impl Devices {
-    fn register(&self, want: Want) -> Registration<'_> {
-        let (tx, rx) = oneshot::channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().push(Waiter { id, want, tx });
-        Registration {
-            devices: self,
-            id,
-            rx,
-        }
-    }
-
-    fn unregister(&self, id: u64) {
-        self.lock().retain(|w| w.id != id);
-    }
-
-    /// Wake every waiter the device satisfies (add/change events).
-    fn notify(&self, d: &BlockDevice) {
-        let mut waiters = self.lock();
-        let (hit, keep): (Vec<Waiter>, Vec<Waiter>) =
-            waiters.drain(..).partition(|w| w.want.matches(d));
-        *waiters = keep;
-        for w in hit {
-            let _ = w.tx.send(d.clone());
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waiter>> {
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn monitor_running(&self) -> bool {
-        self.monitor_running.load(Ordering::SeqCst)
-    }
-}
+use crate::volume::dm::DevNo;
+use crate::volume::hotplug::{self, is_waiting, record_wants};
+use crate::volume::journal::{Journal, Phase, Record};
 
 fn udev_error(e: udev::Error) -> ApiError {
     match e {
@@ -131,36 +50,15 @@ fn udev_error(e: udev::Error) -> ApiError {
     }
 }
 
-/// The request with its device resolved now, from the devices present: `Ok(None)` when a
-/// selector finds nothing. Path requests are returned as they are. Blocking.
-pub fn resolve_now(req: &AttachRequest) -> Result<Option<AttachRequest>, String> {
-    let Some(d) = &req.device else {
-        return Ok(Some(req.clone()));
-    };
-    let selector = d.selector().map_err(|e| e.to_string())?;
-    match udev::find(&selector).map_err(|e| e.to_string())? {
-        Some(dev) => Ok(dev.devnode.map(|n| req.resolved(&n))),
-        None => Ok(None),
-    }
-}
-
-/// Store `record` again in `phase`. Blocking.
-pub fn mark(config: &VolumeConfig, record: &Record, phase: Phase) -> Result<(), volume::Error> {
-    let mut r = record.clone();
-    r.phase = phase;
-    state::save(&config.state_dir, &r)
-}
-
 /// POST /v1/attachments: find (or wait for) the device of a request. Path requests without
 /// `wait_for_device` pass through untouched (the engine reports a missing path as before).
 pub async fn resolve_for_attach(
     app: &Arc<App>,
-    req: &AttachRequest,
-    valid: &ValidRequest,
-) -> Result<AttachRequest, ApiError> {
+    valid: ValidRequest,
+) -> Result<ValidRequest, ApiError> {
     let want = match &valid.selector {
         Some(s) => Want::Selector(s.clone()),
-        None if valid.wait.is_none() => return Ok(req.clone()),
+        None if valid.wait.is_none() => return Ok(valid),
         None => Want::Path(valid.device_path.clone()),
     };
     if valid.wait.is_some() && !app.devices.monitor_running() {
@@ -231,8 +129,8 @@ pub async fn resolve_for_attach(
         refuse_if_attached_elsewhere(app, &valid.volume_id, devno, &device).await?;
     }
     Ok(match (&want, device.devnode) {
-        (Want::Selector(_), Some(node)) => req.resolved(&node),
-        _ => req.clone(),
+        (Want::Selector(_), Some(node)) => valid.resolved(&node),
+        _ => valid,
     })
 }
 
@@ -242,7 +140,7 @@ pub async fn resolve_for_attach(
 async fn refuse_if_attached_elsewhere(
     app: &Arc<App>,
     volume_id: &str,
-    devno: volume::dm::DevNo,
+    devno: DevNo,
     device: &BlockDevice,
 ) -> Result<(), ApiError> {
     let other = records(app).await.into_iter().find(|r| {
@@ -312,7 +210,7 @@ pub fn start(app: Arc<App>, reconciled: tokio::task::JoinHandle<()>) {
         }
         match udev::spawn_monitor(tx) {
             Ok(_) => {
-                app.devices.monitor_running.store(true, Ordering::SeqCst);
+                app.devices.set_monitor_running(true);
                 tracing::info!(tag = udev::TAG, "udev monitor listening for block devices");
             }
             Err(e) => {
@@ -333,8 +231,8 @@ pub fn start(app: Arc<App>, reconciled: tokio::task::JoinHandle<()>) {
 }
 
 async fn records(app: &Arc<App>) -> Vec<Record> {
-    let dir = app.config.volume.state_dir.clone();
-    match tokio::task::spawn_blocking(move || state::list(&dir)).await {
+    let journal = Journal::new(&app.config.volume.state_dir);
+    match tokio::task::spawn_blocking(move || journal.list()).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "udev activation: cannot read the state records");
@@ -345,10 +243,6 @@ async fn records(app: &Arc<App>) -> Vec<Record> {
             Vec::new()
         }
     }
-}
-
-fn is_waiting(r: &Record) -> bool {
-    matches!(r.phase, Phase::Waiting | Phase::Lost)
 }
 
 /// Handle what happened while the agent was down: attached records whose backing device is
@@ -368,10 +262,15 @@ async fn startup_pass(app: &Arc<App>) {
     };
     // Backing devices that went away while the agent was down: as if the remove event had
     // been heard (teardown if unused → waiting, else lost).
-    for r in records(app).await {
-        if r.phase == Phase::Attached && !r.backing_devno.exists() {
-            backing_removed(app, &r.volume_id, r.backing_devno).await;
+    let journal = Journal::new(&app.config.volume.state_dir);
+    match tokio::task::spawn_blocking(move || hotplug::vanished(&journal)).await {
+        Ok(Ok(gone)) => {
+            for r in gone {
+                backing_removed(app, &r.volume_id, r.backing_devno).await;
+            }
         }
+        Ok(Err(e)) => tracing::error!(error = %e, "udev activation: cannot read the state records"),
+        Err(e) => tracing::error!(error = %e, "udev activation: state read task failed"),
     }
     let waiting: Vec<Record> = records(app).await.into_iter().filter(is_waiting).collect();
     tracing::info!(
@@ -383,17 +282,6 @@ async fn startup_pass(app: &Arc<App>) {
         if let Some(d) = devices.iter().find(|d| record_wants(&r, d)) {
             reactivate(app, &r.volume_id, d.clone()).await;
         }
-    }
-}
-
-/// Whether `d` is the device the record's stored request names.
-fn record_wants(r: &Record, d: &BlockDevice) -> bool {
-    let Some(req) = &r.request else {
-        return false;
-    };
-    match &req.device {
-        Some(sel) => sel.selector().is_ok_and(|s| d.matches(&s)),
-        None => d.is_path(&req.device_path),
     }
 }
 
@@ -423,9 +311,9 @@ async fn handle_event(app: &Arc<App>, event: DeviceEvent) {
 /// Attach a waiting/lost record again on `device`, under its lock (re-checked under it).
 async fn reactivate(app: &Arc<App>, volume_id: &str, device: BlockDevice) {
     let guard = app.locks.lock(volume_id).await;
-    let dir = app.config.volume.state_dir.clone();
+    let journal = Journal::new(&app.config.volume.state_dir);
     let id = volume_id.to_owned();
-    let record = match tokio::task::spawn_blocking(move || state::load(&dir, &id)).await {
+    let record = match tokio::task::spawn_blocking(move || journal.get(&id)).await {
         Ok(Ok(Some(r))) if is_waiting(&r) && record_wants(&r, &device) => r,
         _ => return, // detached, attached or changed meanwhile
     };
@@ -459,7 +347,7 @@ async fn reactivate(app: &Arc<App>, volume_id: &str, device: BlockDevice) {
     };
     let span = tracing::info_span!("udev", volume_id, device = ?device.devnode);
     let _enter = span.enter();
-    match super::routes::attach_locked(app, req, valid, guard).await {
+    match attach_locked(app, valid, guard).await {
         Ok(o) => {
             app.metrics.device_event("reactivated");
             tracing::info!(
@@ -479,13 +367,13 @@ async fn reactivate(app: &Arc<App>, volume_id: &str, device: BlockDevice) {
 }
 
 /// The backing device of an attached volume is gone: tear down or mark lost.
-async fn backing_removed(app: &Arc<App>, volume_id: &str, devno: volume::dm::DevNo) {
+async fn backing_removed(app: &Arc<App>, volume_id: &str, devno: DevNo) {
     let guard = app.locks.lock(volume_id).await;
     let config = app.config.volume.clone();
     let id = volume_id.to_owned();
     let outcome = tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        teardown(&config, &id, devno)
+        hotplug::device_gone(&config, &id, devno)
     })
     .await;
     match outcome {
@@ -503,121 +391,5 @@ async fn backing_removed(app: &Arc<App>, volume_id: &str, devno: volume::dm::Dev
             tracing::error!(volume_id, %devno, error = %e, "backing device removed: teardown failed (record kept)");
         }
         Err(e) => tracing::error!(volume_id, error = %e, "teardown task failed"),
-    }
-}
-
-/// Blocking part of [`backing_removed`]: returns the phase the record ended in (`None`: the
-/// record changed meanwhile, nothing done). Order: mapping, links, then the record, so a crash
-/// in between leaves an `attached` record whose mapping is gone — which the start-up reconcile
-/// re-activates or, for a selector request whose device is absent, marks `waiting`.
-fn teardown(
-    config: &VolumeConfig,
-    volume_id: &str,
-    devno: volume::dm::DevNo,
-) -> Result<Option<Phase>, volume::Error> {
-    let Some(record) = state::load(&config.state_dir, volume_id)? else {
-        return Ok(None);
-    };
-    if record.phase != Phase::Attached || record.backing_devno != devno {
-        return Ok(None);
-    }
-    let dm = Dm::open()?;
-    let name = &record.mapping_name;
-    if let Some(info) = dm.info(name)? {
-        // Only a mapping on the vanished device is ours to remove.
-        if !info.deps.is_empty() && !info.deps.contains(&devno) {
-            return Ok(None);
-        }
-        if info.open_count > 0 || !dm.remove(name)? {
-            mark(config, &record, Phase::Lost)?;
-            return Ok(Some(Phase::Lost));
-        }
-    }
-    let mapper = links::mapper_path(name);
-    let stable = links::stable_link_path(&config.by_id_dir, volume_id);
-    links::remove_if_points_to(&stable, &mapper)?;
-    if let Some(prev) = &record.device_link_previous {
-        links::restore_if_points_to(&record.device_path, &mapper, prev)?;
-    }
-    mark(config, &record, Phase::Waiting)?;
-    Ok(Some(Phase::Waiting))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn luks_dev(uuid: &str) -> BlockDevice {
-        BlockDevice {
-            devnode: Some("/dev/sdz".into()),
-            fs_type: Some("crypto_LUKS".into()),
-            fs_uuid: Some(uuid.into()),
-            ..BlockDevice::default()
-        }
-    }
-
-    #[tokio::test]
-    async fn waiters_are_woken_only_by_matching_devices() {
-        let d = Devices::default();
-        let u = "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55";
-        let mut w = d.register(Want::Selector(Selector::LuksUuid(u.into())));
-        let mut w_path = d.register(Want::Path("/dev/sdz".into()));
-        d.notify(&luks_dev("00000000-0000-0000-0000-000000000000"));
-        assert!(w.rx.try_recv().is_err(), "woken by another UUID");
-        assert!(
-            w_path.rx.try_recv().is_ok(),
-            "path waiter woken by its node"
-        );
-        assert_eq!(d.lock().len(), 1, "only the woken waiter is removed");
-        d.notify(&luks_dev(u));
-        assert_eq!(
-            (&mut w.rx).await.unwrap().devnode.as_deref(),
-            Some("/dev/sdz".as_ref())
-        );
-        assert!(d.lock().is_empty(), "woken waiters are removed");
-        drop((w, w_path));
-        // A wait that ends without a device (timeout, dropped request) leaves nothing behind.
-        let w = d.register(Want::Path("/dev/x".into()));
-        assert_eq!(d.lock().len(), 1);
-        drop(w);
-        assert!(d.lock().is_empty());
-    }
-
-    #[test]
-    fn records_want_their_selector_or_their_path() {
-        let u = "3f0c2a52-1d7e-4f49-9a3c-0b6c8e2d1f55";
-        let req: AttachRequest = serde_json::from_str(&format!(
-            r#"{{"volume_id":"v","device":{{"luks_uuid":"{u}"}}}}"#
-        ))
-        .unwrap();
-        let mut r: Record = serde_json::from_value(serde_json::json!({
-            "volume_id": "v", "mapping_name": "crypt-v", "device_path": "/dev/sdz",
-            "backing_device": "/dev/sdz", "backing_devno": {"major": 8, "minor": 1},
-            "format": "luks2", "cipher": null, "key_size": null, "key_manager": "keystore",
-            "key_id": "k", "derivation": "raw",
-            "flags": {"allow_discards": false, "no_read_workqueue": false, "no_write_workqueue": false},
-            "formatted": false, "stable_link": null, "device_link_previous": null,
-            "attached_at": 1, "phase": "waiting"
-        }))
-        .unwrap();
-        assert!(
-            !record_wants(&r, &luks_dev(u)),
-            "no stored request: nothing to match"
-        );
-        r.request = Some(req);
-        assert!(record_wants(&r, &luks_dev(u)));
-        assert!(!record_wants(
-            &r,
-            &luks_dev("00000000-0000-0000-0000-000000000000")
-        ));
-        r.request = Some(
-            serde_json::from_str(r#"{"volume_id":"v","device_path":"/dev/disk/by-path/p"}"#)
-                .unwrap(),
-        );
-        let mut d = luks_dev(u);
-        assert!(!record_wants(&r, &d));
-        d.devlinks.push("/dev/disk/by-path/p".into());
-        assert!(record_wants(&r, &d));
-        assert!(is_waiting(&r));
     }
 }

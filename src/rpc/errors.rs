@@ -1,7 +1,7 @@
 //! API errors: the JSON body `{"error": {"code", "message", "field"}}` and the HTTP status for
 //! every engine failure, so clients branch on `status`/`code` and humans read `message`.
 //!
-//! Status rules (issue 4 §1): 400 invalid request, 403 peer not allowed, 404 unknown volume,
+//! Status rules: 400 invalid request, 403 peer not allowed, 404 unknown volume,
 //! key or device, 409 conflict or busy, 413 body too large, 422 wrong key or not LUKS, 503
 //! device-mapper unavailable, 504 timeout (the request's deadline passed; the operation may
 //! still complete in the background and `GET /v1/attachments/{id}` tells).
@@ -9,7 +9,7 @@
 use hyper::StatusCode;
 use serde::Serialize;
 
-use crate::error::ExitStatus;
+use crate::kind::Kind;
 use crate::volume;
 
 /// One failed request, as the API reports it.
@@ -68,15 +68,15 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
     }
 
-    /// The cryptsetup-style exit status the CLI's `--socket` mode exits with for this error.
-    pub fn exit_status_for(status: u16, code: &str) -> ExitStatus {
+    /// The kind of failure an API answer reports (the CLI's `--socket` mode exits with it).
+    pub fn kind_for(status: u16, code: &str) -> Kind {
         match (status, code) {
-            (_, "wrong_key") => ExitStatus::NoKey,
-            (_, "unknown_key" | "key_manager_unreachable" | "key_forbidden") => ExitStatus::NoKey,
-            (404, _) => ExitStatus::WrongDevice,
-            (409, _) => ExitStatus::Busy,
-            (503, "out_of_memory") => ExitStatus::OutOfMemory,
-            _ => ExitStatus::Invalid,
+            (_, "wrong_key") => Kind::NoKey,
+            (_, "unknown_key" | "key_manager_unreachable" | "key_forbidden") => Kind::NoKey,
+            (404, _) => Kind::WrongDevice,
+            (409, _) => Kind::Busy,
+            (503, "out_of_memory") => Kind::OutOfMemory,
+            _ => Kind::Invalid,
         }
     }
 }
@@ -113,19 +113,19 @@ impl From<&volume::Error> for ApiError {
             E::OwnedByOther { .. } => (StatusCode::CONFLICT, "attached_elsewhere"),
             E::StaleBusy { .. } | E::Busy { .. } => (StatusCode::CONFLICT, "busy"),
             E::RefuseFormat { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_luks"),
-            E::Crypt { status, .. } => match status {
-                ExitStatus::NoKey => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_key"),
-                ExitStatus::Busy => (StatusCode::CONFLICT, "busy"),
-                ExitStatus::WrongDevice => (StatusCode::NOT_FOUND, "unknown_device"),
-                ExitStatus::OutOfMemory => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
-                ExitStatus::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "crypt_failed"),
-                ExitStatus::Ok => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            E::Crypt { kind, .. } => match kind {
+                Kind::NoKey => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_key"),
+                Kind::Busy => (StatusCode::CONFLICT, "busy"),
+                Kind::WrongDevice => (StatusCode::NOT_FOUND, "unknown_device"),
+                Kind::OutOfMemory => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
+                Kind::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "crypt_failed"),
             },
             E::Dm { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "dm_error"),
             E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),
             E::State { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "state_error"),
             E::NotManaged { .. } => (StatusCode::NOT_FOUND, "unknown_volume"),
             E::NotEncrypted { .. } => (StatusCode::CONFLICT, "not_encrypted"),
+            E::ReconcileFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "reconcile_failed"),
         };
         let field = e.field().map(str::to_owned);
         ApiError {
@@ -192,18 +192,9 @@ mod tests {
 
     #[test]
     fn cli_exit_statuses_follow_cryptsetup() {
-        assert_eq!(
-            ApiError::exit_status_for(422, "wrong_key"),
-            ExitStatus::NoKey
-        );
-        assert_eq!(ApiError::exit_status_for(409, "busy"), ExitStatus::Busy);
-        assert_eq!(
-            ApiError::exit_status_for(404, "unknown_volume"),
-            ExitStatus::WrongDevice
-        );
-        assert_eq!(
-            ApiError::exit_status_for(400, "invalid_request"),
-            ExitStatus::Invalid
-        );
+        assert_eq!(ApiError::kind_for(422, "wrong_key"), Kind::NoKey);
+        assert_eq!(ApiError::kind_for(409, "busy"), Kind::Busy);
+        assert_eq!(ApiError::kind_for(404, "unknown_volume"), Kind::WrongDevice);
+        assert_eq!(ApiError::kind_for(400, "invalid_request"), Kind::Invalid);
     }
 }

@@ -1,13 +1,15 @@
 //! `volcrypt serve`: the attach engine as a long-running agent with an HTTP/1.1 + JSON API on a
-//! Unix socket (issue 4 §1, §2, §5).
+//! Unix socket. The agent holds HTTP, access control, admission (per-volume locks, the KDF
+//! memory budget, deadlines) and the udev event plumbing; everything that touches
+//! device-mapper, libcryptsetup, links or the journal is the engine's ([`crate::volume`]).
 //!
-//! - [`config`]: the TOML configuration and its defaults;
+//! - [`config`]: the `[server]` section and its defaults;
 //! - [`server`]: the socket (permissions, stale-file rule), accept loop, graceful shutdown;
 //! - [`peer`]: SO_PEERCRED and the access rule (root, the agent's user, the configured group);
-//! - [`routes`]: the endpoints, per-volume serialization, the KDF memory budget, deadlines;
-//! - [`reconcile`]: the read-only start-up check of records against active mappings;
+//! - [`app`]: the shared state and admission, the start-up reconcile under the volume locks;
+//! - [`routes`]: the endpoints;
 //! - [`devices`]: udev-triggered activation (device selectors, waits, teardown on remove);
-//! - [`kdf`]: the KDF memory of an attach, read from the LUKS header before unlocking;
+//! - [`waiters`]: attaches waiting for their device to appear;
 //! - [`errors`]: the JSON error body and the status of every engine error;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`client`]: the small client behind the CLI's `--socket` mode.
@@ -17,19 +19,19 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::error::ExitStatus;
 use crate::keys::KeyManager;
+use crate::kind::Kind;
 
+pub mod app;
 pub mod client;
 pub mod config;
 pub mod devices;
 pub mod errors;
-pub mod kdf;
 pub mod metrics;
 pub mod peer;
-pub mod reconcile;
 pub mod routes;
 pub mod server;
+pub mod waiters;
 
 /// Hands each engine operation its key manager. Production: the one shared, thread-safe
 /// manager built from `[key_manager]`; tests: a manager that takes a known time to arrive, to
@@ -66,12 +68,10 @@ impl Keys {
 /// Agent and client errors (not API errors: those are [`errors::ApiError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config {path}: {detail}")]
-    Config { path: PathBuf, detail: String },
     #[error("socket {path}: {detail}")]
     Socket { path: PathBuf, detail: String },
-    #[error(transparent)]
-    Settings(#[from] crate::config::Error),
+    #[error("socket {path}: another agent is listening on it (stop it first)")]
+    AlreadyServing { path: PathBuf },
     #[error("key manager: {0}")]
     Keys(#[from] crate::keys::Error),
     #[error("cannot start the async runtime: {0}")]
@@ -89,12 +89,12 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_status(&self) -> ExitStatus {
+    pub fn kind(&self) -> Kind {
         match self {
-            Error::Remote { status, code, .. } => errors::ApiError::exit_status_for(*status, code),
-            Error::Socket { detail, .. } if detail.contains("another agent") => ExitStatus::Busy,
-            Error::Client { .. } => ExitStatus::WrongDevice,
-            _ => ExitStatus::Invalid,
+            Error::Remote { status, code, .. } => errors::ApiError::kind_for(*status, code),
+            Error::AlreadyServing { .. } => Kind::Busy,
+            Error::Client { .. } => Kind::WrongDevice,
+            _ => Kind::Invalid,
         }
     }
 }

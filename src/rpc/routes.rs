@@ -1,21 +1,10 @@
-//! The API's routes and the engine calls behind them.
-//!
-//! Concurrency rules (issue 4 §2), all enforced here:
-//! - operations on one volume are serialized by a per-volume async mutex, different volumes
-//!   run in parallel;
-//! - attaches and extends (the operations that run a KDF) first take their KDF memory from a
-//!   budget semaphore weighted in MiB (see [`super::kdf`]);
-//! - engine calls are blocking (libcryptsetup's `CryptDevice` is not `Send`) and run on tokio's
-//!   blocking pool; the volume lock, the budget and an in-flight token move into that task, so a
-//!   request that hits its deadline (504) leaves the operation to finish with its lock held —
-//!   nothing else touches the volume until it has;
-//! - every request has a deadline (`server.request_timeout_secs`) covering lock and budget waits.
+//! The API's routes: HTTP in, engine operation through the admission rules of [`super::app`],
+//! JSON out. Every request has a deadline (`server.request_timeout_secs`) covering lock and
+//! budget waits.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -24,142 +13,13 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
-use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use super::config::ServeConfig;
+use super::app::{App, Held, attach_resolved, engine_err, request_timeout, run_engine, take_kdf};
 use super::errors::ApiError;
-use super::metrics::Metrics;
-use super::peer::{Access, Peer};
-use super::{Keys, kdf};
-use crate::request::{self, AttachRequest, Plan};
-use crate::volume::{self, Context, state};
-
-/// Upper bound on operations in flight (also the token count the shutdown waits to get back).
-const MAX_IN_FLIGHT: u32 = 4096;
-
-/// The server's shared state.
-pub struct App {
-    pub config: ServeConfig,
-    pub access: Access,
-    pub metrics: Metrics,
-    keys: Keys,
-    pub(crate) locks: VolumeLocks,
-    /// udev-triggered activation: pending device waits, whether the monitor runs.
-    pub(crate) devices: super::devices::Devices,
-    kdf_budget: Arc<Semaphore>,
-    kdf_budget_mib: u32,
-    in_flight: Arc<Semaphore>,
-    shutting_down: AtomicBool,
-    /// The start-up reconcile report (`checked: false` until the check has run).
-    reconcile: Mutex<super::reconcile::Report>,
-}
-
-impl App {
-    pub fn new(config: ServeConfig, access: Access, keys: Keys) -> App {
-        let budget = u32::try_from(config.server.kdf_budget_mib()).unwrap_or(u32::MAX >> 3);
-        let budget = budget.min(Semaphore::MAX_PERMITS as u32);
-        let metrics = Metrics::new();
-        metrics.kdf_memory_budget_mib.set(i64::from(budget));
-        App {
-            config,
-            access,
-            metrics,
-            keys,
-            locks: VolumeLocks::default(),
-            devices: super::devices::Devices::default(),
-            kdf_budget: Arc::new(Semaphore::new(budget as usize)),
-            kdf_budget_mib: budget,
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
-            shutting_down: AtomicBool::new(false),
-            reconcile: Mutex::new(super::reconcile::Report {
-                detail: "start-up check still running".into(),
-                ..Default::default()
-            }),
-        }
-    }
-
-    /// Run the start-up reconcile in the background, log it, keep it for health. Each record is
-    /// resolved under its volume's lock, so a request for the same volume waits for (or goes
-    /// before) it and the reconcile always acts on the record as it is then.
-    #[allow(clippy::result_large_err)]
-    pub fn spawn_reconcile(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        use super::reconcile;
-        let app = self.clone();
-        tokio::spawn(async move {
-            let config = app.config.volume.clone();
-            let prepared = tokio::task::spawn_blocking(move || reconcile::prepare(&config)).await;
-            let report = match prepared {
-                Ok(Ok((mut report, ids))) => {
-                    for id in ids {
-                        let _guard = app.locks.lock(&id).await;
-                        let keys = (app.keys.factory)();
-                        let config = app.config.volume.clone();
-                        let id2 = id.clone();
-                        let finding = tokio::task::spawn_blocking(move || {
-                            reconcile::reconcile_one(&config, keys, &id2)
-                        })
-                        .await
-                        .unwrap_or_else(|e| reconcile::Finding::Failed {
-                            action: "reconcile",
-                            error: e.to_string(),
-                        });
-                        report.add(&id, finding);
-                    }
-                    let config = app.config.volume.clone();
-                    tokio::task::spawn_blocking(move || report.finish(&config))
-                        .await
-                        .unwrap_or_else(|e| reconcile::Report {
-                            detail: format!("reconcile task failed: {e}"),
-                            ..Default::default()
-                        })
-                }
-                Ok(Err(report)) => report,
-                Err(e) => reconcile::Report {
-                    detail: format!("reconcile task failed: {e}"),
-                    ..Default::default()
-                },
-            };
-            reconcile::log(&report);
-            *app.reconcile.lock().unwrap_or_else(|e| e.into_inner()) = report;
-        })
-    }
-
-    /// Refuse new operations, then wait until every running one has returned its token.
-    pub async fn drain(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
-        if let Ok(all) = self.in_flight.acquire_many(MAX_IN_FLIGHT).await {
-            all.forget();
-        }
-    }
-
-    pub fn operations_in_flight(&self) -> usize {
-        MAX_IN_FLIGHT as usize - self.in_flight.available_permits()
-    }
-}
-
-/// One async mutex per volume id. Entries nobody holds or waits for are pruned on the next
-/// lock, so the map stays as small as the set of volumes being worked on.
-#[derive(Default)]
-pub(crate) struct VolumeLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl VolumeLocks {
-    pub(crate) async fn lock(&self, volume_id: &str) -> OwnedMutexGuard<()> {
-        let m = {
-            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            map.retain(|_, m| Arc::strong_count(m) > 1);
-            map.entry(volume_id.to_owned()).or_default().clone()
-        };
-        m.lock_owned().await
-    }
-}
-
-/// What an engine task holds until it returns.
-struct Held {
-    _volume: Option<OwnedMutexGuard<()>>,
-    _kdf: Option<OwnedSemaphorePermit>,
-    kdf_mib: u32,
-}
+use super::peer::Peer;
+use crate::request::{self, AttachRequest};
+use crate::volume::{self, journal::Record};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -403,7 +263,7 @@ fn record_volume(volume_id: &str) {
 }
 
 /// The mapping and journal phase of the volume's record, on the request span.
-fn record_phase(r: &state::Record) {
+fn record_phase(r: &Record) {
     tracing::Span::current()
         .record("mapping", r.mapping_name.as_str())
         .record("phase", tracing::field::display(r.phase));
@@ -411,99 +271,6 @@ fn record_phase(r: &state::Record) {
 
 fn check_id(id: &str) -> Result<(), ApiError> {
     request::check_volume_id(id).map_err(|e| ApiError::from(&e))
-}
-
-/// Take `mib` of the KDF budget (clamped to the whole budget, so one oversized KDF runs alone
-/// rather than never).
-async fn take_kdf(app: &App, mib: u64) -> Result<(OwnedSemaphorePermit, u32), ApiError> {
-    let n = u32::try_from(mib)
-        .unwrap_or(u32::MAX)
-        .clamp(1, app.kdf_budget_mib.max(1));
-    let t0 = Instant::now();
-    let permit = app
-        .kdf_budget
-        .clone()
-        .acquire_many_owned(n)
-        .await
-        .map_err(|_| shutting_down())?;
-    app.metrics.observe_kdf_wait(t0.elapsed().as_secs_f64());
-    app.metrics.kdf_memory_in_use_mib.inc_by(i64::from(n));
-    tracing::debug!(kdf_mib = n, "KDF budget admitted");
-    Ok((permit, n))
-}
-
-fn shutting_down() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
-        "the agent is shutting down and takes no new operations",
-    )
-}
-
-/// Run one blocking engine call on the blocking pool with what it holds; record its latency and
-/// failure reason whatever happens to the request.
-async fn run_engine<T, F>(app: &Arc<App>, op: &'static str, held: Held, f: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Context<'_>) -> Result<T, ApiError> + Send + 'static,
-{
-    if app.shutting_down.load(Ordering::SeqCst) {
-        return Err(shutting_down());
-    }
-    let token = app
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| shutting_down())?;
-    let app2 = app.clone();
-    let span = tracing::Span::current();
-    let task = tokio::task::spawn_blocking(move || {
-        let _enter = span.enter();
-        let _token = token;
-        let held = held;
-        app2.metrics.in_flight.inc();
-        let t0 = Instant::now();
-        let result = match (app2.keys.factory)() {
-            Ok(keys) => {
-                let ctx = Context {
-                    keys: keys.as_ref(),
-                    config: app2.config.volume.clone(),
-                };
-                f(&ctx)
-            }
-            Err(message) => Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "key_manager",
-                format!("key manager unavailable: {message}"),
-            )),
-        };
-        let secs = t0.elapsed().as_secs_f64();
-        app2.metrics
-            .observe_operation(op, secs, result.as_ref().err().map(|e| e.code));
-        app2.metrics.in_flight.dec();
-        app2.metrics
-            .kdf_memory_in_use_mib
-            .dec_by(i64::from(held.kdf_mib));
-        tracing::info!(
-            op,
-            ms = (secs * 1000.0) as u64,
-            ok = result.is_ok(),
-            "engine operation done"
-        );
-        drop(held);
-        result
-    });
-    task.await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("the {op} operation failed unexpectedly: {e}"),
-        )
-    })?
-}
-
-fn engine_err(e: volume::Error) -> ApiError {
-    ApiError::from(&e)
 }
 
 async fn attach(app: &Arc<App>, body: Incoming, declared: Option<u64>) -> Result<Resp, ApiError> {
@@ -516,80 +283,16 @@ async fn attach(app: &Arc<App>, body: Incoming, declared: Option<u64>) -> Result
     let req = parse_attach(&bytes)?;
     let valid = req.validate_unresolved().map_err(|e| ApiError::from(&e))?;
     record_volume(&valid.volume_id);
-    let req = super::devices::resolve_for_attach(app, &req, &valid).await?;
-    let outcome = tokio::time::timeout(deadline, attach_resolved(app, req))
+    let valid = super::devices::resolve_for_attach(app, valid).await?;
+    let outcome = tokio::time::timeout(deadline, attach_resolved(app, valid))
         .await
         .map_err(|_| request_timeout(deadline))??;
-    let status = if outcome.already_attached {
+    let status = if outcome.already_attached() {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
     Ok(json_response(status, &outcome))
-}
-
-/// Attach a request whose device is known (a path, or a resolved selector): the volume lock,
-/// the KDF budget, the engine. Also what udev-triggered re-activation runs.
-pub(crate) async fn attach_resolved(
-    app: &Arc<App>,
-    req: AttachRequest,
-) -> Result<volume::AttachOutcome, ApiError> {
-    let valid = req.validate().map_err(|e| ApiError::from(&e))?;
-    let volume_guard = app.locks.lock(&valid.volume_id).await;
-    attach_locked(app, req, valid, volume_guard).await
-}
-
-/// [`attach_resolved`] for a caller that already holds the volume's lock.
-pub(crate) async fn attach_locked(
-    app: &Arc<App>,
-    req: AttachRequest,
-    valid: request::ValidRequest,
-    volume_guard: OwnedMutexGuard<()>,
-) -> Result<volume::AttachOutcome, ApiError> {
-    let (kdf, kdf_mib) = match &valid.plan {
-        Plan::Raw { .. } => (None, 0),
-        Plan::Encrypted(p) => {
-            let cost = if p.format == request::VolumeFormat::Plain {
-                kdf::MIN_COST_MIB
-            } else {
-                let device = valid.device_path.clone();
-                let volume = app.config.volume.clone();
-                let estimate = app.config.server.kdf_memory_estimate_mib;
-                tokio::task::spawn_blocking(move || {
-                    kdf::attach_cost_mib(&device, &volume, estimate)
-                })
-                .await
-                .unwrap_or(estimate)
-            };
-            let (permit, n) = take_kdf(app, cost).await?;
-            (Some(permit), n)
-        }
-    };
-    let held = Held {
-        _volume: Some(volume_guard),
-        _kdf: kdf,
-        kdf_mib,
-    };
-    let outcome = run_engine(app, "attach", held, move |ctx| {
-        volume::attach(ctx, &req).map_err(engine_err)
-    })
-    .await?;
-    app.metrics.observe_attach_phases(&outcome.timings);
-    Ok(outcome)
-}
-
-/// The 504 of a request past its deadline.
-fn request_timeout(timeout: std::time::Duration) -> ApiError {
-    ApiError::new(
-        StatusCode::GATEWAY_TIMEOUT,
-        "timeout",
-        format!(
-            "the request did not complete within {} s; an engine operation already \
-             started keeps running and holds the volume until it ends: query \
-             GET /v1/attachments/{{volume_id}}",
-            timeout.as_secs()
-        ),
-    )
 }
 
 #[derive(Serialize)]
@@ -632,7 +335,7 @@ async fn get_one(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     let id2 = id.to_owned();
     let not_found = unknown_volume(id, app);
     let found = run_engine(app, "status", held, move |ctx| {
-        let Some(r) = state::load(&ctx.config.state_dir, &id2).map_err(engine_err)? else {
+        let Some(r) = ctx.journal().get(&id2).map_err(engine_err)? else {
             return Err(not_found);
         };
         record_phase(&r);
@@ -661,7 +364,7 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     let outcome = run_engine(app, "detach", held, move |ctx| {
         // REST semantics: a volume with no record (and no device path to find an os-brick
         // mapping by) is unknown, not "already detached".
-        match state::load(&ctx.config.state_dir, &id2).map_err(engine_err)? {
+        match ctx.journal().get(&id2).map_err(engine_err)? {
             Some(r) => record_phase(&r),
             None if device_path.is_none() => return Err(not_found),
             None => {}
@@ -679,15 +382,11 @@ async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     record_volume(id);
     let guard = app.locks.lock(id).await;
     // Resizing a LUKS mapping unlocks a keyslot again: it costs a KDF.
-    let state_dir = app.config.volume.state_dir.clone();
-    let id2 = id.to_owned();
     let volume = app.config.volume.clone();
     let estimate = app.config.server.kdf_memory_estimate_mib;
-    let cost = tokio::task::spawn_blocking(move || match state::load(&state_dir, &id2) {
-        Ok(Some(r)) if r.format != request::VolumeFormat::Plain => {
-            kdf::attach_cost_mib(&r.backing_device, &volume, estimate)
-        }
-        _ => kdf::MIN_COST_MIB,
+    let id2 = id.to_owned();
+    let cost = tokio::task::spawn_blocking(move || {
+        volume::status::extend_kdf_mib(&volume, &id2, estimate)
     })
     .await
     .unwrap_or(estimate);
@@ -714,7 +413,7 @@ struct Health {
     key_managers: Vec<KeyManagerHealth>,
     operations_in_flight: usize,
     kdf_memory_budget_mib: u32,
-    reconcile: super::reconcile::Report,
+    reconcile: volume::Report,
 }
 
 #[derive(Serialize)]
@@ -731,34 +430,9 @@ struct KeyManagerHealth {
     detail: String,
 }
 
-/// dm-crypt usable? device-mapper control answers and the `crypt` target is registered (or its
-/// module is present to be auto-loaded).
 fn dm_crypt_check() -> Check {
-    match devicemapper::DM::new() {
-        Err(e) => Check {
-            ok: false,
-            detail: format!("device-mapper is not available on this host: {e}"),
-        },
-        Ok(dm) => {
-            let targets = dm.list_versions().unwrap_or_default();
-            if let Some((_, a, b, c)) = targets.iter().find(|t| t.0 == "crypt") {
-                Check {
-                    ok: true,
-                    detail: format!("dm-crypt target v{a}.{b}.{c}"),
-                }
-            } else if std::path::Path::new("/sys/module/dm_crypt").exists() {
-                Check {
-                    ok: true,
-                    detail: "dm_crypt module present".into(),
-                }
-            } else {
-                Check {
-                    ok: true,
-                    detail: "device-mapper available; crypt target not loaded yet (dm_crypt is loaded on first use)".into(),
-                }
-            }
-        }
-    }
+    let (ok, detail) = volume::dm::crypt_target_status();
+    Check { ok, detail }
 }
 
 fn state_dir_check(dir: &std::path::Path) -> Check {
@@ -840,10 +514,11 @@ async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
 }
 
 async fn metrics(app: &Arc<App>) -> Result<Resp, ApiError> {
-    let dir = app.config.volume.state_dir.clone();
-    if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || state::list(&dir)).await {
-        let count = |p: state::Phase| records.iter().filter(|r| r.phase == p).count() as i64;
-        let (waiting, lost) = (count(state::Phase::Waiting), count(state::Phase::Lost));
+    let journal = volume::Journal::new(&app.config.volume.state_dir);
+    if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || journal.list()).await {
+        use volume::journal::Phase;
+        let count = |p: Phase| records.iter().filter(|r| r.phase == p).count() as i64;
+        let (waiting, lost) = (count(Phase::Waiting), count(Phase::Lost));
         app.metrics
             .active_attachments
             .set(records.len() as i64 - waiting - lost);
@@ -951,26 +626,5 @@ mod tests {
         assert!(e.message.contains("optons"), "{}", e.message);
         let e = parse_attach(br#"{"volume_id":"v","device_path":"/d"} x"#).unwrap_err();
         assert_eq!(e.code, "invalid_json");
-    }
-
-    #[tokio::test]
-    async fn one_volume_serializes_and_locks_are_pruned() {
-        let locks = VolumeLocks::default();
-        let g = locks.lock("a").await;
-        // A different volume proceeds while "a" is held.
-        let _b = tokio::time::timeout(std::time::Duration::from_secs(1), locks.lock("b"))
-            .await
-            .expect("other volume not blocked");
-        // The same volume waits.
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(100), locks.lock("a"))
-                .await
-                .is_err()
-        );
-        drop(g);
-        drop(_b);
-        let _c = locks.lock("c").await;
-        let n = locks.0.lock().unwrap().len();
-        assert_eq!(n, 1, "unused entries pruned");
     }
 }

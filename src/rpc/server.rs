@@ -20,9 +20,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
 
+use super::app::App;
 use super::config::ServeConfig;
 use super::peer::{Access, Peer, resolve_group};
-use super::routes::{App, forbidden, handle};
+use super::routes::{forbidden, handle};
 use super::{Error, Keys};
 
 /// Slow or idle clients may not hold a connection open forever.
@@ -104,10 +105,9 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
         ));
     }
     match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(sock_err(
-            path,
-            "another agent is listening on it (stop it first)",
-        )),
+        Ok(_) => Err(Error::AlreadyServing {
+            path: path.to_owned(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             tracing::info!(socket = %path.display(), "removing stale socket");
             std::fs::remove_file(path).map_err(|e| sock_err(path, format!("remove stale: {e}")))

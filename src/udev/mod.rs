@@ -1,4 +1,4 @@
-//! udev: finding block devices by identity, and hearing them come and go (issue 4 §3).
+//! udev: finding block devices by identity, and hearing them come and go.
 //!
 //! - [`device`]: a plain, owned snapshot of a udev block device (node, number, the identity
 //!   properties volcrypt matches on) and the pure matching of a [`Selector`] against it;
@@ -43,11 +43,11 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_status(&self) -> crate::error::ExitStatus {
+    pub fn kind(&self) -> crate::kind::Kind {
         match self {
-            Error::Udev { .. } => crate::error::ExitStatus::Invalid,
-            Error::NoMatch { .. } => crate::error::ExitStatus::WrongDevice,
-            Error::Ambiguous { .. } => crate::error::ExitStatus::Busy,
+            Error::Udev { .. } => crate::kind::Kind::Invalid,
+            Error::NoMatch { .. } => crate::kind::Kind::WrongDevice,
+            Error::Ambiguous { .. } => crate::kind::Kind::Busy,
         }
     }
 

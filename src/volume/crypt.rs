@@ -22,7 +22,7 @@ use libcryptsetup_rs::{
 
 use super::timing::{AttachTimings, timed};
 use super::{Error, PbkdfConfig, PerfFlags};
-use crate::error::ExitStatus;
+use crate::kind::Kind;
 use crate::request::split_cipher;
 use crate::secret::SecretBytes;
 
@@ -70,18 +70,18 @@ fn crypt_err(op: &'static str, target: impl AsRef<Path>, e: &LibcryptErr) -> Err
             detail: format!("{op} of {} returned {e}", target.as_ref().display()),
         };
     }
-    let status = match code {
-        Some(errno::EPERM) => ExitStatus::NoKey,
-        Some(errno::EBUSY) | Some(errno::EEXIST) => ExitStatus::Busy,
-        Some(errno::ENOENT) | Some(errno::ENXIO) | Some(errno::ENODEV) => ExitStatus::WrongDevice,
-        Some(errno::ENOMEM) => ExitStatus::OutOfMemory,
-        _ => ExitStatus::Invalid,
+    let kind = match code {
+        Some(errno::EPERM) => Kind::NoKey,
+        Some(errno::EBUSY) | Some(errno::EEXIST) => Kind::Busy,
+        Some(errno::ENOENT) | Some(errno::ENXIO) | Some(errno::ENODEV) => Kind::WrongDevice,
+        Some(errno::ENOMEM) => Kind::OutOfMemory,
+        _ => Kind::Invalid,
     };
     Error::Crypt {
         op,
         target: target.as_ref().display().to_string(),
         detail: e.to_string(),
-        status,
+        kind,
     }
 }
 
@@ -177,9 +177,11 @@ pub enum Unlock {
 /// context at a time; volcrypt's engine does both many times faster. The mapping is the
 /// same either way: same volume key (verified by libcryptsetup against the LUKS digest), same
 /// activation code, same kernel keyring use, same udev wait.
+#[allow(clippy::too_many_arguments)]
 pub fn open_luks(
     device: &Path,
     name: &str,
+    header: Option<crate::luks::Header>,
     passphrase: &[u8],
     flags: PerfFlags,
     key_id: &str,
@@ -198,7 +200,7 @@ pub fn open_luks(
                     // The request's span (volume id, peer) for the engine's debug lines.
                     let _span = span.enter();
                     let mut et = AttachTimings::default();
-                    let e = unlock_in_userspace(device, None, passphrase, &mut et);
+                    let e = unlock_in_userspace(device, header, passphrase, &mut et);
                     (e, et)
                 })
         });
@@ -263,7 +265,7 @@ pub fn open_luks(
             op: "activate",
             target: device.display().to_string(),
             detail: format!("the LUKS header has no usable keyslot (libcryptsetup: {e})"),
-            status: ExitStatus::WrongDevice,
+            kind: Kind::WrongDevice,
         }),
         Err(e) => Err(crypt_err("activate", device, &e)),
     }
@@ -294,46 +296,32 @@ enum Engine {
     CannotDecide(String),
 }
 
-/// Unlock the volume key with volcrypt's engine: header parse (`t.header`), then keyslot KDF,
-/// area decryption, AF merge and digest check (`t.kdf`). `header_end` (bytes): where the data
-/// starts, i.e. the end of the headers and keyslot areas; `None`: not known yet (the whole
-/// device's cached pages are dropped then).
+/// Unlock the volume key with volcrypt's engine: the header (`header`, as the attach read it
+/// with [`super::header::read`]; read here when `None`, `t.header`), then keyslot KDF, area
+/// decryption, AF merge and digest check (`t.kdf`).
 fn unlock_in_userspace(
     device: &Path,
-    header_end: Option<u64>,
+    header: Option<crate::luks::Header>,
     passphrase: &[u8],
     t: &mut AttachTimings,
 ) -> Engine {
-    use std::io::{Seek, SeekFrom};
-    let header = timed(&mut t.header, || -> Result<_, String> {
-        let mut f = std::fs::File::open(device).map_err(|e| format!("open: {e}"))?;
-        // libcryptsetup reads the header with O_DIRECT; these reads go through the page cache.
-        // Drop the cached header and keyslot pages first (clean pages only; nothing else uses
-        // the ciphertext device's cache) so a header just changed by another tool with
-        // O_DIRECT (luksAddKey, luksChangeKey) is read from the disk, exactly as libcryptsetup
-        // sees it: the engine's "no keyslot matches" must be about the same bytes.
-        if let Ok(len) = i64::try_from(header_end.unwrap_or(0))
-            && let Err(e) = nix::fcntl::posix_fadvise(
-                &f,
-                0,
-                len,
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-            )
-        {
-            tracing::debug!(device = %device.display(), error = %e, "could not drop the cached header pages");
-        }
-        let size = f.seek(SeekFrom::End(0)).map_err(|e| format!("size: {e}"))?;
-        let h = crate::luks::Header::read(&mut f, Some(size)).map_err(|e| e.to_string())?;
-        h.check_activation_allowed().map_err(|e| e.to_string())?;
-        Ok((f, h))
-    });
-    let (mut f, header) = match header {
-        Ok(x) => x,
-        Err(reason) => return Engine::CannotDecide(reason),
+    let header = match header {
+        Some(h) => Some(h),
+        None => timed(&mut t.header, || super::header::read(device)).map(|h| h.header),
     };
+    let Some(header) = header else {
+        return Engine::CannotDecide("no LUKS header the engine reads".into());
+    };
+    if let Err(e) = header.check_activation_allowed() {
+        return Engine::CannotDecide(e.to_string());
+    }
     if let Some(reason) = keyslot_the_engine_skips(&header) {
         return Engine::CannotDecide(reason);
     }
+    let mut f = match std::fs::File::open(device) {
+        Ok(f) => f,
+        Err(e) => return Engine::CannotDecide(format!("open: {e}")),
+    };
     let limits = crate::crypto::kdf::KdfLimits::default();
     match timed(&mut t.kdf, || {
         header.unlock(&mut f, passphrase, None, &limits)
@@ -375,7 +363,7 @@ fn cipher_and_key(
         op: "format",
         target: spec.to_owned(),
         detail: "cipher must be <cipher>-<mode>".into(),
-        status: ExitStatus::Invalid,
+        kind: Kind::Invalid,
     })?;
     let bits = match key_bits {
         Some(b) => b,
@@ -516,7 +504,7 @@ pub fn new_header_uuid() -> Result<uuid::Uuid, Error> {
         op: "format",
         target: "new header UUID".into(),
         detail: format!("no randomness from the kernel: {e}"),
-        status: ExitStatus::Invalid,
+        kind: Kind::Invalid,
     })?;
     Ok(uuid::Builder::from_random_bytes(bytes).into_uuid())
 }
@@ -797,12 +785,8 @@ mod tests {
             .unwrap();
             let mut cd = init(&f).unwrap();
             cd.context_handle().load::<()>(None, None).unwrap();
-            let header_end = cd.status_handle().get_data_offset() * 512;
-            assert!(header_end > 0);
-
             let mut t = AttachTimings::default();
-            let Engine::Key(key) = unlock_in_userspace(&f, Some(header_end), b"right", &mut t)
-            else {
+            let Engine::Key(key) = unlock_in_userspace(&f, None, b"right", &mut t) else {
                 panic!("{version:?} {kind}: the right passphrase must unlock");
             };
             assert_eq!(
@@ -815,10 +799,17 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{version:?} {kind}: libcryptsetup refuses: {e}"));
             assert!(!t.kdf.is_zero() && !t.header.is_zero(), "{t:?}");
 
+            // The header the attach read beforehand serves the unlock as well.
+            let read = super::super::header::read(&f).unwrap().header;
             let mut t = AttachTimings::default();
+            assert!(matches!(
+                unlock_in_userspace(&f, Some(read.clone()), b"right", &mut t),
+                Engine::Key(_)
+            ));
+            assert!(t.header.is_zero(), "no second header read: {t:?}");
             assert!(
                 matches!(
-                    unlock_in_userspace(&f, None, b"wrong", &mut t),
+                    unlock_in_userspace(&f, Some(read), b"wrong", &mut t),
                     Engine::WrongPassphrase
                 ),
                 "{version:?} {kind}"
@@ -829,7 +820,7 @@ mod tests {
         std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
         let mut t = AttachTimings::default();
         assert!(matches!(
-            unlock_in_userspace(&f, Some(1 << 20), b"x", &mut t),
+            unlock_in_userspace(&f, None, b"x", &mut t),
             Engine::CannotDecide(_)
         ));
     }

@@ -249,6 +249,30 @@ impl Dm {
     }
 }
 
+/// Whether dm-crypt is usable here, and what was found: device-mapper's control device answers
+/// and the `crypt` target is registered (or its module is present, to be loaded on first use).
+pub fn crypt_target_status() -> (bool, String) {
+    match devicemapper::DM::new() {
+        Err(e) => (
+            false,
+            format!("device-mapper is not available on this host: {e}"),
+        ),
+        Ok(dm) => {
+            let targets = dm.list_versions().unwrap_or_default();
+            if let Some((_, a, b, c)) = targets.iter().find(|t| t.0 == "crypt") {
+                (true, format!("dm-crypt target v{a}.{b}.{c}"))
+            } else if std::path::Path::new("/sys/module/dm_crypt").exists() {
+                (true, "dm_crypt module present".into())
+            } else {
+                (
+                    true,
+                    "device-mapper available; crypt target not loaded yet (dm_crypt is loaded on first use)".into(),
+                )
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,38 +1,55 @@
-//! Attaching encrypted volumes with the kernel's dm-crypt, the way os-brick does, and more
-//! safely: the request goes through [`crate::request`], then [`attach`] runs the controller.
+//! The attach engine: every operation on encrypted volumes through the kernel's dm-crypt, the
+//! way os-brick does them and more safely, used identically by the CLI and the agent.
+//!
+//! The operations: [`attach`] (or [`prepare`] + [`attach_prepared`], so the agent can admit an
+//! attach into its KDF budget first), [`detach`], [`extend`], [`status`], [`reconcile`] (the
+//! journal against the kernel, after a crash or reboot) and [`hotplug::device_gone`] (teardown
+//! when a backing device is removed).
 //!
 //! Layout, one job per file:
+//! - [`attach`], [`detach`], [`status`]: the operations and their outcomes;
+//! - [`format`]: opening a new attachment's mapping, formatting a provably blank device;
+//! - [`reconcile`]: the journal against the kernel, as a pure decision table and its actions;
+//! - [`hotplug`]: devices that come and go (selectors resolved now, teardown on removal);
+//! - [`journal`]: the per-volume records and every change of their phase;
+//! - [`header`]: the LUKS header read once per attach (KDF memory, userspace unlock);
 //! - [`crypt`]: the libcryptsetup wrapper (open LUKS/plain, format, close, resize, status);
 //! - [`dm`]: read-only device-mapper and sysfs queries (list, deps, open count, holders). dm
 //!   tables carry key material, so this module never reads or logs them;
 //! - [`probe`]: the signature probe that must find nothing before a device is formatted;
 //! - [`links`]: the device-path symlink and the stable `/dev/disk/by-id/volcrypt-<id>` link;
-//! - [`state`]: the small per-volume record of what volcrypt manages;
-//! - [`timing`]: where an attach or detach spent its time (for metrics and debug logs);
-//! - [`attach`]: the controller (attach, detach, extend, status) with the safety rules.
+//! - [`timing`]: where an attach or detach spent its time (for metrics and debug logs).
 //!
 //! Every operation is a plain blocking function taking a [`Context`]; each opens libcryptsetup
-//! afresh because `CryptDevice` is not `Send`, so the RPC can call them from worker threads.
+//! afresh because `CryptDevice` is not `Send`, so the agent can call them from worker threads.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ExitStatus;
 use crate::keys::KeyManager;
+use crate::kind::Kind;
 
 pub mod attach;
 pub mod crypt;
+pub mod detach;
 pub mod dm;
+pub mod format;
+pub mod header;
+pub mod hotplug;
+pub mod journal;
 pub mod links;
 pub mod probe;
-pub mod state;
+pub mod reconcile;
+pub mod status;
 pub mod timing;
 
-pub use attach::{
-    AttachOutcome, DetachOutcome, ExtendOutcome, VolumeStatus, attach, detach, extend, status,
-};
+pub use attach::{AttachOutcome, How, LinkChange, Prepared, attach, attach_prepared, prepare};
+pub use detach::{DetachOutcome, detach};
+pub use journal::Journal;
+pub use reconcile::{Report, run as reconcile};
+pub use status::{ExtendOutcome, VolumeStatus, extend, status};
 
 /// Settings of the attach engine: the `[volume]` part of the agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +110,42 @@ impl VolumeConfig {
 pub struct Context<'a> {
     pub keys: &'a dyn KeyManager,
     pub config: VolumeConfig,
+}
+
+impl Context<'static> {
+    /// For the operations that never fetch a key (detach, status, link repair): they work
+    /// where no key manager is configured or reachable.
+    pub fn without_keys(config: VolumeConfig) -> Context<'static> {
+        Context {
+            keys: &NoKeys,
+            config,
+        }
+    }
+}
+
+impl Context<'_> {
+    /// The journal in the configured state directory.
+    pub fn journal(&self) -> Journal {
+        Journal::new(&self.config.state_dir)
+    }
+}
+
+/// The key manager of [`Context::without_keys`]: any request for a key is refused, naming why.
+struct NoKeys;
+
+impl KeyManager for NoKeys {
+    fn kind(&self) -> &'static str {
+        "none"
+    }
+    fn get(&self, key_id: &str) -> Result<crate::keys::Secret, crate::keys::Error> {
+        Err(crate::keys::Error::NotFound {
+            key_id: key_id.to_owned(),
+            manager: "no key manager (this operation needs no key)",
+        })
+    }
+    fn health(&self) -> Result<(), crate::keys::Error> {
+        Ok(())
+    }
 }
 
 /// Attach-engine errors. Messages name the volume, mapping, device or key id concerned and
@@ -156,7 +209,7 @@ pub enum Error {
         op: &'static str,
         target: String,
         detail: String,
-        status: ExitStatus,
+        kind: Kind,
     },
     #[error("device-mapper {op} failed for {target}: {detail}")]
     Dm {
@@ -177,6 +230,10 @@ pub enum Error {
         volume_id: String,
         state_dir: PathBuf,
     },
+    #[error(
+        "reconcile: {failed} attachment(s) could not be repaired (records kept; see the report)"
+    )]
+    ReconcileFailed { failed: usize },
     #[error("volume {volume_id} is attached without dm-crypt ({reason}); there is nothing to {op}")]
     NotEncrypted {
         volume_id: String,
@@ -186,22 +243,23 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_status(&self) -> ExitStatus {
+    pub fn kind(&self) -> Kind {
         match self {
-            Error::Request(e) => e.exit_status(),
-            Error::Key { source, .. } => source.exit_status(),
-            Error::DmUnavailable { .. } => ExitStatus::Invalid,
-            Error::WrongKey { .. } => ExitStatus::NoKey,
-            Error::NoDevice { .. } => ExitStatus::WrongDevice,
+            Error::Request(e) => e.kind(),
+            Error::Key { source, .. } => source.kind(),
+            Error::DmUnavailable { .. } => Kind::Invalid,
+            Error::WrongKey { .. } => Kind::NoKey,
+            Error::NoDevice { .. } => Kind::WrongDevice,
             Error::NameConflict { .. }
             | Error::OwnedByOther { .. }
             | Error::StaleBusy { .. }
-            | Error::Busy { .. } => ExitStatus::Busy,
-            Error::RefuseFormat { .. } => ExitStatus::Invalid,
-            Error::Crypt { status, .. } => *status,
-            Error::Dm { .. } | Error::Io { .. } | Error::State { .. } => ExitStatus::Invalid,
-            Error::NotManaged { .. } => ExitStatus::WrongDevice,
-            Error::NotEncrypted { .. } => ExitStatus::Invalid,
+            | Error::Busy { .. } => Kind::Busy,
+            Error::RefuseFormat { .. } => Kind::Invalid,
+            Error::Crypt { kind, .. } => *kind,
+            Error::Dm { .. } | Error::Io { .. } | Error::State { .. } => Kind::Invalid,
+            Error::NotManaged { .. } => Kind::WrongDevice,
+            Error::NotEncrypted { .. } => Kind::Invalid,
+            Error::ReconcileFailed { .. } => Kind::Invalid,
         }
     }
 
@@ -262,27 +320,38 @@ impl PerfFlags {
     }
 }
 
-/// Test hook for the crash-safety VM test (tests/journal_vm.rs): with
-/// `VOLCRYPT_TEST_PAUSE_AT=<point>` the engine logs `test pause at <point>` and sleeps for an
-/// hour there, so the test can `kill -9` the agent at that exact point. Never set in production.
-/// The points, in order: `attaching` (record `attaching` written, no mapping yet), `opened`
-/// (mapping open, no links; on a first attach `formatted` comes before it: LUKS header written,
-/// no keyslot yet), `linked` (links set, record still `attaching`), `detaching`
-/// (record `detaching` written, mapping still open), `closed` (mapping closed, links and record
-/// still there).
+/// Crash-test hook, compiled only with the `test-hooks` feature (the test harness builds with
+/// it; release builds and packages never do): with `VOLCRYPT_TEST_PAUSE_AT=<point>` the engine
+/// logs `test pause at <point>` and sleeps for an hour there, so a test can `kill -9` the agent
+/// at that exact point. The points, in order: `attaching` (record `attaching` written, no
+/// mapping yet), `formatted` (first attach: LUKS header written, no keyslot yet), `opened`
+/// (mapping open, no links), `linked` (links set, record still `attaching`), `detaching` (record
+/// `detaching` written, mapping still open), `closed` (mapping closed, links and record still
+/// there).
+#[cfg(feature = "test-hooks")]
 pub(crate) fn test_pause(point: &str) {
     if std::env::var_os("VOLCRYPT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
         tracing::warn!("test pause at {point}");
-        std::thread::sleep(Duration::from_secs(3600));
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 
-/// Test hook for an error path the kernel does not produce on demand: with
-/// `VOLCRYPT_TEST_FAIL_AT=keyslot` adding the first keyslot of a new header fails as if
-/// libcryptsetup had refused (tests/volume_vm.rs sets it for one CLI run). Never set in
-/// production.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub(crate) fn test_pause(_point: &str) {}
+
+/// Fault-injection hook for error paths the kernel does not produce on demand, compiled only
+/// with the `test-hooks` feature: with `VOLCRYPT_TEST_FAIL_AT=keyslot` adding the first keyslot
+/// of a new header fails as if libcryptsetup had refused.
+#[cfg(feature = "test-hooks")]
 pub(crate) fn test_fault(point: &str) -> bool {
     std::env::var_os("VOLCRYPT_TEST_FAIL_AT").is_some_and(|v| v == point)
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub(crate) fn test_fault(_point: &str) -> bool {
+    false
 }
 
 #[cfg(test)]
@@ -320,14 +389,14 @@ mod tests {
             key_id: "k-42".into(),
             device: "/dev/loop0".into(),
         };
-        assert_eq!(e.exit_status(), ExitStatus::NoKey);
+        assert_eq!(e.kind(), Kind::NoKey);
         assert!(e.to_string().contains("k-42"));
         let e = Error::NameConflict {
             name: "crypt-x".into(),
             held_by: "7:1".into(),
             requested: "7:0".into(),
         };
-        assert_eq!(e.exit_status(), ExitStatus::Busy);
+        assert_eq!(e.kind(), Kind::Busy);
     }
 
     #[test]

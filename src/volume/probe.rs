@@ -24,7 +24,7 @@ fn probe_err(device: &Path, e: impl std::fmt::Display) -> Error {
         op: "probe for signatures",
         target: device.display().to_string(),
         detail: e.to_string(),
-        status: crate::error::ExitStatus::Invalid,
+        kind: crate::kind::Kind::Invalid,
     }
 }
 

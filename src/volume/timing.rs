@@ -1,7 +1,7 @@
 //! Where an attach or a detach spends its time, phase by phase.
 //!
 //! The engine times its phases so that the agent can export latency histograms split into KDF
-//! and device-mapper time (issue 4 §5) and so that a slow attach can be explained from a debug
+//! and device-mapper time and so that a slow attach can be explained from a debug
 //! log line. Only durations: nothing here identifies a key.
 
 use std::time::{Duration, Instant};

@@ -1,12 +1,14 @@
-//! The record of what volcrypt manages: one JSON file per volume in the state directory,
-//! written atomically (temporary file, fsync, rename, fsync of the directory). It holds names,
-//! devices and the key *source* (manager kind, key id, derivation) — never key material.
+//! The journal of desired attachments: one JSON record per volume in the state directory,
+//! written atomically (temporary file, fsync, rename, fsync of the directory). A record holds
+//! names, devices and the key *source* (manager kind, key id, derivation), never key material.
 //!
-//! The records are the agent's journal of *desired* attachments: each carries a [`Phase`]
-//! written before the step it names (`attaching` before the mapping is created, `detaching`
-//! before it is closed), and the request it came from, so that after a crash the start-up
-//! reconcile (`rpc::reconcile`) can finish or redo whatever was half done. A record that does
-//! not parse is never dropped: [`scan`] moves it aside to `<file>.corrupt-<secs>` and names it.
+//! [`Journal`] owns every write. Each record carries a [`Phase`], and each change of phase is
+//! one method of [`Journal`] that checks the change is allowed ([`Phase::may_become`]) and
+//! writes the record *before* the step it names returns to its caller, so that after a crash
+//! the reconcile (`volume::reconcile`) finds a record that says what was being done: `attaching`
+//! before the mapping is created, `detaching` before it is closed. Nothing else in the crate
+//! writes a record. A record that does not parse is never dropped: [`Journal::scan`] moves it
+//! aside to `<file>.corrupt-<secs>` and names it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,24 @@ impl std::fmt::Display for Phase {
     }
 }
 
+impl Phase {
+    /// Whether a record in this phase may be written in phase `next`. Any phase may start an
+    /// attach again (a retry, a re-activation, a device that came back) and any may start a
+    /// detach; a half-done detach is never declared attached or waiting (only
+    /// [`Journal::restore`] puts back a record a failed detach found); `lost` (a mapping in use
+    /// whose device went away) needs a mapping, which a half-done attach may not have.
+    pub fn may_become(self, next: Phase) -> bool {
+        use Phase::*;
+        match (self, next) {
+            (_, Attaching | Detaching) => true,
+            (Detaching, _) => false,
+            (_, Attached | Waiting) => true,
+            (Attached | Waiting | Lost, Lost) => true,
+            (Attaching, Lost) => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub volume_id: String,
@@ -95,12 +115,124 @@ impl Record {
     }
 }
 
+/// The journal in one state directory. Every record write goes through one of its methods,
+/// one per phase change; reads are free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    pub fn new(dir: impl Into<PathBuf>) -> Journal {
+        Journal { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The record of `volume_id`, if any.
+    pub fn get(&self, volume_id: &str) -> Result<Option<Record>, Error> {
+        load(&self.dir, volume_id)
+    }
+
+    /// Every record, sorted by volume id. A corrupt record is an error here (see [`Self::scan`]).
+    pub fn list(&self) -> Result<Vec<Record>, Error> {
+        list(&self.dir)
+    }
+
+    /// Every readable record; corrupt ones are moved aside and reported.
+    pub fn scan(&self) -> Result<Scan, Error> {
+        scan(&self.dir)
+    }
+
+    /// An attach is about to create the mapping (or format the device): from here on a crash
+    /// leaves a record the reconcile finishes.
+    pub fn begin_attach(&self, record: &mut Record) -> Result<(), Error> {
+        record.phase = Phase::Attaching;
+        self.write(record)
+    }
+
+    /// The first attach formatted the blank device: recorded at once, so a crash before the
+    /// record says `attached` does not forget who formatted it.
+    pub fn formatted(&self, record: &mut Record) -> Result<(), Error> {
+        record.formatted = true;
+        self.transition(record, Phase::Attaching)
+    }
+
+    /// Mapping and links are in place (also: a reconcile found them in place and repaired the
+    /// record, or an attach found the volume already attached).
+    pub fn attached(&self, record: &mut Record) -> Result<(), Error> {
+        self.transition(record, Phase::Attached)
+    }
+
+    /// A detach is about to close the mapping. Returns the record as it was, for
+    /// [`Self::restore`] if the mapping stays busy.
+    pub fn begin_detach(&self, record: &Record) -> Result<Record, Error> {
+        let mut d = record.clone();
+        if d.phase != Phase::Detaching {
+            self.transition(&mut d, Phase::Detaching)?;
+        }
+        Ok(record.clone())
+    }
+
+    /// The detach is complete: the record goes.
+    pub fn detached(&self, volume_id: &str) -> Result<(), Error> {
+        remove(&self.dir, volume_id)
+    }
+
+    /// The backing device went away and the unused mapping was torn down: still desired.
+    pub fn waiting(&self, record: &mut Record) -> Result<(), Error> {
+        self.transition(record, Phase::Waiting)
+    }
+
+    /// The backing device went away while the mapping was in use: left alone, reported.
+    pub fn lost(&self, record: &mut Record) -> Result<(), Error> {
+        self.transition(record, Phase::Lost)
+    }
+
+    /// Roll a failed operation back: put back the record that was there before it (a desired
+    /// attachment is never lost to a failed retry), or remove the one it wrote.
+    pub fn restore(&self, volume_id: &str, prior: Option<&Record>) -> Result<(), Error> {
+        match prior {
+            Some(p) => save(&self.dir, p),
+            None => remove(&self.dir, volume_id),
+        }
+    }
+
+    fn transition(&self, record: &mut Record, next: Phase) -> Result<(), Error> {
+        if !record.phase.may_become(next) {
+            return Err(Error::State {
+                path: record_path(&self.dir, &record.volume_id),
+                detail: format!("a {} record cannot become {next}", record.phase),
+            });
+        }
+        record.phase = next;
+        self.write(record)
+    }
+
+    fn write(&self, record: &Record) -> Result<(), Error> {
+        save(&self.dir, record)?;
+        trace_phase(&record.mapping_name, record.phase);
+        tracing::debug!(mapping = %record.mapping_name, phase = %record.phase, "journal record written");
+        Ok(())
+    }
+}
+
+/// Note a mapping and its phase on the current span (the request's span under `volcrypt
+/// serve`), so every later log line of the request carries them; a no-op outside a span.
+pub fn trace_phase(mapping: &str, phase: impl std::fmt::Display) {
+    tracing::Span::current()
+        .record("mapping", mapping)
+        .record("phase", tracing::field::display(phase));
+}
+
 fn record_path(dir: &Path, volume_id: &str) -> PathBuf {
     dir.join(format!("{volume_id}.json"))
 }
 
 /// Read the record for `volume_id`, if any.
-pub fn load(dir: &Path, volume_id: &str) -> Result<Option<Record>, Error> {
+fn load(dir: &Path, volume_id: &str) -> Result<Option<Record>, Error> {
     load_path(&record_path(dir, volume_id))
 }
 
@@ -130,7 +262,7 @@ fn load_path(path: &Path) -> Result<Option<Record>, Error> {
 }
 
 /// Every record in `dir`, sorted by volume id. Corrupt records are reported, not skipped.
-pub fn list(dir: &Path) -> Result<Vec<Record>, Error> {
+fn list(dir: &Path) -> Result<Vec<Record>, Error> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -172,7 +304,7 @@ pub struct Scan {
 /// aside to `<file>.corrupt-<secs since epoch>` (never deleted) and listed in `corrupt`, so the
 /// others can still be reconciled and the agent can start. Leftover temporary files of a write
 /// that crashed before its rename are removed: they never were a record.
-pub fn scan(dir: &Path) -> Result<Scan, Error> {
+fn scan(dir: &Path) -> Result<Scan, Error> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan::default()),
@@ -231,7 +363,7 @@ pub fn scan(dir: &Path) -> Result<Scan, Error> {
 }
 
 /// Write `record` atomically (mode 0600; the directory is created 0700).
-pub fn save(dir: &Path, record: &Record) -> Result<(), Error> {
+fn save(dir: &Path, record: &Record) -> Result<(), Error> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -263,7 +395,7 @@ pub fn save(dir: &Path, record: &Record) -> Result<(), Error> {
 }
 
 /// Remove the record for `volume_id` (absent is fine).
-pub fn remove(dir: &Path, volume_id: &str) -> Result<(), Error> {
+fn remove(dir: &Path, volume_id: &str) -> Result<(), Error> {
     let path = record_path(dir, volume_id);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
@@ -380,6 +512,69 @@ mod tests {
         // Now the directory lists cleanly, and a second scan finds nothing new.
         assert_eq!(list(d).unwrap(), vec![sample("good")]);
         assert!(scan(d).unwrap().corrupt.is_empty());
+    }
+
+    #[test]
+    fn phase_transitions_follow_the_table() {
+        use Phase::*;
+        let all = [Attaching, Attached, Detaching, Waiting, Lost];
+        for from in all {
+            // Every phase may start an attach again and may start a detach.
+            assert!(
+                from.may_become(Attaching) && from.may_become(Detaching),
+                "{from}"
+            );
+        }
+        // A half-done detach is never declared attached, waiting or lost.
+        for to in [Attached, Waiting, Lost] {
+            assert!(!Detaching.may_become(to), "detaching -> {to}");
+        }
+        // `lost` needs a mapping in use, which a half-done attach may not have.
+        assert!(!Attaching.may_become(Lost));
+        for from in [Attaching, Attached, Waiting, Lost] {
+            assert!(
+                from.may_become(Attached) && from.may_become(Waiting),
+                "{from}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_journal_writes_each_transition_and_refuses_illegal_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let mut r = sample("t");
+        r.phase = Phase::Lost;
+        j.begin_attach(&mut r).unwrap();
+        assert_eq!(j.get("t").unwrap().unwrap().phase, Phase::Attaching);
+        j.formatted(&mut r).unwrap();
+        let on_disk = j.get("t").unwrap().unwrap();
+        assert!(on_disk.formatted && on_disk.phase == Phase::Attaching);
+        j.attached(&mut r).unwrap();
+        assert_eq!(j.get("t").unwrap().unwrap().phase, Phase::Attached);
+        // A detach writes `detaching` first and hands back the record as it was.
+        let before = j.begin_detach(&r).unwrap();
+        assert_eq!(before.phase, Phase::Attached);
+        assert_eq!(j.get("t").unwrap().unwrap().phase, Phase::Detaching);
+        // A busy detach puts the record back as it was.
+        j.restore("t", Some(&before)).unwrap();
+        assert_eq!(j.get("t").unwrap().unwrap(), before);
+        let mut d = j.get("t").unwrap().unwrap();
+        d.phase = Phase::Detaching;
+        let e = j.attached(&mut d).unwrap_err().to_string();
+        assert!(e.contains("detaching record cannot become attached"), "{e}");
+        assert_eq!(
+            j.get("t").unwrap().unwrap().phase,
+            Phase::Attached,
+            "nothing written"
+        );
+        j.detached("t").unwrap();
+        assert_eq!(j.get("t").unwrap(), None);
+        // Rolling back a failed first attach removes the record it wrote.
+        let mut n = sample("n");
+        j.begin_attach(&mut n).unwrap();
+        j.restore("n", None).unwrap();
+        assert_eq!(j.get("n").unwrap(), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The start-up reconcile of the journal (state records) against the kernel.
+//! The reconcile of the journal against the kernel: what the agent runs at start and
+//! `volcrypt reconcile` runs for an operator, after a crash, a reboot or a kill.
 //!
 //! The records are the journal of desired attachments, each in a phase written *before* the
-//! step it names (see `volume::state`). After a restart, crash or reboot, each record is
+//! step it names (see [`super::journal`]). After a restart, crash or reboot, each record is
 //! compared with its device-mapper mapping and the pair resolved by [`decide`]:
 //!
 //! | phase \ mapping | absent                    | active on the recorded device | backing gone | held by another device |
@@ -11,8 +12,8 @@
 //! | detaching       | finish detach             | finish detach                 | finish detach| report conflict        |
 //! | waiting, lost   | keep, report `waiting`    | repair links                  | report stale | report conflict        |
 //!
-//! `waiting`/`lost` records belong to udev-triggered activation (`rpc::devices`): their device
-//! went away; the agent's udev pass attaches them when it is back. A record whose stored
+//! `waiting`/`lost` records belong to udev-triggered activation ([`super::hotplug`]): their
+//! device went away; the agent's udev pass attaches them when it is back. A record whose stored
 //! request names its device by identity (serial, WWN, by-path, LUKS UUID) is resolved through
 //! udev when it is re-activated, and becomes `waiting` if that device is not there.
 //!
@@ -32,9 +33,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::dm::{self, Dm};
+use super::journal::{self, Journal, Phase, Record};
+use super::{Context, Error, VolumeConfig, hotplug, links};
 use crate::keys::KeyManager;
-use crate::volume::state::{self, Phase, Record};
-use crate::volume::{self, Context, VolumeConfig, dm, dm::Dm, links};
 
 /// What the start-up reconcile found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -63,7 +65,7 @@ pub struct Report {
     /// Repairs that failed (the record is kept).
     pub failed: Vec<Failure>,
     /// Record files that did not parse, and where they were moved.
-    pub corrupt: Vec<state::Corrupt>,
+    pub corrupt: Vec<journal::Corrupt>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -116,25 +118,6 @@ pub fn decide(phase: Phase, dm: DmState, has_request: bool) -> Action {
     }
 }
 
-/// `volume::status`/`detach` take a key manager in their context but never ask it for a key;
-/// this one has none, used when no real one is available.
-struct NoKeys;
-
-impl KeyManager for NoKeys {
-    fn kind(&self) -> &'static str {
-        "none"
-    }
-    fn get(&self, key_id: &str) -> Result<crate::keys::Secret, crate::keys::Error> {
-        Err(crate::keys::Error::NotFound {
-            key_id: key_id.to_owned(),
-            manager: "start-up check (no key manager)",
-        })
-    }
-    fn health(&self) -> Result<(), crate::keys::Error> {
-        Ok(())
-    }
-}
-
 /// The result for one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
@@ -159,7 +142,7 @@ pub enum Finding {
 /// Blocking.
 #[allow(clippy::result_large_err)] // called once at start-up
 pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
-    let scan = match state::scan(&config.state_dir) {
+    let scan = match Journal::new(&config.state_dir).scan() {
         Ok(s) => s,
         Err(e) => {
             return Err(Report {
@@ -183,7 +166,7 @@ pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
     Ok((report, ids))
 }
 
-fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, volume::Error> {
+fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, Error> {
     let Some(info) = dm.info(&r.mapping_name)? else {
         return Ok(DmState::Absent);
     };
@@ -205,7 +188,7 @@ fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, volume::Error> {
 /// libcryptsetup set (`CRYPT-<type>-<uuid>-<name>`). It maps nothing, so it holds no data and
 /// nobody can be using it: for a record still `attaching`, remove it so the attach is redone
 /// (otherwise it would block the name as a conflict forever). Anything else is left alone.
-fn remove_half_created(dm: &Dm, name: &str) -> Result<(), volume::Error> {
+fn remove_half_created(dm: &Dm, name: &str) -> Result<(), Error> {
     let Some(info) = dm.info(name)? else {
         return Ok(());
     };
@@ -249,7 +232,8 @@ pub fn reconcile_one(
         action,
         error: e.to_string(),
     };
-    let record = match state::load(&config.state_dir, volume_id) {
+    let journal = Journal::new(&config.state_dir);
+    let record = match journal.get(volume_id) {
         Ok(Some(r)) => r,
         Ok(None) => return Finding::Consistent,
         Err(e) => return failed("read record", &e),
@@ -269,26 +253,18 @@ pub fn reconcile_one(
     };
     let action = decide(record.phase, dms, record.request.is_some());
     tracing::info!(volume_id, phase = %record.phase, dm = ?dms, ?action, "reconcile");
-    let no_keys = NoKeys;
-    fn ctx<'a>(k: &'a dyn KeyManager, config: &VolumeConfig) -> Context<'a> {
-        Context {
-            keys: k,
-            config: config.clone(),
-        }
-    }
+    let no_keys = Context::without_keys(config.clone());
     match action {
         Action::ReportInactive => Finding::Inactive,
         Action::Wait => Finding::Waiting,
         Action::ReportStale => Finding::Stale,
         Action::ReportConflict => Finding::Conflict,
-        Action::RepairLinks => {
-            match volume::attach::repair_links(&ctx(&no_keys, config), &record) {
-                Ok(c) if c.is_empty() => Finding::Consistent,
-                Ok(c) => Finding::Repaired(c),
-                Err(e) => failed("repair links", &e),
-            }
-        }
-        Action::FinishDetach => match volume::detach(&ctx(&no_keys, config), volume_id, None) {
+        Action::RepairLinks => match repair_links(&no_keys, &record) {
+            Ok(c) if c.is_empty() => Finding::Consistent,
+            Ok(c) => Finding::Repaired(c),
+            Err(e) => failed("repair links", &e),
+        },
+        Action::FinishDetach => match super::detach(&no_keys, volume_id, None) {
             Ok(_) => Finding::Detached,
             Err(e) => failed("finish detach", &e),
         },
@@ -296,17 +272,17 @@ pub fn reconcile_one(
             let Some(req) = &record.request else {
                 return Finding::Inactive;
             };
-            let req = match super::devices::resolve_now(req) {
+            let req = match hotplug::resolve_now(req) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    return match super::devices::mark(config, &record, Phase::Waiting) {
+                    let mut record = record;
+                    return match journal.waiting(&mut record) {
                         Ok(()) => Finding::Waiting,
                         Err(e) => failed("wait for device", &e),
                     };
                 }
                 Err(e) => return failed("re-activate", &e),
             };
-            let req = &req;
             let keys = match keys {
                 Ok(k) => k,
                 Err(e) => return failed("re-activate", &format!("key manager unavailable: {e}")),
@@ -319,12 +295,56 @@ pub fn reconcile_one(
             {
                 return failed("re-activate", &e);
             }
-            match volume::attach(&ctx(keys.as_ref(), config), req) {
+            let ctx = Context {
+                keys: keys.as_ref(),
+                config: config.clone(),
+            };
+            match super::attach(&ctx, &req) {
                 Ok(_) => Finding::Reactivated,
                 Err(e) => failed("re-activate", &e),
             }
         }
     }
+}
+
+/// Bring the links of an active, recorded mapping back in line with its record (start-up
+/// reconcile): the stable link, and `device_path` when the attachment replaced it. Marks the
+/// record `attached`. Returns what was changed (empty: nothing needed).
+pub fn repair_links(ctx: &Context<'_>, record: &Record) -> Result<Vec<String>, Error> {
+    let mapper = links::mapper_path(&record.mapping_name);
+    let stable = links::stable_link_path(&ctx.config.by_id_dir, &record.volume_id);
+    let mut changed = Vec::new();
+    let mut r = record.clone();
+    if links::read_link(&stable).as_deref() != Some(mapper.as_path()) {
+        links::set_symlink(&stable, &mapper)?;
+        changed.push(format!("{} -> {}", stable.display(), mapper.display()));
+    }
+    r.stable_link = Some(stable);
+    let replace = match &record.request {
+        Some(req) => req.options.replace_device_symlink,
+        None => record.device_link_previous.is_some(),
+    };
+    if replace
+        && links::is_replaceable(&record.device_path)
+        && links::read_link(&record.device_path).as_deref() != Some(mapper.as_path())
+    {
+        let previous = links::set_symlink(&record.device_path, &mapper)?;
+        if r.device_link_previous.is_none() {
+            r.device_link_previous = previous;
+        }
+        changed.push(format!(
+            "{} -> {}",
+            record.device_path.display(),
+            mapper.display()
+        ));
+    }
+    if r.phase != Phase::Attached {
+        changed.push(format!("record {} -> attached", r.phase));
+    }
+    if r != *record || r.phase != Phase::Attached {
+        ctx.journal().attached(&mut r)?;
+    }
+    Ok(changed)
 }
 
 impl Report {
@@ -356,7 +376,7 @@ impl Report {
                 return self;
             }
         };
-        let ours: std::collections::HashSet<String> = match state::list(&config.state_dir) {
+        let ours: std::collections::HashSet<String> = match Journal::new(&config.state_dir).list() {
             Ok(r) => r.into_iter().map(|r| r.mapping_name).collect(),
             Err(e) => {
                 self.detail = format!("cannot read the state records: {e}");
