@@ -1,5 +1,5 @@
 # The two commands the README promises. Both install what they need (as root) first.
-.PHONY: demo test test-native test-vm bench
+.PHONY: demo test test-native test-vm test-vagrant deb bench
 
 demo:
 	scripts/install-deps.sh
@@ -9,10 +9,19 @@ test:
 	scripts/test-all.sh
 
 test-native:
-	VOLCRYPT_SKIP_VM=1 scripts/test-all.sh
+	VOLCRYPT_SKIP_VM=1 VOLCRYPT_SKIP_VAGRANT=1 scripts/test-all.sh
 
 test-vm:
-	VOLCRYPT_SKIP_NATIVE=1 scripts/test-all.sh
+	VOLCRYPT_SKIP_NATIVE=1 VOLCRYPT_SKIP_VAGRANT=1 scripts/test-all.sh
+
+# The Debian package (cargo-deb): target/debian/volcrypt_<version>_amd64.deb.
+deb:
+	scripts/install-deps.sh
+	packaging/build-deb.sh
+
+# The Vagrant end-to-end stage alone (root; see vagrant/README.md).
+test-vagrant:
+	vagrant/run.sh
 
 bench:
 	cargo bench --bench crypto

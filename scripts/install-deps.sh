@@ -12,6 +12,16 @@ packages=(
   qemu-system-x86 cpio kmod busybox-static udev dmsetup e2fsprogs fdisk
   # the Barbican test server's virtualenv
   python3-venv
+  # `make deb`: cargo-deb computes Depends with dpkg-shlibdeps
+  dpkg-dev
+  # the demo's attach through the agent's socket
+  curl jq
+  # the Vagrant stage: vagrant-libvirt with a private libvirtd (no libvirt networks or
+  # services: they come with libvirt-daemon-system, not installed), the box built by
+  # debootstrap, a netns. (promtool is unpacked from Debian's prometheus package by
+  # vagrant/run.sh, so no Prometheus server gets installed or started.)
+  vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients debootstrap
+  iproute2
 )
 
 missing=()

@@ -3,7 +3,11 @@
 # cryptsetup and qemu-img, key managers against a real Barbican on 127.0.0.1) and the VM stage
 # (real dm-crypt in Debian's kernel under QEMU). Installs what it needs first.
 #
-# VOLCRYPT_SKIP_VM=1 / VOLCRYPT_SKIP_NATIVE=1 skip a stage (the skipped stage is announced).
+# The last stage installs the Debian package in a systemd-booted Vagrant VM and runs the
+# end-to-end scenarios (vagrant/run.sh, vagrant/README.md).
+#
+# VOLCRYPT_SKIP_VM=1 / VOLCRYPT_SKIP_NATIVE=1 / VOLCRYPT_SKIP_VAGRANT=1 skip a stage (the skipped
+# stage is announced).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -50,4 +54,11 @@ else
   tests/vm/prepare.sh
   tests/vm/selftest.sh
   tests/vm/attach-suite.sh
+fi
+
+if [ "${VOLCRYPT_SKIP_VAGRANT:-}" = 1 ]; then
+  stage "Vagrant end-to-end: skipped (VOLCRYPT_SKIP_VAGRANT=1)"
+else
+  stage "Vagrant end-to-end (the .deb in a systemd-booted VM; network namespace, loopback only)"
+  vagrant/run.sh
 fi
