@@ -1,5 +1,5 @@
 # The two commands the README promises. Both install what they need (as root) first.
-.PHONY: demo test test-native test-vm bench
+.PHONY: demo test test-native test-vm bench fuzz
 
 demo:
 	scripts/install-deps.sh
@@ -17,3 +17,9 @@ test-vm:
 bench:
 	cargo bench --bench crypto
 	cargo run --release --features bench-openssl -- bench
+
+# Fuzz the LUKS header parser (stable toolchain; installs cargo-fuzz). `make test` runs it for
+# 60 s; ask for longer with e.g. `make fuzz FUZZ_SECONDS=3600`.
+FUZZ_SECONDS ?= 600
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)

@@ -38,6 +38,13 @@ else
   cargo test --all-targets --no-fail-fast
 fi
 
+if [ "${VOLCRYPT_SKIP_FUZZ:-}" = 1 ]; then
+  stage "fuzzing: skipped (VOLCRYPT_SKIP_FUZZ=1)"
+else
+  stage "fuzzing the LUKS header parser (${VOLCRYPT_FUZZ_SECONDS:-90} s; a crash fails)"
+  scripts/fuzz.sh "${VOLCRYPT_FUZZ_SECONDS:-90}"
+fi
+
 if [ "${VOLCRYPT_SKIP_VM:-}" = 1 ]; then
   stage "VM tests: skipped (VOLCRYPT_SKIP_VM=1)"
 else
