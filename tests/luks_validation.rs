@@ -762,7 +762,7 @@ fn ciphers_the_engine_cannot_run_still_inspect_and_name_themselves_on_use() {
         v["keyslots"]["0"]["area"]["encryption"] = json!(spec);
     });
     let h = read(&b, None).unwrap();
-    assert_eq!(h.summary().cipher, spec);
+    assert_eq!(h.summary().cipher.as_deref(), Some(spec));
     assert_names(&h.cipher().unwrap_err().to_string(), &[spec]);
     let e = h
         .unlock(&mut Cursor::new(&b), PASS, Some(0), &KdfLimits::default())
@@ -775,7 +775,7 @@ fn ciphers_the_engine_cannot_run_still_inspect_and_name_themselves_on_use() {
     b[8..15].copy_from_slice(b"serpent");
     let h = read(&b, None).unwrap();
     let s = h.summary();
-    assert_eq!(s.cipher, spec);
+    assert_eq!(s.cipher.as_deref(), Some(spec));
     assert_eq!(s.keyslots[0].area_encryption.as_deref(), Some(spec));
     assert_names(&h.cipher().unwrap_err().to_string(), &[spec]);
     let e = h

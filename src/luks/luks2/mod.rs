@@ -442,6 +442,8 @@ impl Header {
                 vec![s]
             }
             None => {
+                // Without a data segment there is no volume key to unlock.
+                self.data()?;
                 let mut v: Vec<(u8, u32)> = self
                     .meta
                     .keyslots
