@@ -838,7 +838,7 @@ fn a_closed_stdout_pipe_ends_every_printing_command_quietly() {
     // Real errors still report, even with the pipe closed.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let out = volcrypt(&["image", "inspect", arg(&f.plain_path)])
+    let out = volcrypt(["image", "inspect", arg(&f.plain_path)])
         .stdout(writer)
         .output()
         .expect("volcrypt runs");
