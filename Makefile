@@ -19,7 +19,7 @@ bench:
 	cargo run --release --features bench-openssl -- bench
 
 # Fuzz the LUKS header parser (stable toolchain; installs cargo-fuzz). `make test` runs it for
-# 60 s; ask for longer with e.g. `make fuzz FUZZ_SECONDS=3600`.
+# 90 s; ask for longer with e.g. `make fuzz FUZZ_SECONDS=3600`.
 FUZZ_SECONDS ?= 600
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)

@@ -38,8 +38,8 @@ else
   cargo test --all-targets --no-fail-fast
 fi
 
-if [ "${VOLCRYPT_SKIP_FUZZ:-}" = 1 ]; then
-  stage "fuzzing: skipped (VOLCRYPT_SKIP_FUZZ=1)"
+if [ "${VOLCRYPT_SKIP_FUZZ:-}" = 1 ] || [ "${VOLCRYPT_SKIP_NATIVE:-}" = 1 ]; then
+  stage "fuzzing: skipped (VOLCRYPT_SKIP_FUZZ=1 or VOLCRYPT_SKIP_NATIVE=1)"
 else
   stage "fuzzing the LUKS header parser (${VOLCRYPT_FUZZ_SECONDS:-90} s; a crash fails)"
   scripts/fuzz.sh "${VOLCRYPT_FUZZ_SECONDS:-90}"
