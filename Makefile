@@ -1,5 +1,5 @@
 # The two commands the README promises. Both install what they need (as root) first.
-.PHONY: demo test test-native test-vm test-vagrant deb bench
+.PHONY: demo test test-native test-vm test-vagrant deb bench fuzz
 
 demo:
 	scripts/install-deps.sh
@@ -26,3 +26,9 @@ test-vagrant:
 bench:
 	cargo bench --bench crypto
 	cargo run --release --features bench-openssl -- bench
+
+# Fuzz the LUKS header parser (stable toolchain; installs cargo-fuzz). `make test` runs it for
+# 90 s; ask for longer with e.g. `make fuzz FUZZ_SECONDS=3600`.
+FUZZ_SECONDS ?= 600
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)

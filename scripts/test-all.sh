@@ -43,6 +43,13 @@ else
   echo "native tests: the dm-crypt tests show as ignored here; the VM stage runs them and fails unless each one ran"
 fi
 
+if [ "${VOLCRYPT_SKIP_FUZZ:-}" = 1 ] || [ "${VOLCRYPT_SKIP_NATIVE:-}" = 1 ]; then
+  stage "fuzzing: skipped (VOLCRYPT_SKIP_FUZZ=1 or VOLCRYPT_SKIP_NATIVE=1)"
+else
+  stage "fuzzing the LUKS header parser (${VOLCRYPT_FUZZ_SECONDS:-90} s; a crash fails)"
+  scripts/fuzz.sh "${VOLCRYPT_FUZZ_SECONDS:-90}"
+fi
+
 if [ "${VOLCRYPT_SKIP_VM:-}" = 1 ]; then
   stage "VM tests: skipped (VOLCRYPT_SKIP_VM=1)"
 else

@@ -793,3 +793,55 @@ fn unknown_mandatory_requirement_refuses_decrypt_but_inspect_lists_it() {
     );
     assert_no_secret(&out, "decrypt");
 }
+
+/// Runs `args` with standard output a pipe whose reader is already gone (`… | head` after
+/// head exited): the command must end quietly with exit 0, like a Unix tool, neither
+/// panicking ("failed printing to stdout: Broken pipe") nor reporting an error.
+fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = volcrypt(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("volcrypt runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{args:?} into a closed pipe: {:?} {err}",
+        out.status
+    );
+    assert!(
+        !err.contains("panicked") && !err.to_lowercase().contains("broken pipe"),
+        "{args:?} into a closed pipe is not quiet: {err}"
+    );
+    out
+}
+
+#[test]
+fn a_closed_stdout_pipe_ends_every_printing_command_quietly() {
+    let f = Fixture::new(1 << 20);
+    let img = f.encrypt("img", FAST_LUKS1);
+    run_into_closed_pipe(&["image", "inspect", "--json", arg(&img)]);
+    run_into_closed_pipe(&["image", "inspect", arg(&img)]);
+    run_into_closed_pipe(&[
+        "image",
+        "decrypt",
+        "--key-file",
+        arg(&f.key),
+        "--output",
+        "-",
+        arg(&img),
+    ]);
+    run_into_closed_pipe(&["image", "check-key", "--key-file", arg(&f.key), arg(&img)]);
+    run_into_closed_pipe(&["--help"]);
+    // Real errors still report, even with the pipe closed.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = volcrypt(["image", "inspect", arg(&f.plain_path)])
+        .stdout(writer)
+        .output()
+        .expect("volcrypt runs");
+    assert_eq!(out.status.code(), Some(1), "not LUKS still exits 1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a LUKS device"));
+}

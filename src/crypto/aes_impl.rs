@@ -14,28 +14,48 @@
 //! (tests/crypto_kat.rs, tests/crypto_openssl.rs).
 
 #[cfg(target_arch = "x86_64")]
-pub mod x86 {
+pub(super) mod x86 {
+    // Every `unsafe` block of the crate's crypto is here; each one says why it is sound.
+    #![deny(clippy::undocumented_unsafe_blocks)]
+
     use std::arch::x86_64::*;
 
     use zeroize::{Zeroize, ZeroizeOnDrop};
 
     use crate::crypto::xts::{Implementation, mul_alpha};
 
-    /// An instruction-set level this CPU supports, detected at run time.
+    /// Proof that the CPU running this process supports one instruction-set level.
+    ///
+    /// The only way to get a `Level` is run-time detection ([`Level::detect`],
+    /// [`Level::detect_all`]): the field is private to this module and nothing here builds
+    /// one any other way. The kernels below are called through `unsafe` on the strength of
+    /// this proof, so safe code must not be able to forge it (a forged `Vaes512` would run
+    /// AVX-512 instructions on a CPU without them).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Level {
+    pub(in crate::crypto) struct Level(Kind);
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Kind {
         AesNi,
         Vaes256,
         Vaes512,
     }
 
     impl Level {
-        /// The levels this CPU supports, preferred first.
+        /// The fastest level this CPU supports, if it has AES-NI at all.
+        pub(in crate::crypto) fn detect() -> Option<Level> {
+            Self::detect_all().first().copied()
+        }
+
+        /// Every level this CPU supports, preferred first (tests and benchmarks run each).
         ///
         /// VAES-512 comes first: with 32 blocks per iteration it has half the per-iteration
         /// overhead of VAES-256, and measured ~10% faster on 4 KiB sectors on Sapphire Rapids
         /// (`volcrypt bench` shows every level side by side on the machine at hand).
-        pub fn detect_all() -> Vec<Level> {
+        ///
+        /// Each level checks every feature its kernel enables (`xts_kernel!` below); the
+        /// standard library caches the CPUID results, so this is a few atomic loads.
+        pub(in crate::crypto) fn detect_all() -> Vec<Level> {
             let mut v = Vec::new();
             let aesni = is_x86_feature_detected!("aes") && is_x86_feature_detected!("pclmulqdq");
             if !aesni {
@@ -44,53 +64,65 @@ pub mod x86 {
             let vaes = is_x86_feature_detected!("vaes") && is_x86_feature_detected!("vpclmulqdq");
             if vaes && is_x86_feature_detected!("avx2") {
                 if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                    v.push(Level::Vaes512);
+                    v.push(Level(Kind::Vaes512));
                 }
-                v.push(Level::Vaes256);
+                v.push(Level(Kind::Vaes256));
             }
-            v.push(Level::AesNi);
+            v.push(Level(Kind::AesNi));
             v
         }
 
-        pub fn implementation(&self) -> Implementation {
-            match self {
-                Level::AesNi => Implementation::AesNi,
-                Level::Vaes256 => Implementation::Vaes256,
-                Level::Vaes512 => Implementation::Vaes512,
+        pub(in crate::crypto) fn implementation(self) -> Implementation {
+            match self.0 {
+                Kind::AesNi => Implementation::AesNi,
+                Kind::Vaes256 => Implementation::Vaes256,
+                Kind::Vaes512 => Implementation::Vaes512,
             }
         }
     }
 
-    /// Expanded AES round keys for XTS: data key (both directions) and tweak key. Zeroized on
-    /// drop.
+    /// Expanded AES round keys for XTS: data key (both directions) and tweak key, with the
+    /// detected level they run at (detection happens once per key, never per sector).
+    /// Zeroized on drop.
     #[derive(Zeroize, ZeroizeOnDrop)]
-    pub struct XtsKeys {
+    pub(in crate::crypto) struct XtsKeys {
         enc: [[u8; 16]; 15],
         dec: [[u8; 16]; 15],
         tweak: [[u8; 16]; 15],
         /// 10 (AES-128) or 14 (AES-256).
         rounds: usize,
+        #[zeroize(skip)]
+        level: Level,
     }
 
     impl XtsKeys {
-        /// `key` is 32 or 64 bytes (checked by the caller, [`crate::crypto::xts::Xts`]);
-        /// `level` came from [`Level::detect_all`].
-        pub fn new(key: &[u8], level: Level) -> Self {
-            let _ = level;
+        /// `key` is 32 or 64 bytes (AES-128-XTS or AES-256-XTS); `None` for any other length.
+        pub(in crate::crypto) fn new(key: &[u8], level: Level) -> Option<Self> {
+            let rounds = match key.len() {
+                32 => 10,
+                64 => 14,
+                _ => return None,
+            };
             let half = key.len() / 2;
             let mut k = XtsKeys {
                 enc: [[0; 16]; 15],
                 dec: [[0; 16]; 15],
                 tweak: [[0; 16]; 15],
-                rounds: if half == 16 { 10 } else { 14 },
+                rounds,
+                level,
             };
-            // SAFETY: every Level implies AES-NI, detected at run time by Level::detect_all.
+            // SAFETY: these functions enable only `aes`; every `Level` is proof (it can only
+            // come from detection) that the CPU has AES-NI.
             unsafe {
                 expand_key(&key[..half], &mut k.enc);
                 expand_key(&key[half..], &mut k.tweak);
                 inverse_keys(&k.enc, k.rounds, &mut k.dec);
             }
-            k
+            Some(k)
+        }
+
+        pub(in crate::crypto) fn level(&self) -> Level {
+            self.level
         }
     }
 
@@ -598,48 +630,57 @@ pub mod x86 {
         "aes,pclmulqdq,avx2,avx512f,avx512bw,vaes,vpclmulqdq"
     );
 
-    /// Encrypts or decrypts consecutive sectors, sector i with IV block `ivs[i]`.
-    /// `data.len() == ivs.len() * sector_size`, `sector_size` a non-zero multiple of 16.
-    pub fn xts_sectors(
-        k: &XtsKeys,
-        level: Level,
-        data: &mut [u8],
-        sector_size: usize,
-        ivs: &[[u8; 16]],
-        encrypt: bool,
-    ) {
-        let keys = if encrypt { &k.enc } else { &k.dec };
-        for (run, run_ivs) in data.chunks_mut(sector_size * 8).zip(ivs.chunks(8)) {
-            let mut t0_buf = [[0u8; 16]; 8];
-            let t0 = &mut t0_buf[..run_ivs.len()];
-            t0.copy_from_slice(run_ivs);
-            // SAFETY (all calls below): `level` came from Level::detect_all, which checked
-            // every target feature the called function enables.
-            unsafe {
-                if k.rounds == 10 {
-                    encrypt_blocks_8::<10>(&k.tweak, t0);
-                } else {
-                    encrypt_blocks_8::<14>(&k.tweak, t0);
+    impl XtsKeys {
+        /// Encrypts or decrypts consecutive sectors in place, sector i with IV block `ivs[i]`,
+        /// at the level these keys were made for. `data.len() == ivs.len() * sector_size`,
+        /// `sector_size` a non-zero multiple of 16 (checked by [`crate::crypto::xts::Xts`];
+        /// a violation gives wrong output, never out-of-bounds access: the kernels only touch
+        /// memory through slices).
+        pub(in crate::crypto) fn crypt_sectors(
+            &self,
+            data: &mut [u8],
+            sector_size: usize,
+            ivs: &[[u8; 16]],
+            encrypt: bool,
+        ) {
+            let keys = if encrypt { &self.enc } else { &self.dec };
+            let aes128 = self.rounds == 10;
+            for (run, run_ivs) in data.chunks_mut(sector_size * 8).zip(ivs.chunks(8)) {
+                let mut t0_buf = [[0u8; 16]; 8];
+                let t0 = &mut t0_buf[..run_ivs.len()];
+                t0.copy_from_slice(run_ivs);
+                // SAFETY: `encrypt_blocks_8` enables only `aes`; `self.level` is proof (it can
+                // only come from detection) that the CPU has AES-NI.
+                unsafe {
+                    if aes128 {
+                        encrypt_blocks_8::<10>(&self.tweak, t0);
+                    } else {
+                        encrypt_blocks_8::<14>(&self.tweak, t0);
+                    }
                 }
-            }
-            let ss = sector_size;
-            unsafe {
-                match (level, encrypt, k.rounds == 10) {
-                    (Level::AesNi, true, true) => xts_w128::<true, 10>(keys, run, ss, t0),
-                    (Level::AesNi, true, false) => xts_w128::<true, 14>(keys, run, ss, t0),
-                    (Level::AesNi, false, true) => xts_w128::<false, 10>(keys, run, ss, t0),
-                    (Level::AesNi, false, false) => xts_w128::<false, 14>(keys, run, ss, t0),
-                    (Level::Vaes256, true, true) => xts_w256::<true, 10>(keys, run, ss, t0),
-                    (Level::Vaes256, true, false) => xts_w256::<true, 14>(keys, run, ss, t0),
-                    (Level::Vaes256, false, true) => xts_w256::<false, 10>(keys, run, ss, t0),
-                    (Level::Vaes256, false, false) => xts_w256::<false, 14>(keys, run, ss, t0),
-                    (Level::Vaes512, true, true) => xts_w512::<true, 10>(keys, run, ss, t0),
-                    (Level::Vaes512, true, false) => xts_w512::<true, 14>(keys, run, ss, t0),
-                    (Level::Vaes512, false, true) => xts_w512::<false, 10>(keys, run, ss, t0),
-                    (Level::Vaes512, false, false) => xts_w512::<false, 14>(keys, run, ss, t0),
+                let ss = sector_size;
+                // SAFETY: each kernel is called only for the level that detected every
+                // feature it enables (compare `Level::detect_all` with `xts_kernel!` uses):
+                // AesNi: aes, pclmulqdq; Vaes256: those plus avx2, vaes, vpclmulqdq; Vaes512:
+                // those plus avx512f, avx512bw.
+                unsafe {
+                    match (self.level.0, encrypt, aes128) {
+                        (Kind::AesNi, true, true) => xts_w128::<true, 10>(keys, run, ss, t0),
+                        (Kind::AesNi, true, false) => xts_w128::<true, 14>(keys, run, ss, t0),
+                        (Kind::AesNi, false, true) => xts_w128::<false, 10>(keys, run, ss, t0),
+                        (Kind::AesNi, false, false) => xts_w128::<false, 14>(keys, run, ss, t0),
+                        (Kind::Vaes256, true, true) => xts_w256::<true, 10>(keys, run, ss, t0),
+                        (Kind::Vaes256, true, false) => xts_w256::<true, 14>(keys, run, ss, t0),
+                        (Kind::Vaes256, false, true) => xts_w256::<false, 10>(keys, run, ss, t0),
+                        (Kind::Vaes256, false, false) => xts_w256::<false, 14>(keys, run, ss, t0),
+                        (Kind::Vaes512, true, true) => xts_w512::<true, 10>(keys, run, ss, t0),
+                        (Kind::Vaes512, true, false) => xts_w512::<true, 14>(keys, run, ss, t0),
+                        (Kind::Vaes512, false, true) => xts_w512::<false, 10>(keys, run, ss, t0),
+                        (Kind::Vaes512, false, false) => xts_w512::<false, 14>(keys, run, ss, t0),
+                    }
                 }
+                t0_buf.zeroize();
             }
-            t0_buf.zeroize();
         }
     }
 }

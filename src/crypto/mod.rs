@@ -1,14 +1,21 @@
 //! The userspace engine's cryptographic primitives: hashes and PBKDF2 ([`hash`]), the LUKS key
 //! derivation functions with cost limits ([`kdf`]), the anti-forensic splitter ([`af`]), cipher
 //! specifications and whole-sector encryption ([`cipher`]), and the fast AES-XTS engine behind
-//! it ([`xts`], built on the AES implementations in [`aes_impl`]).
+//! it ([`xts`], built on the hand-written x86_64 AES kernels of the private `aes_impl`).
 //!
 //! Everything here is a plain function or a small value type; the LUKS layer decides what to
 //! call with which parameters.
+//!
+//! Soundness: the SIMD kernels may only run on a CPU that has their instructions. The only
+//! `unsafe` code lives in the private `aes_impl` module, whose kernels are reachable only
+//! through an [`xts::Xts`] built from run-time CPU detection; nothing public lets safe code
+//! choose an instruction set the CPU lacks.
+#![deny(unsafe_code)]
 
 use crate::kind::Kind;
 
-pub mod aes_impl;
+#[allow(unsafe_code)]
+mod aes_impl;
 pub mod af;
 pub mod cbc;
 pub mod cipher;
@@ -32,6 +39,9 @@ pub enum Error {
     /// A hash name volcrypt does not implement.
     #[error("unsupported hash {0:?} (supported: sha1, sha224, sha256, sha384, sha512, ripemd160)")]
     UnsupportedHash(String),
+    /// An AES-XTS implementation asked for by name that this CPU cannot run.
+    #[error("the {0} AES-XTS implementation needs CPU features this machine lacks")]
+    ImplementationUnavailable(&'static str),
     /// A key whose length does not fit the cipher.
     #[error("invalid key length for {spec}: {got} bytes (expected {expected})")]
     InvalidKeyLength {

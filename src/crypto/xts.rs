@@ -22,8 +22,9 @@ pub struct Xts {
 
 enum Backend {
     Portable(Box<PortableXts>),
+    /// The round keys carry the detected CPU level they run at.
     #[cfg(target_arch = "x86_64")]
-    X86(Box<x86::XtsKeys>, x86::Level),
+    X86(Box<x86::XtsKeys>),
 }
 
 /// Which implementation an [`Xts`] uses; reported by `volcrypt bench`.
@@ -40,6 +41,14 @@ pub enum Implementation {
 }
 
 impl Implementation {
+    /// Every implementation volcrypt has, whether or not this CPU can run it.
+    pub const ALL: [Implementation; 4] = [
+        Implementation::Vaes512,
+        Implementation::Vaes256,
+        Implementation::AesNi,
+        Implementation::Portable,
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Implementation::Portable => "portable (aes crate)",
@@ -49,7 +58,8 @@ impl Implementation {
         }
     }
 
-    /// The implementations this CPU can run, preferred (fastest) first.
+    /// The implementations this CPU can run (detected at run time), preferred (fastest)
+    /// first. Each one can be asked for with [`Xts::with_implementation`].
     pub fn available() -> Vec<Implementation> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
@@ -63,38 +73,46 @@ impl Implementation {
 
 impl Xts {
     /// A key of 32 bytes (AES-128-XTS) or 64 bytes (AES-256-XTS): data key first, tweak key
-    /// second, as dm-crypt and IEEE 1619 order them. Uses the preferred (fastest)
-    /// implementation available.
+    /// second, as dm-crypt and IEEE 1619 order them. Uses the fastest implementation this CPU
+    /// supports, detected once here (never per sector).
     pub fn new(key: &[u8]) -> Result<Self, Error> {
-        let best = Implementation::available()
-            .first()
-            .copied()
-            .unwrap_or(Implementation::Portable);
-        Self::with_implementation(key, best)
+        check_key(key)?;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(level) = x86::Level::detect() {
+            return Self::x86(key, level);
+        }
+        Self::portable(key)
     }
 
-    /// As [`Xts::new`], forcing one implementation (for tests and benchmarks). Asking for one
-    /// the CPU does not support falls back to the portable one.
+    /// As [`Xts::new`], with one given implementation (tests and benchmarks run each one).
+    /// The CPU's support is detected here: asking for one it lacks is an error, never a
+    /// fallback and never an attempt to run instructions the CPU does not have.
     pub fn with_implementation(key: &[u8], imp: Implementation) -> Result<Self, Error> {
-        if key.len() != 32 && key.len() != 64 {
-            return Err(Error::InvalidKeyLength {
-                spec: "aes-xts".into(),
-                got: key.len(),
-                expected: "32 or 64 bytes",
-            });
+        check_key(key)?;
+        if imp == Implementation::Portable {
+            return Self::portable(key);
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(level) = x86::Level::detect_all()
             .into_iter()
             .find(|l| l.implementation() == imp)
         {
-            return Ok(Xts {
-                backend: Backend::X86(Box::new(x86::XtsKeys::new(key, level)), level),
-            });
+            return Self::x86(key, level);
         }
-        let _ = imp;
+        Err(Error::ImplementationUnavailable(imp.name()))
+    }
+
+    fn portable(key: &[u8]) -> Result<Self, Error> {
         Ok(Xts {
             backend: Backend::Portable(Box::new(PortableXts::new(key)?)),
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn x86(key: &[u8], level: x86::Level) -> Result<Self, Error> {
+        let keys = x86::XtsKeys::new(key, level).ok_or_else(|| key_length_error(key))?;
+        Ok(Xts {
+            backend: Backend::X86(Box::new(keys)),
         })
     }
 
@@ -102,7 +120,7 @@ impl Xts {
         match &self.backend {
             Backend::Portable(_) => Implementation::Portable,
             #[cfg(target_arch = "x86_64")]
-            Backend::X86(_, level) => level.implementation(),
+            Backend::X86(k) => k.level().implementation(),
         }
     }
 
@@ -121,7 +139,7 @@ impl Xts {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Backend::X86(k, level) => x86::xts_sectors(k, *level, data, sector_size, ivs, true),
+            Backend::X86(k) => k.crypt_sectors(data, sector_size, ivs, true),
         }
     }
 
@@ -138,8 +156,24 @@ impl Xts {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Backend::X86(k, level) => x86::xts_sectors(k, *level, data, sector_size, ivs, false),
+            Backend::X86(k) => k.crypt_sectors(data, sector_size, ivs, false),
         }
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), Error> {
+    if key.len() == 32 || key.len() == 64 {
+        Ok(())
+    } else {
+        Err(key_length_error(key))
+    }
+}
+
+fn key_length_error(key: &[u8]) -> Error {
+    Error::InvalidKeyLength {
+        spec: "aes-xts".into(),
+        got: key.len(),
+        expected: "32 or 64 bytes",
     }
 }
 
@@ -225,11 +259,7 @@ impl PortableXts {
             (Some(data), Some(tweak)) if key.len() == 32 || key.len() == 64 => {
                 Ok(PortableXts { data, tweak })
             }
-            _ => Err(Error::InvalidKeyLength {
-                spec: "aes-xts".into(),
-                got: key.len(),
-                expected: "32 or 64 bytes",
-            }),
+            _ => Err(key_length_error(key)),
         }
     }
 
@@ -304,6 +334,31 @@ impl ReferenceXts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_implementation_the_cpu_lacks_is_refused_not_run() {
+        let available = Implementation::available();
+        assert_eq!(available.last(), Some(&Implementation::Portable));
+        assert_eq!(
+            Xts::new(&[7; 64]).unwrap().implementation(),
+            available[0],
+            "Xts::new picks the preferred detected implementation"
+        );
+        for imp in Implementation::ALL {
+            let r = Xts::with_implementation(&[7; 64], imp);
+            if available.contains(&imp) {
+                assert_eq!(r.unwrap().implementation(), imp);
+            } else {
+                let e = r.err().expect("unsupported implementation must be refused");
+                assert!(e.to_string().contains(imp.name()), "{e}");
+            }
+        }
+        for bad in [0, 16, 48, 65] {
+            for imp in Implementation::ALL {
+                assert!(Xts::with_implementation(&vec![1; bad], imp).is_err());
+            }
+        }
+    }
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -59,11 +59,11 @@ impl Default for StreamOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error("reading: {0}")]
-    Read(io::Error),
+    Read(#[source] io::Error),
     #[error("reading: the input ended after {got} of {expected} bytes")]
     ShortInput { got: u64, expected: u64 },
     #[error("writing: {0}")]
-    Write(io::Error),
+    Write(#[source] io::Error),
     #[error("sector size {0} is not a power of two in 512..=4096")]
     BadSectorSize(usize),
     #[error("{len} bytes is not a whole number of {sector_size}-byte sectors")]

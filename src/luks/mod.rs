@@ -162,7 +162,7 @@ impl Header {
     pub fn sector_size(&self) -> u32 {
         match self {
             Header::Luks1(_) => 512,
-            Header::Luks2(h) => h.data_segment().sector_size,
+            Header::Luks2(h) => h.data_segment().map_or(512, |c| c.sector_size),
         }
     }
 
@@ -170,7 +170,7 @@ impl Header {
     pub fn data_offset(&self) -> u64 {
         match self {
             Header::Luks1(h) => u64::from(h.payload_offset) * 512,
-            Header::Luks2(h) => h.data_segment_entry().offset,
+            Header::Luks2(h) => h.data_segment_entry().map_or(0, |s| s.offset),
         }
     }
 
@@ -178,18 +178,21 @@ impl Header {
     pub fn data_size(&self) -> Option<u64> {
         match self {
             Header::Luks1(_) => None,
-            Header::Luks2(h) => h.data_segment_entry().size,
+            Header::Luks2(h) => h.data_segment_entry().and_then(|s| s.size),
         }
     }
 
     pub fn iv_tweak(&self) -> u64 {
         match self {
             Header::Luks1(_) => 0,
-            Header::Luks2(h) => h.data_segment().iv_tweak,
+            Header::Luks2(h) => h.data_segment().map_or(0, |c| c.iv_tweak),
         }
     }
 
-    /// Err(UnsupportedRequirement) when the data must not be activated/written.
+    /// Whether the data may be opened (decrypt, unlock for activation, write); an error naming
+    /// the reason otherwise. Inspect never needs this: a header that cryptsetup reads is shown
+    /// even when volcrypt cannot open its data. The accessors above (sector size, offsets)
+    /// describe the data segment and are meaningful only when this returns Ok.
     pub fn check_activation_allowed(&self) -> Result<(), Error> {
         match self {
             Header::Luks1(_) => Ok(()),

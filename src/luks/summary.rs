@@ -12,16 +12,21 @@ pub struct Summary {
     pub uuid: String,
     pub label: Option<String>,
     pub subsystem: Option<String>,
-    /// Cipher of the data segment, e.g. "aes-xts-plain64".
-    pub cipher: String,
+    /// Cipher of the data segment, e.g. "aes-xts-plain64" (None: no data segment volcrypt can
+    /// open, see `no_data_segment`).
+    pub cipher: Option<String>,
     /// LUKS1 hash spec (LUKS2 has per-object hashes).
     pub hash: Option<String>,
     pub volume_key_bits: usize,
-    pub sector_size: u32,
-    pub data_offset: u64,
+    pub sector_size: Option<u32>,
+    pub data_offset: Option<u64>,
     /// None = to the end of the device ("dynamic").
     pub data_size: Option<u64>,
-    pub iv_tweak: u64,
+    pub iv_tweak: Option<u64>,
+    /// Why a valid LUKS2 header has no data segment volcrypt can open (e.g. a segment type it
+    /// does not know): inspect shows it, decrypt and unlock refuse it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_data_segment: Option<String>,
     pub hdr_size: Option<u64>,
     pub seqid: Option<u64>,
     pub checksum_alg: Option<String>,
@@ -145,16 +150,23 @@ impl fmt::Display for Summary {
             };
             writeln!(f, "Requirements:   {req}")?;
         }
-        writeln!(f, "Cipher:         {}", self.cipher)?;
-        writeln!(f, "Key size:       {} bits", self.volume_key_bits)?;
+        if let Some(why) = &self.no_data_segment {
+            writeln!(f, "Data segment:   none volcrypt can open ({why})")?;
+        }
+        if let Some(cipher) = &self.cipher {
+            writeln!(f, "Cipher:         {cipher}")?;
+            writeln!(f, "Key size:       {} bits", self.volume_key_bits)?;
+        }
         if let Some(hash) = &self.hash {
             writeln!(f, "Hash spec:      {hash}")?;
         }
-        writeln!(f, "Sector size:    {}", self.sector_size)?;
-        writeln!(f, "Data offset:    {} [bytes]", self.data_offset)?;
-        match self.data_size {
-            Some(s) => writeln!(f, "Data size:      {s} [bytes]")?,
-            None => writeln!(f, "Data size:      (whole device)")?,
+        if let (Some(ss), Some(off)) = (self.sector_size, self.data_offset) {
+            writeln!(f, "Sector size:    {ss}")?;
+            writeln!(f, "Data offset:    {off} [bytes]")?;
+            match self.data_size {
+                Some(s) => writeln!(f, "Data size:      {s} [bytes]")?,
+                None => writeln!(f, "Data size:      (whole device)")?,
+            }
         }
         if let Some(it) = self.mk_digest_iterations {
             writeln!(f, "MK iterations:  {it}")?;

@@ -32,10 +32,19 @@ pub struct Header {
     /// Cipher of the data segment, when the userspace engine can run it (`None`: serpent,
     /// twofish... — the header still reads and inspects; see [`Header::data_cipher_spec`]).
     pub data_cipher: Option<CipherSpec>,
-    data_segment: u32,
-    /// Copies of the data segment and its crypt parameters (taken from `meta`).
-    data_entry: Segment,
-    data_crypt: CryptParams,
+    /// The data segment, or why the header (valid as it is) has none volcrypt can use.
+    data: Result<DataSegment, String>,
+    /// Size of the device the header was read from (None: a detached header file).
+    device_size: Option<u64>,
+}
+
+/// The segment holding the data and what opening it needs.
+#[derive(Debug, Clone)]
+struct DataSegment {
+    id: u32,
+    /// Copies of the segment and its crypt parameters (taken from `meta`).
+    entry: Segment,
+    crypt: CryptParams,
     volume_key_len: usize,
 }
 
@@ -174,132 +183,125 @@ impl Header {
         meta: Metadata,
         device_size: Option<u64>,
     ) -> Result<Header, Error> {
-        let (data_segment, seg) = meta
-            .segments
-            .iter()
-            .find(|(_, s)| s.crypt.is_some() && !s.flags.iter().any(|f| f.starts_with("backup-")))
-            .map(|(id, s)| (*id, s.clone()))
-            .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
-        let crypt = seg
-            .crypt
-            .clone()
-            .ok_or_else(|| Error::invalid(H, "segments", "no crypt data segment"))?;
-        let data_cipher = CipherSpec::parse(&crypt.encryption).ok();
-        let (digest_id, digest) = meta
-            .digests
-            .iter()
-            .find(|(_, d)| d.segments.contains(&data_segment))
-            .ok_or_else(|| {
-                Error::invalid(
-                    H,
-                    format!("segments.{data_segment}"),
-                    "not assigned to any digest",
-                )
-            })?;
-        let volume_key_len = digest
-            .keyslots
-            .iter()
-            .filter_map(|k| meta.keyslots.get(k))
-            .find(|k| k.kind == "luks2")
-            .map(|k| k.key_size as usize)
-            .ok_or_else(|| {
-                Error::invalid(
-                    H,
-                    format!("digests.{digest_id}.keyslots"),
-                    "the data segment's digest has no luks2 keyslot",
-                )
-            })?;
-        if let Some(c) = &data_cipher {
-            c.check_key_len(volume_key_len).map_err(|e| {
-                Error::invalid(
-                    H,
-                    format!("digests.{digest_id}.keyslots"),
-                    format!("volume key size: {e}"),
-                )
-            })?;
-        }
-        let metadata_end = 2 * binary.hdr_size + meta.config.keyslots_size;
-        if let Some(dev) = device_size {
-            let field = format!("segments.{data_segment}.offset");
-            if seg.offset == 0 {
-                return Err(Error::invalid(
-                    H,
-                    field,
-                    "0 (detached-header layout) but the header is on the data device",
-                ));
-            }
-            if seg.offset < metadata_end {
-                return Err(Error::invalid(
-                    H,
-                    field,
-                    format!(
-                        "data at byte {} overlaps the header and keyslots area (ends at {metadata_end})",
-                        seg.offset
-                    ),
-                ));
-            }
-            let end = seg.offset.saturating_add(seg.size.unwrap_or(0));
-            if end > dev {
-                return Err(Error::invalid(
-                    H,
-                    field,
-                    format!(
-                        "data (bytes {}..{end}) extends beyond the device end ({dev} bytes)",
-                        seg.offset
-                    ),
-                ));
-            }
-        }
+        let data = find_data_segment(&meta);
+        let data_cipher = data
+            .as_ref()
+            .ok()
+            .and_then(|d| CipherSpec::parse(&d.crypt.encryption).ok());
         Ok(Header {
             binary,
             raw,
             meta,
             data_cipher,
-            data_segment,
-            data_entry: seg,
-            data_crypt: crypt,
-            volume_key_len,
+            data,
+            device_size,
         })
     }
 
-    pub fn volume_key_len(&self) -> usize {
-        self.volume_key_len
+    /// The data segment, or an error saying why the header has none volcrypt can open.
+    fn data(&self) -> Result<&DataSegment, Error> {
+        self.data
+            .as_ref()
+            .map_err(|reason| Error::UnsupportedFeature(format!("LUKS2 header: {reason}")))
     }
 
-    /// The data segment's cipher, or an error naming it when the userspace engine cannot run it.
-    pub fn data_cipher_spec(&self) -> Result<&CipherSpec, Error> {
-        self.data_cipher.as_ref().ok_or_else(|| {
-            crate::crypto::Error::UnsupportedCipher(self.data_crypt.encryption.clone()).into()
-        })
-    }
-
-    /// The segment holding the data (the first crypt segment that is not a backup).
-    pub fn data_segment_entry(&self) -> &Segment {
-        &self.data_entry
-    }
-
-    pub fn data_segment(&self) -> &CryptParams {
-        &self.data_crypt
-    }
-
-    pub fn check_activation_allowed(&self) -> Result<(), Error> {
-        if let Some(req) = self.meta.config.requirements.first() {
-            return Err(Error::UnsupportedRequirement(req.clone()));
+    /// Checks that need the data device: the data must not overlap the header and keyslots
+    /// and must end inside the device. cryptsetup reads such headers (luksDump) and refuses
+    /// to activate them; so does volcrypt.
+    fn check_data_placement(&self, d: &DataSegment) -> Result<(), Error> {
+        let Some(dev) = self.device_size else {
+            return Ok(());
+        };
+        let field = format!("segments.{}.offset", d.id);
+        let seg = &d.entry;
+        if seg.offset == 0 {
+            return Err(Error::invalid(
+                H,
+                field,
+                "0 (detached-header layout) but the header is on the data device",
+            ));
         }
-        if self.data_segment().integrity {
-            return Err(Error::UnsupportedFeature(format!(
-                "LUKS2 header: segments.{}.integrity (authenticated encryption with dm-integrity)",
-                self.data_segment
-            )));
+        let metadata_end = 2 * self.binary.hdr_size + self.meta.config.keyslots_size;
+        if seg.offset < metadata_end {
+            return Err(Error::invalid(
+                H,
+                field,
+                format!(
+                    "data at byte {} overlaps the header and keyslots area (ends at {metadata_end})",
+                    seg.offset
+                ),
+            ));
+        }
+        let end = seg.offset.saturating_add(seg.size.unwrap_or(0));
+        if end > dev {
+            return Err(Error::invalid(
+                H,
+                field,
+                format!(
+                    "data (bytes {}..{end}) extends beyond the device end ({dev} bytes)",
+                    seg.offset
+                ),
+            ));
         }
         Ok(())
     }
 
+    /// Size of the volume key in bytes: the key size of the data segment's keyslots (0 when
+    /// the header has no data segment volcrypt can use).
+    pub fn volume_key_len(&self) -> usize {
+        self.data.as_ref().map_or(0, |d| d.volume_key_len)
+    }
+
+    /// The data segment's cipher, or an error naming it when the userspace engine cannot run it.
+    pub fn data_cipher_spec(&self) -> Result<&CipherSpec, Error> {
+        let d = self.data()?;
+        self.data_cipher.as_ref().ok_or_else(|| {
+            crate::crypto::Error::UnsupportedCipher(d.crypt.encryption.clone()).into()
+        })
+    }
+
+    /// The segment holding the data (the first crypt segment that is not a backup), if any.
+    pub fn data_segment_entry(&self) -> Option<&Segment> {
+        self.data.as_ref().ok().map(|d| &d.entry)
+    }
+
+    /// The data segment's crypt parameters, if there is a data segment.
+    pub fn data_segment(&self) -> Option<&CryptParams> {
+        self.data.as_ref().ok().map(|d| &d.crypt)
+    }
+
+    /// Whether the data may be opened (decrypted, activated, written): a data segment volcrypt
+    /// understands, no unknown requirement, no dm-integrity, a sector size the engine and
+    /// dm-crypt take, and (on a data device) data placed after the metadata and inside the
+    /// device. Each refusal names its reason; the header itself stays valid for inspect.
+    pub fn check_activation_allowed(&self) -> Result<(), Error> {
+        if let Some(req) = self.meta.config.requirements.first() {
+            return Err(Error::UnsupportedRequirement(req.clone()));
+        }
+        let d = self.data()?;
+        if d.crypt.integrity {
+            return Err(Error::UnsupportedFeature(format!(
+                "LUKS2 header: segments.{}.integrity (authenticated encryption with dm-integrity)",
+                d.id
+            )));
+        }
+        let ss = d.crypt.sector_size;
+        if !(ss.is_power_of_two() && (512..=4096).contains(&ss)) {
+            return Err(Error::UnsupportedFeature(format!(
+                "LUKS2 header: segments.{}.sector_size {ss} (dm-crypt and volcrypt take 512, 1024, 2048 or 4096)",
+                d.id
+            )));
+        }
+        self.check_data_placement(d)
+    }
+
     /// Whether a keyslot's digest covers the data segment.
     fn is_bound(&self, slot: u32) -> bool {
-        self.meta
-            .digest_of_keyslot(slot)
-            .is_some_and(|(_, d)| d.segments.contains(&self.data_segment))
+        self.meta.digest_of_keyslot(slot).is_some_and(|(_, d)| {
+            self.data
+                .as_ref()
+                .is_ok_and(|data| d.segments.contains(&data.id))
+        })
     }
 
     /// Why a keyslot cannot unlock the data, or None when it can.
@@ -313,6 +315,14 @@ impl Header {
         }
         if let Some(KdfDesc::Unknown(t)) = &ks.kdf {
             return Some(format!("unsupported KDF type {t:?}"));
+        }
+        if let Some(p) = &ks.problem {
+            return Some(p.clone());
+        }
+        if let Some((_, d)) = self.meta.digest_of_keyslot(slot)
+            && let Some(p) = &d.problem
+        {
+            return Some(p.clone());
         }
         if !self.is_bound(slot) {
             return Some("is unbound (its key is not the volume key of the data segment); it is never used to unlock data".into());
@@ -432,6 +442,8 @@ impl Header {
                 vec![s]
             }
             None => {
+                // Without a data segment there is no volume key to unlock.
+                self.data()?;
                 let mut v: Vec<(u8, u32)> = self
                     .meta
                     .keyslots
@@ -441,9 +453,26 @@ impl Header {
                     .collect();
                 // High priority (2) first, then normal; by id within a priority.
                 v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-                v.into_iter().map(|(_, id)| id).collect()
+                let order: Vec<u32> = v.into_iter().map(|(_, id)| id).collect();
+                // No keyslot can be tried at all: say why rather than "wrong passphrase".
+                if order.is_empty()
+                    && let Some((id, reason)) = self
+                        .meta
+                        .keyslots
+                        .keys()
+                        .find_map(|id| Some((*id, self.unusable_reason(*id)?)))
+                {
+                    return Err(Error::Keyslot {
+                        slot: id,
+                        reason: format!("{reason} (no keyslot is usable)"),
+                    });
+                }
+                order
             }
         };
+        // Unlocking yields the data segment's volume key: without one there is nothing to
+        // unlock (a keyslot's own problem, reported above, is the more precise reason).
+        self.data()?;
         let mut deferred = None;
         for s in order {
             match self.try_slot(r, s, passphrase, limits) {
@@ -528,20 +557,20 @@ impl Header {
                 }
             })
             .collect();
-        let seg = self.data_segment_entry();
-        let crypt = self.data_segment();
+        let data = self.data.as_ref().ok();
         Summary {
             version: 2,
             uuid: self.binary.uuid.clone(),
             label: (!self.binary.label.is_empty()).then(|| self.binary.label.clone()),
             subsystem: (!self.binary.subsystem.is_empty()).then(|| self.binary.subsystem.clone()),
-            cipher: crypt.encryption.clone(),
+            cipher: data.map(|d| d.crypt.encryption.clone()),
             hash: None,
-            volume_key_bits: self.volume_key_len * 8,
-            sector_size: crypt.sector_size,
-            data_offset: seg.offset,
-            data_size: seg.size,
-            iv_tweak: crypt.iv_tweak,
+            volume_key_bits: self.volume_key_len() * 8,
+            sector_size: data.map(|d| d.crypt.sector_size),
+            data_offset: data.map(|d| d.entry.offset),
+            data_size: data.and_then(|d| d.entry.size),
+            iv_tweak: data.map(|d| d.crypt.iv_tweak),
+            no_data_segment: self.data.as_ref().err().cloned(),
             hdr_size: Some(self.binary.hdr_size),
             seqid: Some(self.binary.seqid),
             checksum_alg: Some(self.binary.csum_alg.clone()),
@@ -595,4 +624,44 @@ impl Header {
             flags: m.config.flags.clone(),
         }
     }
+}
+
+/// The data segment (the first regular crypt segment) with the volume key size its digest's
+/// keyslots give, or why there is none volcrypt can use. A header without one is still valid
+/// (cryptsetup reads it: a segment of a type it does not know, for example); only opening
+/// the data is refused.
+fn find_data_segment(meta: &Metadata) -> Result<DataSegment, String> {
+    let (id, seg) = meta
+        .segments
+        .iter()
+        .find(|(_, s)| !s.flags.iter().any(|f| f.starts_with("backup-")))
+        .ok_or("no regular segment")?;
+    let crypt = seg.crypt.clone().ok_or_else(|| {
+        format!(
+            "segments.{id} has type {:?}; volcrypt opens only \"crypt\" data segments",
+            seg.kind
+        )
+    })?;
+    let (digest_id, digest) = meta
+        .digests
+        .iter()
+        .find(|(_, d)| d.segments.contains(id))
+        .ok_or_else(|| format!("segments.{id} is not assigned to any digest"))?;
+    let volume_key_len = digest
+        .keyslots
+        .iter()
+        .filter_map(|k| meta.keyslots.get(k))
+        .find(|k| k.kind == "luks2" && k.key_size > 0)
+        .map(|k| k.key_size as usize)
+        .ok_or_else(|| format!("digests.{digest_id} (the data segment's) has no luks2 keyslot"))?;
+    if let Ok(c) = CipherSpec::parse(&crypt.encryption) {
+        c.check_key_len(volume_key_len)
+            .map_err(|e| format!("digests.{digest_id}.keyslots: volume key size: {e}"))?;
+    }
+    Ok(DataSegment {
+        id: *id,
+        entry: seg.clone(),
+        crypt,
+        volume_key_len,
+    })
 }
