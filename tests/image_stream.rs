@@ -70,7 +70,7 @@ fn chunked_parallel_streams_equal_a_single_pass_and_round_trip() {
     }
 }
 
-/// Whole-image decrypt throughput, all cores vs one (issue 2 §6). A benchmark, not a timed
+/// Whole-image decrypt throughput, all cores vs one. A benchmark, not a timed
 /// test: run it with `cargo test --release --test image_stream -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark: run explicitly in release mode"]

@@ -1,5 +1,5 @@
 //! Whole-image throughput: the streaming pipeline with all cores vs one core, for
-//! `volcrypt bench` (issue 2 §6). The payload comes from memory and goes to a sink, so the
+//! `volcrypt bench`. The payload comes from memory and goes to a sink, so the
 //! numbers measure the cipher and the pipeline, not the disk.
 
 use std::io;
