@@ -377,6 +377,18 @@ impl ValidRequest {
         self.selector.is_none() || self.request.resolved_device.is_some()
     }
 
+    /// The engine never guesses a selector's device: only a resolved request may run.
+    pub fn require_resolved(&self) -> Result<(), Error> {
+        if self.is_resolved() {
+            return Ok(());
+        }
+        Err(field(
+            "device",
+            "a device selector must be resolved to a device node first (`volcrypt attach` \
+             and the agent do; library callers use AttachRequest::resolved)",
+        ))
+    }
+
     /// This request once its selector found `devnode` (see [`AttachRequest::resolved`]); the
     /// checks already made hold for the resolved request, so they are not made again.
     pub fn resolved(mut self, devnode: &Path) -> ValidRequest {
@@ -433,13 +445,7 @@ impl AttachRequest {
     /// ([`AttachRequest::resolved`]): only the agent resolves selectors.
     pub fn validate(&self) -> Result<ValidRequest, Error> {
         let v = self.validate_unresolved()?;
-        if !v.is_resolved() {
-            return Err(field(
-                "device",
-                "a device selector must be resolved to a device node first (`volcrypt attach` \
-                 and the agent do; library callers use AttachRequest::resolved)",
-            ));
-        }
+        v.require_resolved()?;
         Ok(v)
     }
 

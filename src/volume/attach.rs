@@ -169,17 +169,7 @@ impl Prepared {
 
 /// Check a request whose device is known and read its device's LUKS header (blocking).
 pub fn prepare(valid: ValidRequest) -> Result<Prepared, Error> {
-    if !valid.is_resolved() {
-        // validate() refuses this too: the engine never guesses a selector's device.
-        return Err(valid
-            .request()
-            .validate()
-            .err()
-            .map(Error::from)
-            .unwrap_or(Error::Request(request::Error::Json(
-                "unresolved device selector".into(),
-            ))));
-    }
+    valid.require_resolved()?;
     let header = match &valid.plan {
         Plan::Encrypted(p) if p.format != VolumeFormat::Plain => header::read(&valid.device_path),
         _ => None,
