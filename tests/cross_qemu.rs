@@ -112,7 +112,7 @@ fn qemu_img_luks1_containers_decrypt_byte_exact_with_volcrypt() {
         if let Some(h) = ivhash {
             opts.push_str(&format!(",ivgen-hash-alg={h}"));
         }
-        check(
+        check_qemu_img_luks(
             Command::new(&qemu)
                 .args(["convert", "-f", "raw", "-O", "luks", "--object"])
                 .arg(secret_object(&pass))

@@ -2,6 +2,8 @@
 //! unlock to the volume key cryptsetup dumps, and headers made by volcrypt pass
 //! `cryptsetup luksDump` and `cryptsetup open --test-passphrase`.
 
+mod common;
+
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -588,25 +590,20 @@ fn detached_headers_from_cryptsetup() {
 fn luks1_from_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.luks");
-    let out = Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=s,data=qemu-pw",
-            "-o",
-            "key-secret=s,iter-time=10,cipher-alg=aes-256,cipher-mode=xts,hash-alg=sha256",
-        ])
-        .arg(&path)
-        .arg("1M")
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::check_qemu_img_luks(
+        Command::new(common::qemu_img())
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                "secret,id=s,data=qemu-pw",
+                "-o",
+                "key-secret=s,iter-time=10,cipher-alg=aes-256,cipher-mode=xts,hash-alg=sha256",
+            ])
+            .arg(&path)
+            .arg("1M"),
     );
     let h = read(&path, true);
     assert_eq!(h.version(), 1);

@@ -179,6 +179,26 @@ pub fn check(mut cmd: impl BorrowMut<Command>) -> Output {
     out
 }
 
+/// Run a `qemu-img` command that writes a LUKS container, like [`check`], but run it again (at
+/// most 3 times in all) when it fails with "Unable to get accurate CPU usage": QEMU before
+/// 9.2.1 (Debian 12 ships 7.2) fails its PBKDF benchmark that way at random when its first
+/// timing round takes no measurable CPU time (fixed upstream by "crypto: fix bogus error
+/// benchmarking pbkdf on fast machines"). Any other failure fails at once.
+pub fn check_qemu_img_luks(mut cmd: impl BorrowMut<Command>) -> Output {
+    let cmd = cmd.borrow_mut();
+    for _ in 0..2 {
+        let out = run(&mut *cmd);
+        if out.status.success() {
+            return out;
+        }
+        if !String::from_utf8_lossy(&out.stderr).contains("Unable to get accurate CPU usage") {
+            break;
+        }
+        eprintln!("qemu-img's PBKDF benchmark failed spuriously (QEMU < 9.2.1): running it again");
+    }
+    check(cmd)
+}
+
 /// The volcrypt binary with the given arguments (progress bars are off: stderr is a pipe).
 pub fn volcrypt<I, S>(args: I) -> Command
 where
