@@ -153,11 +153,8 @@ impl Config {
     /// `--config FILE` if given, else `$VOLCRYPT_CONFIG` if set (either must exist), else
     /// [`DEFAULT_CONFIG_PATH`] if it exists, else all defaults.
     pub fn load_or_default(path: Option<&Path>) -> Result<Config, Error> {
-        let from_env = std::env::var_os(CONFIG_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
-        match path.or(from_env.as_deref()) {
-            Some(p) => Config::load(p),
+        match named_file(path) {
+            Some(p) => Config::load(&p),
             None => {
                 let p = Path::new(DEFAULT_CONFIG_PATH);
                 if p.exists() {
@@ -199,16 +196,23 @@ pub fn parse_serve(
     Config::from_toml(text, "<string>")?.into_serve("<string>")
 }
 
+/// The file the caller named: `--config FILE`, else a non-empty `$VOLCRYPT_CONFIG`.
+fn named_file(path: Option<&Path>) -> Option<PathBuf> {
+    path.map(Path::to_owned).or_else(|| {
+        std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
 /// The agent's configuration: `--config FILE`, else the default file if present, else the
 /// defaults; `[server]` checked.
 #[cfg(feature = "system")]
 pub fn load_serve(
     path: Option<&Path>,
 ) -> Result<(crate::rpc::config::ServeConfig, KeyManagerConfig), Error> {
-    let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
-    let origin = path
-        .or(from_env.as_deref())
-        .unwrap_or(Path::new(DEFAULT_CONFIG_PATH))
+    let origin = named_file(path)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
         .display()
         .to_string();
     Config::load_or_default(path)?.into_serve(&origin)

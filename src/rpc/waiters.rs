@@ -101,14 +101,7 @@ impl Waiters {
 mod tests {
     use super::*;
 
-    fn luks_dev(uuid: &str) -> BlockDevice {
-        BlockDevice {
-            devnode: Some("/dev/sdz".into()),
-            fs_type: Some("crypto_LUKS".into()),
-            fs_uuid: Some(uuid.into()),
-            ..BlockDevice::default()
-        }
-    }
+    use crate::udev::device::luks_test_device as luks_dev;
 
     #[tokio::test]
     async fn waiters_are_woken_only_by_matching_devices() {

@@ -132,6 +132,17 @@ impl BlockDevice {
     }
 }
 
+/// A LUKS block device with this UUID at `/dev/sdz`, for tests of device matching.
+#[cfg(test)]
+pub(crate) fn luks_test_device(uuid: &str) -> BlockDevice {
+    BlockDevice {
+        devnode: Some("/dev/sdz".into()),
+        fs_type: Some("crypto_LUKS".into()),
+        fs_uuid: Some(uuid.into()),
+        ..BlockDevice::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,14 +108,7 @@ pub fn vanished(journal: &Journal) -> Result<Vec<Record>, Error> {
 mod tests {
     use super::*;
 
-    fn luks_dev(uuid: &str) -> BlockDevice {
-        BlockDevice {
-            devnode: Some("/dev/sdz".into()),
-            fs_type: Some("crypto_LUKS".into()),
-            fs_uuid: Some(uuid.into()),
-            ..BlockDevice::default()
-        }
-    }
+    use crate::udev::device::luks_test_device as luks_dev;
 
     #[test]
     fn records_want_their_selector_or_their_path() {
