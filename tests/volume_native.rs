@@ -16,14 +16,14 @@ fn dm_missing() -> bool {
 }
 
 fn ctx<'a>(dir: &std::path::Path, keys: &'a Keystore) -> Context<'a> {
-    Context {
+    Context::new(
         keys,
-        config: VolumeConfig {
+        VolumeConfig {
             state_dir: dir.join("state"),
             by_id_dir: dir.join("by-id"),
             ..VolumeConfig::default()
         },
-    }
+    )
 }
 
 #[test]

@@ -120,10 +120,7 @@ pub fn attach(args: AttachArgs) -> Result<(), Error> {
     let (config, volume) = load_config(&args.opts)?;
     let request = resolve_present(AttachRequest::read(&args.request)?)?;
     let keys = key_manager(&config)?;
-    let ctx = Context {
-        keys: keys.as_ref(),
-        config: volume,
-    };
+    let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::attach(&ctx, &request)?;
     print_json(&outcome)
 }
@@ -169,10 +166,7 @@ pub fn detach(args: DetachArgs) -> Result<(), Error> {
 pub fn extend(args: ExtendArgs) -> Result<(), Error> {
     let (config, volume) = load_config(&args.opts)?;
     let keys = key_manager(&config)?;
-    let ctx = Context {
-        keys: keys.as_ref(),
-        config: volume,
-    };
+    let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::extend(&ctx, &args.volume_id)?;
     print_json(&outcome)
 }
@@ -313,7 +307,7 @@ pub fn reconcile(args: ReconcileArgs) -> Result<(), Error> {
     let keys = key_manager(&config)
         .map(std::sync::Arc::from)
         .map_err(|e| e.to_string());
-    let report = volume::reconcile(&volume, keys);
+    let report = volume::reconcile(&Context::without_keys(volume), keys);
     volume::reconcile::log(&report);
     print_json(&report)?;
     if !report.checked {

@@ -78,17 +78,18 @@ impl App {
         use volume::reconcile;
         let app = self.clone();
         tokio::spawn(async move {
-            let config = app.config.volume.clone();
-            let prepared = tokio::task::spawn_blocking(move || reconcile::prepare(&config)).await;
+            let ctx = Context::without_keys(app.config.volume.clone());
+            let ctx2 = ctx.clone();
+            let prepared = tokio::task::spawn_blocking(move || reconcile::prepare(&ctx2)).await;
             let report = match prepared {
                 Ok(Ok((mut report, ids))) => {
                     for id in ids {
                         let _guard = app.locks.lock(&id).await;
                         let keys = (app.keys.factory)();
-                        let config = app.config.volume.clone();
+                        let ctx = ctx.clone();
                         let id2 = id.clone();
                         let finding = tokio::task::spawn_blocking(move || {
-                            reconcile::reconcile_one(&config, keys, &id2)
+                            reconcile::reconcile_one(&ctx, keys, &id2)
                         })
                         .await
                         .unwrap_or_else(|e| reconcile::Finding::Failed {
@@ -97,8 +98,7 @@ impl App {
                         });
                         report.add(&id, finding);
                     }
-                    let config = app.config.volume.clone();
-                    tokio::task::spawn_blocking(move || report.finish(&config))
+                    tokio::task::spawn_blocking(move || report.finish(&ctx))
                         .await
                         .unwrap_or_else(|e| volume::Report {
                             detail: format!("reconcile task failed: {e}"),
@@ -208,13 +208,7 @@ where
         app2.metrics.in_flight.inc();
         let t0 = Instant::now();
         let result = match (app2.keys.factory)() {
-            Ok(keys) => {
-                let ctx = Context {
-                    keys: keys.as_ref(),
-                    config: app2.config.volume.clone(),
-                };
-                f(&ctx)
-            }
+            Ok(keys) => f(&Context::new(keys.as_ref(), app2.config.volume.clone())),
             Err(message) => Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "key_manager",
@@ -268,7 +262,7 @@ pub(crate) async fn attach_locked(
     valid: ValidRequest,
     volume_guard: OwnedMutexGuard<()>,
 ) -> Result<volume::AttachOutcome, ApiError> {
-    let prepared = tokio::task::spawn_blocking(move || volume::prepare(valid))
+    let prepared = tokio::task::spawn_blocking(move || volume::prepare(&volume::HOST, valid))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(engine_err)?;

@@ -31,6 +31,7 @@ use crate::udev::{self, Action, BlockDevice, DeviceEvent};
 use crate::volume::dm::DevNo;
 use crate::volume::hotplug::{self, is_waiting, record_wants};
 use crate::volume::journal::{Journal, Phase, Record};
+use crate::volume::{self, Context};
 
 fn udev_error(e: udev::Error) -> ApiError {
     match e {
@@ -263,7 +264,7 @@ async fn startup_pass(app: &Arc<App>) {
     // Backing devices that went away while the agent was down: as if the remove event had
     // been heard (teardown if unused → waiting, else lost).
     let journal = Journal::new(&app.config.volume.state_dir);
-    match tokio::task::spawn_blocking(move || hotplug::vanished(&journal)).await {
+    match tokio::task::spawn_blocking(move || hotplug::vanished(&volume::HOST, &journal)).await {
         Ok(Ok(gone)) => {
             for r in gone {
                 backing_removed(app, &r.volume_id, r.backing_devno).await;
@@ -373,7 +374,7 @@ async fn backing_removed(app: &Arc<App>, volume_id: &str, devno: DevNo) {
     let id = volume_id.to_owned();
     let outcome = tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        hotplug::device_gone(&config, &id, devno)
+        hotplug::device_gone(&Context::without_keys(config), &id, devno)
     })
     .await;
     match outcome {

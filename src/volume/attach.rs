@@ -11,11 +11,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::dm::{self, DevNo, Dm};
+use super::dm::{DevNo, MapInfo};
 use super::format::{self, Format};
 use super::header::{self, DeviceHeader};
 use super::journal::{Journal, Phase, Record};
 use super::links;
+use super::system::System;
 use super::timing::{AttachTimings, timed};
 use super::{Context, Error, PerfFlags, test_pause};
 use crate::request::{self, AttachRequest, EncryptedPlan, Plan, ValidRequest, VolumeFormat};
@@ -168,10 +169,12 @@ impl Prepared {
 }
 
 /// Check a request whose device is known and read its device's LUKS header (blocking).
-pub fn prepare(valid: ValidRequest) -> Result<Prepared, Error> {
+pub fn prepare(sys: &dyn System, valid: ValidRequest) -> Result<Prepared, Error> {
     valid.require_resolved()?;
     let header = match &valid.plan {
-        Plan::Encrypted(p) if p.format != VolumeFormat::Plain => header::read(&valid.device_path),
+        Plan::Encrypted(p) if p.format != VolumeFormat::Plain => {
+            sys.read_header(&valid.device_path)
+        }
         _ => None,
     };
     Ok(Prepared { valid, header })
@@ -188,7 +191,7 @@ fn now_secs() -> u64 {
 /// first attach), link and record it. Already attached to the same device: the existing
 /// mapping is returned and its links re-asserted.
 pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, Error> {
-    attach_prepared(ctx, prepare(req.validate()?)?)
+    attach_prepared(ctx, prepare(&*ctx.sys, req.validate()?)?)
 }
 
 /// The second half of [`attach`].
@@ -198,14 +201,17 @@ pub fn attach_prepared(ctx: &Context<'_>, p: Prepared) -> Result<AttachOutcome, 
         Plan::Raw { reason } => return Ok(raw_outcome(&v, reason)),
         Plan::Encrypted(e) => e.clone(),
     };
-    let dm = Dm::open()?;
-    let real = std::fs::canonicalize(&v.device_path).map_err(|e| Error::NoDevice {
-        path: v.device_path.clone(),
-        detail: format!(": {e}"),
-    })?;
-    let devno = dm::devno_of(&real)?;
+    let sys = &*ctx.sys;
+    sys.dm_check()?;
+    let real = sys
+        .canonicalize(&v.device_path)
+        .map_err(|e| Error::NoDevice {
+            path: v.device_path.clone(),
+            detail: format!(": {e}"),
+        })?;
+    let devno = sys.devno_of(&real)?;
     let journal = ctx.journal();
-    match choose_mapping(&dm, &journal, &v, &real, devno)? {
+    match choose_mapping(sys, &journal, &v, &real, devno)? {
         Mapping::Existing { name, backing } => {
             finish_existing(ctx, &journal, &v, &plan, &name, backing)
         }
@@ -260,11 +266,72 @@ enum Mapping {
     New { name: String, replaced_stale: bool },
 }
 
+/// What to do with the mapping name an attach wants, from what device-mapper has under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MappingPlan {
+    /// Nothing there: create it.
+    Create,
+    /// It maps this device already (or is the device `device_path` points at): reuse it.
+    /// `backing`: the device under it, when `device_path` named the mapping itself.
+    Reuse { backing: Option<DevNo> },
+    /// It is ours, but for another volume id.
+    OwnedBy(String),
+    /// Stale (every device it maps is gone) and unused: remove it, then create.
+    ReplaceStale { held_by: String },
+    /// Stale but still open: left alone.
+    StaleBusy { held_by: String, open_count: i32 },
+    /// It maps another device.
+    Conflict { held_by: String },
+}
+
+/// The pure decision of [`choose_mapping`]. `owner`: the volume id of another record using
+/// the name; `deps_gone`: every device the mapping maps has disappeared.
+fn plan_mapping(
+    info: Option<&MapInfo>,
+    devno: DevNo,
+    owner: Option<&str>,
+    deps_gone: bool,
+) -> MappingPlan {
+    let Some(info) = info else {
+        return MappingPlan::Create;
+    };
+    // device_path may already point at our mapping (its link was replaced on a first attach):
+    // then the device the request means is the mapping's backing device.
+    let points_at_mapping = info.devno == devno;
+    if points_at_mapping || info.deps.contains(&devno) {
+        // Handing a mapping of another volume id to this one too would let a detach of either
+        // close the other's device.
+        return match owner {
+            Some(o) => MappingPlan::OwnedBy(o.to_owned()),
+            None => MappingPlan::Reuse {
+                backing: info.deps.first().copied().filter(|_| points_at_mapping),
+            },
+        };
+    }
+    let held_by = info
+        .deps
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    match (deps_gone && !info.deps.is_empty(), info.open_count) {
+        (false, _) if held_by.is_empty() => MappingPlan::Conflict {
+            held_by: "no device".into(),
+        },
+        (false, _) => MappingPlan::Conflict { held_by },
+        (true, 0) => MappingPlan::ReplaceStale { held_by },
+        (true, open_count) => MappingPlan::StaleBusy {
+            held_by,
+            open_count,
+        },
+    }
+}
+
 /// Decide the mapping from the name the request implies and what device-mapper and the
-/// journal hold under it. Removes a stale mapping (backing device gone, unused) of that name;
-/// refuses a name held by another device or another volume.
+/// journal hold under it ([`plan_mapping`]), and carry it out: a stale mapping (backing device
+/// gone, unused) of that name is removed; a name held by another device or volume is refused.
 fn choose_mapping(
-    dm: &Dm,
+    sys: &dyn System,
     journal: &Journal,
     v: &ValidRequest,
     real: &Path,
@@ -273,87 +340,72 @@ fn choose_mapping(
     // os-brick reuses an active mapping with the legacy (unprefixed) name.
     let mut name = v.mapping_name.clone();
     if let Some(legacy) = request::legacy_mapping_name(&v.device_path)
-        && dm.info(&legacy)?.is_some()
+        && sys.dm_info(&legacy)?.is_some()
     {
         name = legacy;
     }
     tracing::Span::current().record("mapping", name.as_str());
-    let Some(info) = dm.info(&name)? else {
-        log_dm_backing(real, devno);
-        return Ok(Mapping::New {
-            name,
-            replaced_stale: false,
-        });
-    };
-    // device_path may already point at our mapping (its link was replaced on a first attach):
-    // then the device the request means is the mapping's backing device.
-    let points_at_mapping = info.devno == devno;
-    if points_at_mapping || info.deps.contains(&devno) {
-        // The mapping is ours for another volume id: handing it to this one as well would
-        // let a detach of either close the other's device.
-        if let Some(owner) = journal
+    let info = sys.dm_info(&name)?;
+    let owner = match &info {
+        Some(_) => journal
             .list()?
             .into_iter()
             .find(|r| r.mapping_name == name && r.volume_id != v.volume_id)
-        {
-            return Err(Error::OwnedByOther {
-                device: v.device_path.clone(),
-                name,
-                owner: owner.volume_id,
-                requested: v.volume_id.clone(),
-            });
-        }
-        let mut backing = (real.to_owned(), devno);
-        if points_at_mapping && let Some(d) = info.deps.first() {
-            backing = (
-                d.dev_path().unwrap_or_else(|| PathBuf::from(d.to_string())),
-                *d,
-            );
-        }
-        return Ok(Mapping::Existing { name, backing });
-    }
-    let held_by = info
-        .deps
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let gone = !info.deps.is_empty() && info.deps.iter().all(|d| !d.exists());
-    if !gone {
-        return Err(Error::NameConflict {
+            .map(|r| r.volume_id),
+        None => None,
+    };
+    let deps_gone = info
+        .as_ref()
+        .is_some_and(|i| i.deps.iter().all(|d| !sys.exists(*d)));
+    match plan_mapping(info.as_ref(), devno, owner.as_deref(), deps_gone) {
+        MappingPlan::Create => Ok(Mapping::New {
             name,
-            held_by: if held_by.is_empty() {
-                "no device".into()
-            } else {
-                held_by
-            },
-            requested: format!("{} ({devno})", real.display()),
-        });
-    }
-    if info.open_count != 0
-        || {
-            tracing::warn!(mapping = %name, backing = %held_by, "replacing stale mapping whose backing device is gone");
-            !dm.remove(&name)?
+            replaced_stale: false,
+        }),
+        MappingPlan::Reuse { backing } => {
+            let backing = match backing {
+                Some(d) => (
+                    sys.dev_path(d)
+                        .unwrap_or_else(|| PathBuf::from(d.to_string())),
+                    d,
+                ),
+                None => (real.to_owned(), devno),
+            };
+            Ok(Mapping::Existing { name, backing })
         }
-    {
-        return Err(Error::StaleBusy {
+        MappingPlan::OwnedBy(owner) => Err(Error::OwnedByOther {
+            device: v.device_path.clone(),
+            name,
+            owner,
+            requested: v.volume_id.clone(),
+        }),
+        MappingPlan::Conflict { held_by } => Err(Error::NameConflict {
+            name,
+            held_by,
+            requested: format!("{} ({devno})", real.display()),
+        }),
+        MappingPlan::StaleBusy {
+            held_by,
+            open_count,
+        } => Err(Error::StaleBusy {
             name,
             backing: held_by,
-            open_count: info.open_count,
-        });
-    }
-    log_dm_backing(real, devno);
-    Ok(Mapping::New {
-        name,
-        replaced_stale: true,
-    })
-}
-
-/// device_path resolving to some other dm device (e.g. multipath) is fine: it is the backing
-/// device. Logged for the operator.
-fn log_dm_backing(real: &Path, devno: DevNo) {
-    if let Some(other) = dm::dm_name_of(devno) {
-        tracing::debug!(device = %real.display(), dm_name = %other, "backing device is a dm device");
+            open_count,
+        }),
+        MappingPlan::ReplaceStale { held_by } => {
+            tracing::warn!(mapping = %name, backing = %held_by, "replacing stale mapping whose backing device is gone");
+            if !sys.dm_remove(&name)? {
+                return Err(Error::StaleBusy {
+                    name,
+                    backing: held_by,
+                    open_count: 0,
+                });
+            }
+            Ok(Mapping::New {
+                name,
+                replaced_stale: true,
+            })
+        }
     }
 }
 
@@ -390,9 +442,16 @@ fn open_new(
     // Journal the attachment before the mapping exists: a crash from here on leaves an
     // `attaching` record that the reconcile finishes.
     let prior = journal.get(&v.volume_id)?;
-    let (mut record, format_uuid) =
-        new_record(ctx, v, plan, &target, flags, &derivation.to_string())?;
-    record.device_link_previous = planned_previous_link(v, &record, prior.as_ref());
+    let (mut record, format_uuid) = new_record(
+        ctx,
+        v,
+        plan,
+        &target,
+        prior.as_ref(),
+        flags,
+        &derivation.to_string(),
+    )?;
+    record.device_link_previous = planned_previous_link(&*ctx.sys, v, &record, prior.as_ref());
     timed(&mut t.journal, || journal.begin_attach(&mut record))?;
     test_pause("attaching");
     let format = Format {
@@ -420,10 +479,16 @@ fn open_new(
             return Err(e);
         }
     };
-    // From here on the mapping exists: any failure closes it and undoes the links.
+    // From here on the mapping exists: any failure closes it, undoes the links and, if this
+    // attach formatted the device, wipes the header it wrote (the device was blank).
     let mut undo = Undo {
+        sys: &*ctx.sys,
         name: target.name.clone(),
         links: Vec::new(),
+        formatted: match (how, &record.format_uuid) {
+            (How::Formatted, Some(uuid)) => Some((target.real.clone(), uuid.clone())),
+            _ => None,
+        },
     };
     match link_and_commit(ctx, journal, v, &mut record, how, &mut undo, &mut t) {
         Ok(device_link) => {
@@ -441,17 +506,25 @@ fn open_new(
 
 /// The journal record of a new attachment (phase set by [`Journal::begin_attach`]), and the
 /// UUID a format on this attach would give the header: journaled before formatting so a
-/// header left half-written by a crash is recognised as this attach's own.
+/// header left half-written by a crash is recognised as this attach's own. A retry of an
+/// interrupted first attach of the same device keeps that attach's UUID: a crash of the retry
+/// before its own format must not orphan the keyless header the first one left.
 fn new_record(
     ctx: &Context<'_>,
     v: &ValidRequest,
     plan: &EncryptedPlan,
     target: &Target,
+    prior: Option<&Record>,
     flags: PerfFlags,
     derivation: &str,
 ) -> Result<(Record, Option<uuid::Uuid>), Error> {
-    let format_uuid = match plan.format {
-        VolumeFormat::Plain => None,
+    let unfinished = prior
+        .filter(|p| p.phase == Phase::Attaching && !p.formatted && p.backing_devno == target.devno)
+        .and_then(|p| p.format_uuid.as_deref())
+        .and_then(|u| uuid::Uuid::parse_str(u).ok());
+    let format_uuid = match (plan.format, unfinished) {
+        (VolumeFormat::Plain, _) => None,
+        (_, Some(u)) => Some(u),
         _ => Some(super::crypt::new_header_uuid()?),
     };
     let record = Record {
@@ -482,16 +555,17 @@ fn new_record(
 /// is touched, so a crash right after the replacement can still restore it. Otherwise what an
 /// earlier record remembered.
 fn planned_previous_link(
+    sys: &dyn System,
     v: &ValidRequest,
     record: &Record,
     prior: Option<&Record>,
 ) -> Option<PathBuf> {
     let mapper = links::mapper_path(&record.mapping_name);
     if v.options.replace_device_symlink
-        && links::is_replaceable(&v.device_path)
-        && links::read_link(&v.device_path).as_deref() != Some(mapper.as_path())
+        && sys.is_replaceable(&v.device_path)
+        && sys.read_link(&v.device_path).as_deref() != Some(mapper.as_path())
     {
-        links::read_link(&v.device_path)
+        sys.read_link(&v.device_path)
     } else {
         prior.and_then(|p| p.device_link_previous.clone())
     }
@@ -504,7 +578,7 @@ fn link_and_commit(
     v: &ValidRequest,
     record: &mut Record,
     how: How,
-    undo: &mut Undo,
+    undo: &mut Undo<'_>,
     t: &mut AttachTimings,
 ) -> Result<LinkChange, Error> {
     if how == How::Formatted {
@@ -514,9 +588,12 @@ fn link_and_commit(
     let links_started = Instant::now();
     let mapper = links::mapper_path(&record.mapping_name);
     let stable = links::stable_link_path(&ctx.config.by_id_dir, &v.volume_id);
-    let prev_stable = links::set_symlink(&stable, &mapper)?;
+    if let Some(e) = format::injected("link", &stable) {
+        return Err(e);
+    }
+    let prev_stable = ctx.sys.set_symlink(&stable, &mapper)?;
     undo.links.push((stable, prev_stable));
-    let (device_link, previous) = replace_device_link(v, &mapper)?;
+    let (device_link, previous) = replace_device_link(&*ctx.sys, v, &mapper)?;
     if device_link == LinkChange::Replaced {
         undo.links.push((v.device_path.clone(), previous.clone()));
     }
@@ -563,7 +640,8 @@ fn restore(journal: &Journal, volume_id: &str, prior: Option<&Record>) {
 
 /// Point `device_path` at the mapping when asked and when it is a symlink. Returns what was
 /// done and, when replaced, where it pointed before.
-pub(super) fn replace_device_link(
+fn replace_device_link(
+    sys: &dyn System,
     v: &ValidRequest,
     mapper: &Path,
 ) -> Result<(LinkChange, Option<PathBuf>), Error> {
@@ -573,11 +651,11 @@ pub(super) fn replace_device_link(
             None,
         ));
     }
-    let current = links::read_link(&v.device_path);
+    let current = sys.read_link(&v.device_path);
     if current.as_deref() == Some(mapper) {
         return Ok((LinkChange::AlreadyPointsAtMapping, None));
     }
-    if !links::is_replaceable(&v.device_path) {
+    if !sys.is_replaceable(&v.device_path) {
         return Ok((
             LinkChange::NotReplaced(
                 "device_path is not a symlink (a device node is never replaced)",
@@ -585,7 +663,7 @@ pub(super) fn replace_device_link(
             None,
         ));
     }
-    let previous = links::set_symlink(&v.device_path, mapper)?;
+    let previous = sys.set_symlink(&v.device_path, mapper)?;
     Ok((LinkChange::Replaced, previous))
 }
 
@@ -601,9 +679,11 @@ fn finish_existing(
 ) -> Result<AttachOutcome, Error> {
     let mapper = links::mapper_path(name);
     let stable = links::stable_link_path(&ctx.config.by_id_dir, &v.volume_id);
-    links::set_symlink(&stable, &mapper)?;
-    let (device_link, previous) = replace_device_link(v, &mapper)?;
-    let flags = super::crypt::active_info(name)?
+    ctx.sys.set_symlink(&stable, &mapper)?;
+    let (device_link, previous) = replace_device_link(&*ctx.sys, v, &mapper)?;
+    let flags = ctx
+        .sys
+        .active_info(name)?
         .map(|i| i.flags)
         .unwrap_or_default();
     let mut record = match journal.get(&v.volume_id)? {
@@ -654,26 +734,41 @@ fn finish_existing(
     Ok(o)
 }
 
-/// Rollback of a half-done attach: restore or remove the links we set, close the mapping.
-struct Undo {
+/// Rollback of a half-done attach: restore or remove the links we set, close the mapping, and
+/// wipe the header a first attach wrote.
+struct Undo<'a> {
+    sys: &'a dyn System,
     name: String,
     links: Vec<(PathBuf, Option<PathBuf>)>,
+    /// The device this attach formatted and the UUID it journaled for the header.
+    formatted: Option<(PathBuf, String)>,
 }
 
-impl Undo {
+impl Undo<'_> {
     fn run(self) {
         let mapper = links::mapper_path(&self.name);
         for (link, previous) in self.links.into_iter().rev() {
             let r = match previous {
-                Some(p) => links::restore_if_points_to(&link, &mapper, &p),
-                None => links::remove_if_points_to(&link, &mapper),
+                Some(p) => self.sys.restore_if_points_to(&link, &mapper, &p),
+                None => self.sys.remove_if_points_to(&link, &mapper),
             };
             if let Err(e) = r {
                 tracing::error!(link = %link.display(), error = %e, "rollback could not restore link");
             }
         }
-        if let Err(e) = super::crypt::close(&self.name) {
-            tracing::error!(mapping = %self.name, error = %e, "rollback could not close mapping");
+        match self.sys.close(&self.name) {
+            Ok(super::crypt::Closed::Busy) => {
+                tracing::error!(mapping = %self.name, "rollback could not close the mapping: busy");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(mapping = %self.name, error = %e, "rollback could not close mapping");
+                return;
+            }
+        }
+        if let Some((device, uuid)) = self.formatted {
+            format::roll_back(self.sys, &device, &uuid);
         }
     }
 }

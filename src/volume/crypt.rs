@@ -20,6 +20,7 @@ use libcryptsetup_rs::{
     LibcryptErr,
 };
 
+use super::system::{Activation, NewHeader};
 use super::timing::{AttachTimings, timed};
 use super::{Error, PbkdfConfig, PerfFlags};
 use crate::kind::Kind;
@@ -177,17 +178,19 @@ pub enum Unlock {
 /// context at a time; volcrypt's engine does both many times faster. The mapping is the
 /// same either way: same volume key (verified by libcryptsetup against the LUKS digest), same
 /// activation code, same kernel keyring use, same udev wait.
-#[allow(clippy::too_many_arguments)]
 pub fn open_luks(
     device: &Path,
-    name: &str,
     header: Option<crate::luks::Header>,
     passphrase: &[u8],
-    flags: PerfFlags,
-    key_id: &str,
+    to: Activation<'_>,
     how: Unlock,
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
+    let Activation {
+        name,
+        flags,
+        key_id,
+    } = to;
     // volcrypt's engine reads the header and unlocks a keyslot on a second thread while
     // libcryptsetup loads the header for the activation on this one (a CryptDevice is not Send,
     // so it stays here). Both only read; libcryptsetup's load decides whether this is LUKS.
@@ -399,68 +402,17 @@ fn pbkdf_type(cfg: &PbkdfConfig, luks1: bool) -> CryptPbkdfType {
 
 /// Format `device` as LUKS1 or LUKS2 with one keyslot for `passphrase`. The caller has already
 /// established that the device is blank (see `probe`).
-#[allow(clippy::too_many_arguments)]
-pub fn format_luks(
-    device: &Path,
-    uuid: uuid::Uuid,
-    version: LuksVersion,
-    cipher: Option<&str>,
-    key_bits: Option<u32>,
-    sector_size: u32,
-    pbkdf: Option<&PbkdfConfig>,
-    passphrase: &[u8],
-) -> Result<(), Error> {
-    let (c, m, key_bytes) = cipher_and_key(cipher, key_bits, LUKS_DEFAULT_CIPHER)?;
+pub fn format_luks(device: &Path, h: &NewHeader<'_>, passphrase: &[u8]) -> Result<(), Error> {
+    let (c, m, key_bytes) = cipher_and_key(h.cipher, h.key_bits, LUKS_DEFAULT_CIPHER)?;
     let mut cd = init(device)?;
-    let luks1 = version == LuksVersion::Luks1;
-    if let Some(p) = pbkdf {
+    let luks1 = h.version == LuksVersion::Luks1;
+    if let Some(p) = h.pbkdf {
         let t = pbkdf_type(p, luks1);
         cd.settings_handle()
             .set_pbkdf_type(&t)
             .map_err(|e| crypt_err("set PBKDF", device, &e))?;
     }
-    let result = match version {
-        LuksVersion::Luks1 => {
-            let params = CryptParamsLuks1 {
-                hash: "sha256".into(),
-                data_alignment: 0,
-                data_device: None,
-            };
-            let mut r: CryptParamsLuks1Ref<'_> = (&params)
-                .try_into()
-                .map_err(|e| crypt_err("format", device, &e))?;
-            cd.context_handle().format(
-                EncryptionFormat::Luks1,
-                (&c, &m),
-                Some(uuid),
-                Either::Right(key_bytes),
-                Some(&mut r),
-            )
-        }
-        LuksVersion::Luks2 => {
-            let params = CryptParamsLuks2 {
-                pbkdf: pbkdf.map(|p| pbkdf_type(p, false)),
-                integrity: None,
-                integrity_params: None,
-                data_alignment: 0,
-                data_device: None,
-                sector_size,
-                label: None,
-                subsystem: None,
-            };
-            let mut r: CryptParamsLuks2Ref<'_> = (&params)
-                .try_into()
-                .map_err(|e| crypt_err("format", device, &e))?;
-            cd.context_handle().format(
-                EncryptionFormat::Luks2,
-                (&c, &m),
-                Some(uuid),
-                Either::Right(key_bytes),
-                Some(&mut r),
-            )
-        }
-    };
-    result.map_err(|e| crypt_err("format", device, &e))?;
+    write_header(&mut cd, h, (&c, &m), key_bytes).map_err(|e| crypt_err("format", device, &e))?;
     super::test_pause("formatted");
     let added = if super::test_fault("keyslot") {
         Err(LibcryptErr::IOError(std::io::Error::other(
@@ -475,25 +427,102 @@ pub fn format_luks(
         // The header this call wrote a moment ago has no keyslot, so its volume key exists
         // nowhere and nothing can be lost by removing it; left in place it would turn the blank
         // device into a LUKS volume nobody can open, which volcrypt then refuses to format.
-        // (A length of 0 would mean "to the end of the device" to crypt_wipe: never ask that.)
-        let header_bytes = cd.status_handle().get_data_offset() * 512;
-        if header_bytes > 0
-            && let Err(w) = cd.wipe_handle().wipe::<()>(
-                device,
-                CryptWipePattern::Zero,
-                0,
-                header_bytes,
-                1 << 20,
-                CryptWipe::empty(),
-                None,
-                None,
-            )
-        {
+        if let Err(w) = wipe_loaded_header(&mut cd, device) {
             tracing::error!(device = %device.display(), error = %w, "could not wipe the keyless header of the failed format");
         }
         return Err(crypt_err("add keyslot", device, &e));
     }
     Ok(())
+}
+
+/// libcryptsetup's format call for the header `h` (header and volume key; no keyslot yet).
+fn write_header(
+    cd: &mut CryptDevice,
+    h: &NewHeader<'_>,
+    cipher: (&str, &str),
+    key_bytes: usize,
+) -> Result<(), LibcryptErr> {
+    match h.version {
+        LuksVersion::Luks1 => {
+            let params = CryptParamsLuks1 {
+                hash: "sha256".into(),
+                data_alignment: 0,
+                data_device: None,
+            };
+            let mut r: CryptParamsLuks1Ref<'_> = (&params).try_into()?;
+            cd.context_handle().format(
+                EncryptionFormat::Luks1,
+                cipher,
+                Some(h.uuid),
+                Either::Right(key_bytes),
+                Some(&mut r),
+            )
+        }
+        LuksVersion::Luks2 => {
+            let params = CryptParamsLuks2 {
+                pbkdf: h.pbkdf.map(|p| pbkdf_type(p, false)),
+                integrity: None,
+                integrity_params: None,
+                data_alignment: 0,
+                data_device: None,
+                sector_size: h.sector_size,
+                label: None,
+                subsystem: None,
+            };
+            let mut r: CryptParamsLuks2Ref<'_> = (&params).try_into()?;
+            cd.context_handle().format(
+                EncryptionFormat::Luks2,
+                cipher,
+                Some(h.uuid),
+                Either::Right(key_bytes),
+                Some(&mut r),
+            )
+        }
+    }
+}
+
+/// Zero the header area (everything before the data offset) of the header loaded in `cd`.
+/// A data offset of 0 would make crypt_wipe's length "to the end of the device": never asked.
+fn wipe_loaded_header(cd: &mut CryptDevice, device: &Path) -> Result<(), Error> {
+    let header_bytes = cd.status_handle().get_data_offset() * 512;
+    if header_bytes == 0 {
+        return Err(Error::Crypt {
+            op: "wipe header",
+            target: device.display().to_string(),
+            detail: "the header reports no data offset; nothing wiped".into(),
+            kind: Kind::Invalid,
+        });
+    }
+    cd.wipe_handle()
+        .wipe::<()>(
+            device,
+            CryptWipePattern::Zero,
+            0,
+            header_bytes,
+            1 << 20,
+            CryptWipe::empty(),
+            None,
+            None,
+        )
+        .map_err(|e| crypt_err("wipe header", device, &e))
+}
+
+/// Undo a first-attach format whose attach failed later: wipe the header on `device` if it is
+/// the one that attach wrote (its UUID is `uuid`). Returns whether it wiped. A header with any
+/// other UUID is never touched.
+pub fn wipe_own_header(device: &Path, uuid: &str) -> Result<bool, Error> {
+    let Some(mut cd) = load_luks(device, &mut AttachTimings::default())? else {
+        return Ok(false);
+    };
+    let on_disk = cd
+        .status_handle()
+        .get_uuid()
+        .map_err(|e| crypt_err("read LUKS header", device, &e))?;
+    if !on_disk.to_string().eq_ignore_ascii_case(uuid) {
+        return Ok(false);
+    }
+    wipe_loaded_header(&mut cd, device)?;
+    Ok(true)
 }
 
 /// A fresh random (version 4) UUID for a header volcrypt is about to write: journaled before
@@ -772,17 +801,15 @@ mod tests {
                 iterations,
                 memory_kib,
             };
-            format_luks(
-                &f,
-                new_header_uuid().unwrap(),
+            let h = NewHeader {
+                uuid: new_header_uuid().unwrap(),
                 version,
-                None,
-                None,
-                512,
-                Some(&cfg),
-                b"right",
-            )
-            .unwrap();
+                cipher: None,
+                key_bits: None,
+                sector_size: 512,
+                pbkdf: Some(&cfg),
+            };
+            format_luks(&f, &h, b"right").unwrap();
             let mut cd = init(&f).unwrap();
             cd.context_handle().load::<()>(None, None).unwrap();
             let mut t = AttachTimings::default();
@@ -840,17 +867,19 @@ mod tests {
         let uuid = new_header_uuid().unwrap();
         assert_eq!(uuid.get_version_num(), 4);
         assert_ne!(uuid, new_header_uuid().unwrap());
-        format_luks(
-            &f,
+        let h = NewHeader {
             uuid,
-            LuksVersion::Luks2,
-            Some("aes-xts-plain64"),
-            Some(256),
-            4096,
-            Some(&cfg),
-            b"pw",
-        )
-        .unwrap();
+            version: LuksVersion::Luks2,
+            cipher: Some("aes-xts-plain64"),
+            key_bits: Some(256),
+            sector_size: 4096,
+            pbkdf: Some(&cfg),
+        };
+        format_luks(&f, &h, b"pw").unwrap();
+        // The rollback of a failed first attach wipes only the header with its own UUID.
+        let other = new_header_uuid().unwrap().to_string();
+        assert!(!wipe_own_header(&f, &other).unwrap());
+        assert_eq!(luks_version(&f).unwrap(), Some(LuksVersion::Luks2));
         assert_eq!(luks_version(&f).unwrap(), Some(LuksVersion::Luks2));
         // The header has the UUID volcrypt journaled, and its keyslot is in use...
         assert_eq!(
@@ -869,5 +898,15 @@ mod tests {
         let blank = dir.path().join("blank.img");
         std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
         assert_eq!(luks_uuid_and_keyslots(&blank).unwrap(), None);
+        assert!(!wipe_own_header(&blank, &uuid.to_string()).unwrap());
+        // Its own UUID: the header area is zeros again, the data behind it untouched.
+        let mut data = std::fs::read(&f).unwrap();
+        data[(20 << 20) - 1] = 0x5a;
+        std::fs::write(&f, &data).unwrap();
+        assert!(wipe_own_header(&f, &uuid.to_string().to_uppercase()).unwrap());
+        assert_eq!(luks_version(&f).unwrap(), None);
+        let after = std::fs::read(&f).unwrap();
+        assert!(after[..16 << 20].iter().all(|&b| b == 0));
+        assert_eq!(after[(20 << 20) - 1], 0x5a);
     }
 }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::crypt::{self, Closed};
-use super::dm::Dm;
+use super::crypt::Closed;
 use super::journal::{self, Journal, Record};
 use super::links;
+use super::system::System;
 use super::timing::{DetachTimings, timed};
 use super::{Context, Error, test_pause};
 use crate::request;
@@ -40,8 +40,9 @@ pub fn detach(
     let mut t = DetachTimings::default();
     let journal = ctx.journal();
     let record = journal.get(volume_id)?;
-    let dm = Dm::open()?;
-    let Some(name) = mapping_to_close(&dm, record.as_ref(), device_path)? else {
+    let sys = &*ctx.sys;
+    sys.dm_check()?;
+    let Some(name) = mapping_to_close(sys, record.as_ref(), device_path)? else {
         return Ok(DetachOutcome {
             volume_id: volume_id.to_owned(),
             mapping_name: None,
@@ -59,7 +60,7 @@ pub fn detach(
     }
     test_pause("detaching");
     let start = Instant::now();
-    let was_active = match close_with_retry(ctx, &dm, &name, &mut t) {
+    let was_active = match close_with_retry(ctx, &name, &mut t) {
         Ok(active) => active,
         Err(e) => {
             // Still in use: the attachment stays, and so does its record as it was.
@@ -94,7 +95,7 @@ pub fn detach(
 /// The mapping a detach closes: the record's, else os-brick's for `device_path` (its legacy
 /// unprefixed name if that one is active). `None`: nothing to go by.
 fn mapping_to_close(
-    dm: &Dm,
+    sys: &dyn System,
     record: Option<&Record>,
     device_path: Option<&Path>,
 ) -> Result<Option<String>, Error> {
@@ -107,7 +108,7 @@ fn mapping_to_close(
                     field: "device_path",
                     message,
                 })?;
-            if !base.is_empty() && dm.info(&base)?.is_some() {
+            if !base.is_empty() && sys.dm_info(&base)?.is_some() {
                 Some(base)
             } else {
                 Some(prefixed)
@@ -119,29 +120,25 @@ fn mapping_to_close(
 
 /// Close `name`, retrying while it is busy until the configured deadline. Returns whether it
 /// was active; still busy at the deadline is [`Error::Busy`] naming the holders.
-fn close_with_retry(
-    ctx: &Context<'_>,
-    dm: &Dm,
-    name: &str,
-    t: &mut DetachTimings,
-) -> Result<bool, Error> {
+fn close_with_retry(ctx: &Context<'_>, name: &str, t: &mut DetachTimings) -> Result<bool, Error> {
+    let sys = &*ctx.sys;
     let start = Instant::now();
     let deadline = start + ctx.config.detach_timeout();
     let mut delay = Duration::from_millis(50);
     // A stale mapping (backing device gone) is removed through device-mapper directly:
     // libcryptsetup cannot load it properly without its device.
-    let stale = dm
-        .info(name)?
-        .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| !d.exists()));
+    let stale = sys
+        .dm_info(name)?
+        .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| !sys.exists(*d)));
     let close = |name: &str| -> Result<Closed, Error> {
         if stale {
-            return Ok(match dm.info(name)? {
+            return Ok(match sys.dm_info(name)? {
                 None => Closed::NotActive,
-                Some(_) if dm.remove(name)? => Closed::Closed,
+                Some(_) if sys.dm_remove(name)? => Closed::Closed,
                 Some(_) => Closed::Busy,
             });
         }
-        crypt::close(name)
+        sys.close(name)
     };
     loop {
         match timed(&mut t.dm, || close(name))? {
@@ -150,7 +147,7 @@ fn close_with_retry(
             Closed::Busy => {
                 let now = Instant::now();
                 if now >= deadline {
-                    return Err(busy_error(dm, name, start.elapsed().as_millis()));
+                    return Err(busy_error(sys, name, start.elapsed().as_millis()));
                 }
                 std::thread::sleep(delay.min(deadline - now));
                 delay = (delay * 2).min(Duration::from_secs(1));
@@ -173,7 +170,7 @@ fn unlink_and_forget(
     let mapper = links::mapper_path(name);
     let stable = links::stable_link_path(&ctx.config.by_id_dir, volume_id);
     timed(&mut t.links, || {
-        links::remove_if_points_to(&stable, &mapper)
+        ctx.sys.remove_if_points_to(&stable, &mapper)
     })?;
     let mut note = if was_active {
         "closed".to_owned()
@@ -185,7 +182,7 @@ fn unlink_and_forget(
     };
     if let Some(prev) = &r.device_link_previous
         && timed(&mut t.links, || {
-            links::restore_if_points_to(&r.device_path, &mapper, prev)
+            ctx.sys.restore_if_points_to(&r.device_path, &mapper, prev)
         })?
     {
         note.push_str(&format!(
@@ -199,10 +196,10 @@ fn unlink_and_forget(
     Ok(note)
 }
 
-fn busy_error(dm: &Dm, name: &str, waited_ms: u128) -> Error {
-    let info = dm.info(name).ok().flatten();
+fn busy_error(sys: &dyn System, name: &str, waited_ms: u128) -> Error {
+    let info = sys.dm_info(name).ok().flatten();
     let (open_count, holders, processes) = match &info {
-        Some(i) => (i.open_count, i.devno.holders(), i.devno.processes()),
+        Some(i) => (i.open_count, sys.holders(i.devno), sys.processes(i.devno)),
         None => (0, Vec::new(), Vec::new()),
     };
     let list = |v: Vec<String>| {

@@ -8,10 +8,11 @@
 
 use std::path::Path;
 
-use super::crypt::{self, LuksVersion, Unlock};
+use super::crypt::{LuksVersion, Unlock};
 use super::dm::DevNo;
 use super::journal::{Phase, Record};
-use super::probe::{self, Probe};
+use super::probe::Probe;
+use super::system::{Activation, NewHeader, System};
 use super::timing::{AttachTimings, timed};
 use super::{Context, Error, PerfFlags};
 use crate::luks::Header;
@@ -23,14 +24,19 @@ use crate::request::{EncryptedPlan, ValidRequest, VolumeFormat};
 /// the header carries the UUID that attach journaled, and no keyslot is in use. Its volume key
 /// was never stored anywhere and no mapping ever wrote through it, so nothing on the device can
 /// be read: formatting it again loses nothing. Anything else is refused as before.
-fn interrupted_format(real: &Path, devno: DevNo, prior: Option<&Record>) -> Result<bool, Error> {
+fn interrupted_format(
+    sys: &dyn System,
+    real: &Path,
+    devno: DevNo,
+    prior: Option<&Record>,
+) -> Result<bool, Error> {
     let Some(expected) = prior
         .filter(|p| p.phase == Phase::Attaching && !p.formatted && p.backing_devno == devno)
         .and_then(|p| p.format_uuid.as_deref())
     else {
         return Ok(false);
     };
-    Ok(match crypt::luks_uuid_and_keyslots(real)? {
+    Ok(match sys.luks_uuid_and_keyslots(real)? {
         Some((uuid, in_use)) => !in_use && uuid.eq_ignore_ascii_case(expected),
         None => false,
     })
@@ -58,31 +64,30 @@ pub(super) fn open_mapping(
     format: Format<'_>,
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
+    let sys = &*ctx.sys;
+    let to = Activation {
+        name,
+        flags,
+        key_id: &plan.key_id,
+    };
     if plan.format == VolumeFormat::Plain {
+        let (cipher, bits) = (plan.cipher.as_deref(), plan.key_size);
         timed(&mut t.dm, || {
-            crypt::open_plain(
-                real,
-                name,
-                plan.cipher.as_deref(),
-                plan.key_size,
-                passphrase,
-                flags,
-            )
+            sys.open_plain(real, cipher, bits, passphrase, to)
         })?;
         return Ok(false);
     }
-    let how = Unlock::Userspace;
-    let redo = match crypt::open_luks(real, name, header, passphrase, flags, &plan.key_id, how, t) {
+    let redo = match sys.open_luks(real, header, passphrase, to, Unlock::Userspace, t) {
         Ok(true) => return Ok(false),
         Ok(false) => false,
-        Err(e) if interrupted_format(real, devno, format.prior)? => {
+        Err(e) if interrupted_format(sys, real, devno, format.prior)? => {
             tracing::warn!(device = %real.display(), error = %e, "LUKS header without a keyslot left by an interrupted first attach (its UUID is the journaled one): formatting it again");
             true
         }
         Err(e) => return Err(e),
     };
     // Not LUKS. Format only if nothing at all is recognizable on it and nobody uses it.
-    if !redo && let Probe::Signature(found) = probe::probe(real)? {
+    if !redo && let Probe::Signature(found) = sys.probe(real)? {
         return Err(Error::RefuseFormat {
             device: real.to_owned(),
             found,
@@ -96,8 +101,8 @@ pub(super) fn open_mapping(
             kind: crate::kind::Kind::Invalid,
         });
     };
-    ensure_unused(real, devno)?;
-    let (version, sector) = match plan.format {
+    ensure_unused(sys, real, devno)?;
+    let (version, sector_size) = match plan.format {
         VolumeFormat::Luks2 => (
             LuksVersion::Luks2,
             v.options
@@ -106,53 +111,79 @@ pub(super) fn open_mapping(
         ),
         _ => (LuksVersion::Luks1, 512),
     };
+    let new = NewHeader {
+        uuid,
+        version,
+        cipher: plan.cipher.as_deref(),
+        key_bits: plan.key_size,
+        sector_size,
+        pbkdf: ctx.config.pbkdf.as_ref(),
+    };
     tracing::info!(device = %real.display(), format = %plan.format, "formatting blank device on first attach");
-    timed(&mut t.format, || {
-        crypt::format_luks(
-            real,
-            uuid,
-            version,
-            plan.cipher.as_deref(),
-            plan.key_size,
-            sector,
-            ctx.config.pbkdf.as_ref(),
-            passphrase,
-        )
-    })?;
+    timed(&mut t.format, || sys.format_luks(real, &new, passphrase))?;
     // Just formatted by libcryptsetup: let it unlock what it wrote (first attach only).
-    let how = Unlock::Libcryptsetup;
-    if !crypt::open_luks(real, name, None, passphrase, flags, &plan.key_id, how, t)? {
-        return Err(Error::Crypt {
-            op: "read LUKS header",
-            target: real.display().to_string(),
-            detail: "no LUKS header found right after formatting".into(),
-            kind: crate::kind::Kind::Invalid,
-        });
+    let opened = match injected("activate", real) {
+        Some(e) => Err(e),
+        None => sys.open_luks(real, None, passphrase, to, Unlock::Libcryptsetup, t),
+    };
+    match opened {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            roll_back(sys, real, &uuid.to_string());
+            Err(Error::Crypt {
+                op: "read LUKS header",
+                target: real.display().to_string(),
+                detail: "no LUKS header found right after formatting".into(),
+                kind: crate::kind::Kind::Invalid,
+            })
+        }
+        Err(e) => {
+            roll_back(sys, real, &uuid.to_string());
+            Err(e)
+        }
     }
-    Ok(true)
+}
+
+/// Undo the format of a first attach that failed afterwards: the device was blank and the
+/// header holds no data, so it is wiped, making the device blank again for the client's retry
+/// (left in place, it would be refused or reported as a wrong key forever). Only a header with
+/// the UUID this attach journaled is wiped; anything else is left and logged.
+pub(super) fn roll_back(sys: &dyn System, device: &Path, uuid: &str) {
+    match sys.wipe_own_header(device, uuid) {
+        Ok(true) => {
+            tracing::warn!(device = %device.display(), "the first attach failed after formatting: its new header was wiped, the device is blank again")
+        }
+        Ok(false) => {
+            tracing::error!(device = %device.display(), "the first attach failed after formatting, but the header on the device is not the one it wrote: left alone")
+        }
+        Err(e) => {
+            tracing::error!(device = %device.display(), error = %e, "the first attach failed after formatting and its new header could not be wiped")
+        }
+    }
 }
 
 /// A device that is mounted, held by a mapping or opened exclusively is never formatted: an
 /// `O_EXCL` open fails with EBUSY exactly then.
-fn ensure_unused(real: &Path, devno: DevNo) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let holders = devno.holders();
+fn ensure_unused(sys: &dyn System, real: &Path, devno: DevNo) -> Result<(), Error> {
+    let holders = sys.holders(devno);
     if !holders.is_empty() {
         return Err(Error::RefuseFormat {
             device: real.to_owned(),
             found: format!("holders ({})", holders.join(", ")),
         });
     }
-    const O_EXCL: i32 = 0o200;
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(O_EXCL)
-        .open(real)
-    {
-        Ok(_) => Ok(()),
-        Err(e) => Err(Error::RefuseFormat {
-            device: real.to_owned(),
-            found: format!("a user (exclusive open failed: {e})"),
-        }),
-    }
+    sys.exclusive_open(real).map_err(|e| Error::RefuseFormat {
+        device: real.to_owned(),
+        found: format!("a user (exclusive open failed: {e})"),
+    })
+}
+
+/// The error of an injected fault at `point` (see [`super::test_fault`]), if one is asked for.
+pub(super) fn injected(point: &'static str, target: &Path) -> Option<Error> {
+    super::test_fault(point).then(|| Error::Crypt {
+        op: point,
+        target: target.display().to_string(),
+        detail: format!("test fault injected (VOLCRYPT_TEST_FAIL_AT={point})"),
+        kind: crate::kind::Kind::Invalid,
+    })
 }

@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::dm::{DevNo, Dm};
+use super::dm::DevNo;
 use super::journal::{Journal, Phase, Record};
-use super::{Error, VolumeConfig, links};
+use super::system::System;
+use super::{Context, Error, links};
 use crate::request::AttachRequest;
 use crate::udev::{self, BlockDevice};
 
@@ -54,29 +55,30 @@ pub fn record_wants(r: &Record, d: &BlockDevice) -> bool {
 /// whose mapping is gone, which the reconcile re-activates or, for a selector request whose
 /// device is absent, marks `waiting`.
 pub fn device_gone(
-    config: &VolumeConfig,
+    ctx: &Context<'_>,
     volume_id: &str,
     devno: DevNo,
 ) -> Result<Option<Phase>, Error> {
-    let journal = Journal::new(&config.state_dir);
+    let sys = &*ctx.sys;
+    let journal = ctx.journal();
     let Some(mut record) = journal.get(volume_id)? else {
         return Ok(None);
     };
     if record.phase != Phase::Attached || record.backing_devno != devno {
         return Ok(None);
     }
-    let dm = Dm::open()?;
+    sys.dm_check()?;
     let name = record.mapping_name.clone();
     // Short-lived openers (udev's probes, a status query reading the mapping through
     // libcryptsetup) hold a mapping for milliseconds: only a mapping still in use after a
     // moment is someone's, to be left alone and reported lost.
     let deadline = Instant::now() + IN_USE_SETTLE;
-    while let Some(info) = dm.info(&name)? {
+    while let Some(info) = sys.dm_info(&name)? {
         // Only a mapping on the vanished device is ours to remove.
         if !info.deps.is_empty() && !info.deps.contains(&devno) {
             return Ok(None);
         }
-        if info.open_count == 0 && dm.remove(&name)? {
+        if info.open_count == 0 && sys.dm_remove(&name)? {
             break;
         }
         if Instant::now() >= deadline {
@@ -86,21 +88,21 @@ pub fn device_gone(
         std::thread::sleep(Duration::from_millis(100));
     }
     let mapper = links::mapper_path(&name);
-    let stable = links::stable_link_path(&config.by_id_dir, volume_id);
-    links::remove_if_points_to(&stable, &mapper)?;
+    let stable = links::stable_link_path(&ctx.config.by_id_dir, volume_id);
+    sys.remove_if_points_to(&stable, &mapper)?;
     if let Some(prev) = &record.device_link_previous {
-        links::restore_if_points_to(&record.device_path, &mapper, prev)?;
+        sys.restore_if_points_to(&record.device_path, &mapper, prev)?;
     }
     journal.waiting(&mut record)?;
     Ok(Some(Phase::Waiting))
 }
 
 /// Attached records whose backing device is not there (it went away while nobody listened).
-pub fn vanished(journal: &Journal) -> Result<Vec<Record>, Error> {
+pub fn vanished(sys: &dyn System, journal: &Journal) -> Result<Vec<Record>, Error> {
     Ok(journal
         .list()?
         .into_iter()
-        .filter(|r| r.phase == Phase::Attached && !r.backing_devno.exists())
+        .filter(|r| r.phase == Phase::Attached && !sys.exists(r.backing_devno))
         .collect())
 }
 

@@ -12,12 +12,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::Error;
 use super::PerfFlags;
 use super::dm::DevNo;
+use super::system::System;
 use crate::request::{AttachRequest, VolumeFormat};
 use crate::secret::Derivation;
 
@@ -117,14 +119,37 @@ impl Record {
 
 /// The journal in one state directory. Every record write goes through one of its methods,
 /// one per phase change; reads are free.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Journal {
     dir: PathBuf,
+    /// Told of every write before it happens (a crash point of the simulated system).
+    steps: Option<Arc<dyn System>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("dir", &self.dir).finish()
+    }
 }
 
 impl Journal {
     pub fn new(dir: impl Into<PathBuf>) -> Journal {
-        Journal { dir: dir.into() }
+        Journal {
+            dir: dir.into(),
+            steps: None,
+        }
+    }
+
+    /// The journal whose writes are steps of `sys` (see [`System::step`]).
+    pub(super) fn with_steps(mut self, sys: Arc<dyn System>) -> Journal {
+        self.steps = Some(sys);
+        self
+    }
+
+    fn step(&self, what: &'static str) {
+        if let Some(s) = &self.steps {
+            s.step(what);
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -166,18 +191,19 @@ impl Journal {
         self.transition(record, Phase::Attached)
     }
 
-    /// A detach is about to close the mapping. Returns the record as it was, for
+    /// A detach is about to close the mapping. `record` stays as it was, for
     /// [`Self::restore`] if the mapping stays busy.
-    pub fn begin_detach(&self, record: &Record) -> Result<Record, Error> {
+    pub fn begin_detach(&self, record: &Record) -> Result<(), Error> {
         let mut d = record.clone();
         if d.phase != Phase::Detaching {
             self.transition(&mut d, Phase::Detaching)?;
         }
-        Ok(record.clone())
+        Ok(())
     }
 
     /// The detach is complete: the record goes.
     pub fn detached(&self, volume_id: &str) -> Result<(), Error> {
+        self.step("journal: remove record");
         remove(&self.dir, volume_id)
     }
 
@@ -194,6 +220,7 @@ impl Journal {
     /// Roll a failed operation back: put back the record that was there before it (a desired
     /// attachment is never lost to a failed retry), or remove the one it wrote.
     pub fn restore(&self, volume_id: &str, prior: Option<&Record>) -> Result<(), Error> {
+        self.step("journal: restore record");
         match prior {
             Some(p) => save(&self.dir, p),
             None => remove(&self.dir, volume_id),
@@ -212,6 +239,7 @@ impl Journal {
     }
 
     fn write(&self, record: &Record) -> Result<(), Error> {
+        self.step("journal: write record");
         save(&self.dir, record)?;
         trace_phase(&record.mapping_name, record.phase);
         tracing::debug!(mapping = %record.mapping_name, phase = %record.phase, "journal record written");
@@ -552,9 +580,10 @@ mod tests {
         assert!(on_disk.formatted && on_disk.phase == Phase::Attaching);
         j.attached(&mut r).unwrap();
         assert_eq!(j.get("t").unwrap().unwrap().phase, Phase::Attached);
-        // A detach writes `detaching` first and hands back the record as it was.
-        let before = j.begin_detach(&r).unwrap();
-        assert_eq!(before.phase, Phase::Attached);
+        // A detach writes `detaching` first and leaves the caller's record as it was.
+        let before = r.clone();
+        j.begin_detach(&r).unwrap();
+        assert_eq!(r.phase, Phase::Attached);
         assert_eq!(j.get("t").unwrap().unwrap().phase, Phase::Detaching);
         // A busy detach puts the record back as it was.
         j.restore("t", Some(&before)).unwrap();

@@ -18,12 +18,15 @@
 //!   tables carry key material, so this module never reads or logs them;
 //! - [`probe`]: the signature probe that must find nothing before a device is formatted;
 //! - [`links`]: the device-path symlink and the stable `/dev/disk/by-id/volcrypt-<id>` link;
+//! - [`system`]: the one boundary through which the operations reach all of the above, so
+//!   unit tests can run them on a simulated host that crashes at any step;
 //! - [`timing`]: where an attach or detach spent its time (for metrics and debug logs).
 //!
 //! Every operation is a plain blocking function taking a [`Context`]; each opens libcryptsetup
 //! afresh because `CryptDevice` is not `Send`, so the agent can call them from worker threads.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -43,13 +46,20 @@ pub mod links;
 pub mod probe;
 pub mod reconcile;
 pub mod status;
+pub mod system;
 pub mod timing;
+
+#[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
+mod sim;
 
 pub use attach::{AttachOutcome, How, LinkChange, Prepared, attach, attach_prepared, prepare};
 pub use detach::{DetachOutcome, detach};
 pub use journal::Journal;
 pub use reconcile::{Report, run as reconcile};
 pub use status::{ExtendOutcome, VolumeStatus, extend, status};
+pub use system::{HOST, Host, System};
 
 /// Settings of the attach engine: the `[volume]` part of the agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,27 +116,45 @@ impl VolumeConfig {
     }
 }
 
-/// What every operation needs: the key manager and the configuration.
+/// What every operation needs: the key manager, the configuration and the host.
+#[derive(Clone)]
 pub struct Context<'a> {
     pub keys: &'a dyn KeyManager,
     pub config: VolumeConfig,
+    /// The host the operations act on: [`Host`], or a simulation in unit tests.
+    pub sys: Arc<dyn System>,
+}
+
+impl<'a> Context<'a> {
+    /// A context on the real host.
+    pub fn new(keys: &'a dyn KeyManager, config: VolumeConfig) -> Context<'a> {
+        Context {
+            keys,
+            config,
+            sys: Arc::new(Host),
+        }
+    }
+
+    /// The journal in the configured state directory.
+    pub fn journal(&self) -> Journal {
+        Journal::new(&self.config.state_dir).with_steps(self.sys.clone())
+    }
+
+    /// The same host and configuration, without the key manager.
+    pub fn keyless(&self) -> Context<'static> {
+        Context {
+            keys: &NoKeys,
+            config: self.config.clone(),
+            sys: self.sys.clone(),
+        }
+    }
 }
 
 impl Context<'static> {
     /// For the operations that never fetch a key (detach, status, link repair): they work
     /// where no key manager is configured or reachable.
     pub fn without_keys(config: VolumeConfig) -> Context<'static> {
-        Context {
-            keys: &NoKeys,
-            config,
-        }
-    }
-}
-
-impl Context<'_> {
-    /// The journal in the configured state directory.
-    pub fn journal(&self) -> Journal {
-        Journal::new(&self.config.state_dir)
+        Context::new(&NoKeys, config)
     }
 }
 
@@ -341,8 +369,9 @@ pub(crate) fn test_pause(point: &str) {
 pub(crate) fn test_pause(_point: &str) {}
 
 /// Fault-injection hook for error paths the kernel does not produce on demand, compiled only
-/// with the `test-hooks` feature: with `VOLCRYPT_TEST_FAIL_AT=keyslot` adding the first keyslot
-/// of a new header fails as if libcryptsetup had refused.
+/// with the `test-hooks` feature. `VOLCRYPT_TEST_FAIL_AT=<point>` fails, on a first attach:
+/// `keyslot` adding the new header's first keyslot (as if libcryptsetup had refused),
+/// `activate` the activation right after the format, `link` setting the stable link.
 #[cfg(feature = "test-hooks")]
 pub(crate) fn test_fault(point: &str) -> bool {
     std::env::var_os("VOLCRYPT_TEST_FAIL_AT").is_some_and(|v| v == point)

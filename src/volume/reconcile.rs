@@ -33,9 +33,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::dm::{self, Dm};
-use super::journal::{self, Journal, Phase, Record};
-use super::{Context, Error, VolumeConfig, hotplug, links};
+use super::dm;
+use super::journal::{self, Phase, Record};
+use super::system::System;
+use super::{Context, Error, hotplug, links};
 use crate::keys::KeyManager;
 
 /// What the start-up reconcile found and did.
@@ -139,10 +140,10 @@ pub enum Finding {
 
 /// First step: move corrupt records aside and check that device-mapper is there. Returns the
 /// report so far and the volume ids to reconcile one by one, or a `checked: false` report.
-/// Blocking.
+/// Blocking. `ctx` needs no key manager (see [`Context::without_keys`]).
 #[allow(clippy::result_large_err)] // called once at start-up
-pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
-    let scan = match Journal::new(&config.state_dir).scan() {
+pub fn prepare(ctx: &Context<'_>) -> Result<(Report, Vec<String>), Report> {
+    let scan = match ctx.journal().scan() {
         Ok(s) => s,
         Err(e) => {
             return Err(Report {
@@ -156,7 +157,7 @@ pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
         corrupt: scan.corrupt,
         ..Report::default()
     };
-    if let Err(e) = Dm::open() {
+    if let Err(e) = ctx.sys.dm_check() {
         return Err(Report {
             detail: e.to_string(),
             ..report
@@ -166,16 +167,17 @@ pub fn prepare(config: &VolumeConfig) -> Result<(Report, Vec<String>), Report> {
     Ok((report, ids))
 }
 
-fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, Error> {
-    let Some(info) = dm.info(&r.mapping_name)? else {
+fn dm_state(sys: &dyn System, r: &Record) -> Result<DmState, Error> {
+    let Some(info) = sys.dm_info(&r.mapping_name)? else {
         return Ok(DmState::Absent);
     };
-    if !info.deps.is_empty() && info.deps.iter().all(|d| !d.exists()) {
+    if !info.deps.is_empty() && info.deps.iter().all(|d| !sys.exists(*d)) {
         return Ok(DmState::Stale);
     }
-    let now = std::fs::canonicalize(&r.backing_device)
+    let now = sys
+        .canonicalize(&r.backing_device)
         .ok()
-        .and_then(|p| dm::devno_of(&p).ok());
+        .and_then(|p| sys.devno_of(&p).ok());
     if info.deps.contains(&r.backing_devno) || now.is_some_and(|d| info.deps.contains(&d)) {
         Ok(DmState::Ours)
     } else {
@@ -188,15 +190,15 @@ fn dm_state(dm: &Dm, r: &Record) -> Result<DmState, Error> {
 /// libcryptsetup set (`CRYPT-<type>-<uuid>-<name>`). It maps nothing, so it holds no data and
 /// nobody can be using it: for a record still `attaching`, remove it so the attach is redone
 /// (otherwise it would block the name as a conflict forever). Anything else is left alone.
-fn remove_half_created(dm: &Dm, name: &str) -> Result<(), Error> {
-    let Some(info) = dm.info(name)? else {
+fn remove_half_created(sys: &dyn System, name: &str) -> Result<(), Error> {
+    let Some(info) = sys.dm_info(name)? else {
         return Ok(());
     };
     if !is_half_created(&info, name) {
         return Ok(());
     }
     tracing::warn!(mapping = name, uuid = ?info.uuid, "removing the table-less device an interrupted activation left");
-    if !dm.remove(name)? {
+    if !sys.dm_remove(name)? {
         tracing::warn!(mapping = name, "table-less device is busy: left in place");
     }
     Ok(())
@@ -222,9 +224,9 @@ fn is_half_created(info: &dm::MapInfo, name: &str) -> bool {
 }
 
 /// Reconcile one record (re-read now: a request may have changed it). Blocking; the caller
-/// holds the volume's lock.
+/// holds the volume's lock. `ctx` needs no key manager: a re-activation uses `keys`.
 pub fn reconcile_one(
-    config: &VolumeConfig,
+    ctx: &Context<'_>,
     keys: Result<Arc<dyn KeyManager>, String>,
     volume_id: &str,
 ) -> Finding {
@@ -232,28 +234,28 @@ pub fn reconcile_one(
         action,
         error: e.to_string(),
     };
-    let journal = Journal::new(&config.state_dir);
+    let sys = &*ctx.sys;
+    let journal = ctx.journal();
     let record = match journal.get(volume_id) {
         Ok(Some(r)) => r,
         Ok(None) => return Finding::Consistent,
         Err(e) => return failed("read record", &e),
     };
-    let dm = match Dm::open() {
-        Ok(d) => d,
-        Err(e) => return failed("open device-mapper", &e),
-    };
+    if let Err(e) = sys.dm_check() {
+        return failed("open device-mapper", &e);
+    }
     if record.phase == Phase::Attaching
-        && let Err(e) = remove_half_created(&dm, &record.mapping_name)
+        && let Err(e) = remove_half_created(sys, &record.mapping_name)
     {
         return failed("remove half-created mapping", &e);
     }
-    let dms = match dm_state(&dm, &record) {
+    let dms = match dm_state(sys, &record) {
         Ok(s) => s,
         Err(e) => return failed("read mapping", &e),
     };
     let action = decide(record.phase, dms, record.request.is_some());
     tracing::info!(volume_id, phase = %record.phase, dm = ?dms, ?action, "reconcile");
-    let no_keys = Context::without_keys(config.clone());
+    let no_keys = ctx.keyless();
     match action {
         Action::ReportInactive => Finding::Inactive,
         Action::Wait => Finding::Waiting,
@@ -291,13 +293,14 @@ pub fn reconcile_one(
             // back where it was, so the request resolves to the backing device again.
             let mapper = links::mapper_path(&record.mapping_name);
             if let Some(prev) = &record.device_link_previous
-                && let Err(e) = links::restore_if_points_to(&record.device_path, &mapper, prev)
+                && let Err(e) = sys.restore_if_points_to(&record.device_path, &mapper, prev)
             {
                 return failed("re-activate", &e);
             }
             let ctx = Context {
                 keys: keys.as_ref(),
-                config: config.clone(),
+                config: ctx.config.clone(),
+                sys: ctx.sys.clone(),
             };
             match super::attach(&ctx, &req) {
                 Ok(_) => Finding::Reactivated,
@@ -315,8 +318,9 @@ pub fn repair_links(ctx: &Context<'_>, record: &Record) -> Result<Vec<String>, E
     let stable = links::stable_link_path(&ctx.config.by_id_dir, &record.volume_id);
     let mut changed = Vec::new();
     let mut r = record.clone();
-    if links::read_link(&stable).as_deref() != Some(mapper.as_path()) {
-        links::set_symlink(&stable, &mapper)?;
+    let sys = &*ctx.sys;
+    if sys.read_link(&stable).as_deref() != Some(mapper.as_path()) {
+        sys.set_symlink(&stable, &mapper)?;
         changed.push(format!("{} -> {}", stable.display(), mapper.display()));
     }
     r.stable_link = Some(stable);
@@ -325,10 +329,10 @@ pub fn repair_links(ctx: &Context<'_>, record: &Record) -> Result<Vec<String>, E
         None => record.device_link_previous.is_some(),
     };
     if replace
-        && links::is_replaceable(&record.device_path)
-        && links::read_link(&record.device_path).as_deref() != Some(mapper.as_path())
+        && sys.is_replaceable(&record.device_path)
+        && sys.read_link(&record.device_path).as_deref() != Some(mapper.as_path())
     {
-        let previous = links::set_symlink(&record.device_path, &mapper)?;
+        let previous = sys.set_symlink(&record.device_path, &mapper)?;
         if r.device_link_previous.is_none() {
             r.device_link_previous = previous;
         }
@@ -368,15 +372,15 @@ impl Report {
     }
 
     /// Last step: list foreign mappings (against the records as they are now) and sum up.
-    pub fn finish(mut self, config: &VolumeConfig) -> Report {
-        let names = match Dm::open().and_then(|dm| dm.list_names()) {
+    pub fn finish(mut self, ctx: &Context<'_>) -> Report {
+        let names = match ctx.sys.dm_names() {
             Ok(n) => n,
             Err(e) => {
                 self.detail = format!("cannot list mappings: {e}");
                 return self;
             }
         };
-        let ours: std::collections::HashSet<String> = match Journal::new(&config.state_dir).list() {
+        let ours: std::collections::HashSet<String> = match ctx.journal().list() {
             Ok(r) => r.into_iter().map(|r| r.mapping_name).collect(),
             Err(e) => {
                 self.detail = format!("cannot read the state records: {e}");
@@ -408,16 +412,16 @@ impl Report {
 
 /// The whole reconcile in one blocking call (no per-volume locking: for callers that own the
 /// state directory alone).
-pub fn run(config: &VolumeConfig, keys: Result<Arc<dyn KeyManager>, String>) -> Report {
-    let (mut report, ids) = match prepare(config) {
+pub fn run(ctx: &Context<'_>, keys: Result<Arc<dyn KeyManager>, String>) -> Report {
+    let (mut report, ids) = match prepare(ctx) {
         Ok(p) => p,
         Err(r) => return r,
     };
     for id in ids {
-        let f = reconcile_one(config, keys.clone(), &id);
+        let f = reconcile_one(ctx, keys.clone(), &id);
         report.add(&id, f);
     }
-    report.finish(config)
+    report.finish(ctx)
 }
 
 /// Log what a report says, one line per finding.
@@ -613,12 +617,12 @@ mod tests {
     #[test]
     fn prepare_moves_corrupt_records_aside_before_anything_else() {
         let dir = tempfile::tempdir().unwrap();
-        let config = VolumeConfig {
+        let config = super::super::VolumeConfig {
             state_dir: dir.path().to_owned(),
-            ..VolumeConfig::default()
+            ..super::super::VolumeConfig::default()
         };
         std::fs::write(dir.path().join("bad.json"), b"{\"volume_id\": \"ba").unwrap();
-        let report = match prepare(&config) {
+        let report = match prepare(&Context::without_keys(config)) {
             Ok((r, ids)) => {
                 assert!(ids.is_empty());
                 r

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::crypt;
-use super::dm::{DevNo, Dm};
+use super::dm::DevNo;
 use super::journal::Phase;
 use super::links;
 use super::{Context, Error};
@@ -73,14 +72,18 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
             state_dir: ctx.config.state_dir.clone(),
         })?;
     super::journal::trace_phase(&record.mapping_name, record.phase);
-    let dm = Dm::open()?;
+    let sys = &*ctx.sys;
     let name = &record.mapping_name;
-    let info = dm.info(name)?.ok_or_else(|| Error::NoDevice {
+    let info = sys.dm_info(name)?.ok_or_else(|| Error::NoDevice {
         path: links::mapper_path(name),
         detail: " (the mapping is not active)".into(),
     })?;
-    let old = info.devno.size_bytes().unwrap_or(0);
-    let backing_size = info.deps.first().and_then(|d| d.size_bytes()).unwrap_or(0);
+    let old = sys.size_bytes(info.devno).unwrap_or(0);
+    let backing_size = info
+        .deps
+        .first()
+        .and_then(|d| sys.size_bytes(*d))
+        .unwrap_or(0);
     let passphrase = if record.format == VolumeFormat::Plain {
         crate::secret::SecretBytes::new(Vec::new())
     } else {
@@ -92,8 +95,8 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
             })?
             .passphrase()
     };
-    crypt::resize(name, passphrase.expose(), &record.key_id)?;
-    let new = info.devno.size_bytes().unwrap_or(0);
+    sys.resize(name, passphrase.expose(), &record.key_id)?;
+    let new = sys.size_bytes(info.devno).unwrap_or(0);
     Ok(ExtendOutcome {
         volume_id: volume_id.to_owned(),
         mapping_name: name.clone(),
@@ -106,24 +109,25 @@ pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error
 /// Every volume volcrypt manages, with its live state.
 pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
     let records = ctx.journal().list()?;
-    let dm = Dm::open()?;
+    let sys = &*ctx.sys;
+    sys.dm_check()?;
     let mut out = Vec::new();
     for r in records {
-        let info = dm.info(&r.mapping_name)?;
+        let info = sys.dm_info(&r.mapping_name)?;
         let deps_present = info
             .as_ref()
-            .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| d.exists()));
+            .is_some_and(|i| !i.deps.is_empty() && i.deps.iter().all(|d| sys.exists(*d)));
         let active = if deps_present {
-            crypt::active_info(&r.mapping_name)?
+            sys.active_info(&r.mapping_name)?
         } else {
             None
         };
         let mapper = links::mapper_path(&r.mapping_name);
-        let backing_present = r.backing_devno.exists();
+        let backing_present = sys.exists(r.backing_devno);
         let stable_link_ok = r
             .stable_link
             .as_ref()
-            .map(|l| links::read_link(l).as_deref() == Some(mapper.as_path()))
+            .map(|l| sys.read_link(l).as_deref() == Some(mapper.as_path()))
             .unwrap_or(false);
         out.push(VolumeStatus {
             volume_id: r.volume_id.clone(),
@@ -146,7 +150,10 @@ pub fn status(ctx: &Context<'_>) -> Result<Vec<VolumeStatus>, Error> {
             flags: active.as_ref().map(|a| a.flags).unwrap_or(r.flags).names(),
             volume_key_in_keyring: active.as_ref().map(|a| a.key_in_keyring).unwrap_or(false),
             open_count: info.as_ref().map(|i| i.open_count),
-            holders: info.as_ref().map(|i| i.devno.holders()).unwrap_or_default(),
+            holders: info
+                .as_ref()
+                .map(|i| sys.holders(i.devno))
+                .unwrap_or_default(),
             stable_link: r.stable_link.clone(),
             stable_link_ok,
             formatted_by_volcrypt: r.formatted,

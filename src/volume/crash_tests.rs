@@ -1,0 +1,403 @@
+//! Every crash point of attach (first attach with its format, and the opening of an existing
+//! volume), detach and reconcile, enumerated on the simulated host: crash before step k,
+//! restart (reconcile), then check the invariants; and every failure after a first attach's
+//! format rolled back; and concurrent operations on different volumes. Milliseconds each, no
+//! VM: the VM tests prove the real backend behaves like the simulation where it matters.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::journal::Phase;
+use super::sim::{Content, Crash, Sim};
+use super::{Context, How, VolumeConfig, attach, detach, links, reconcile};
+use crate::keys::{KeyManager, Keystore, Secret};
+use crate::request::AttachRequest;
+use crate::secret::{SecretBytes, SecretType};
+
+const PASSPHRASE: &[u8] = b"correct horse";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    sim: Arc<Sim>,
+    keys: Arc<dyn KeyManager>,
+    config: VolumeConfig,
+}
+
+impl Fixture {
+    /// Volumes `a`, `b`, … on devices `/dev/sim/<x>` behind by-path links, one key `k`.
+    fn new(content: Content) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::create(dir.path().join("keys")).unwrap();
+        let secret = Secret::new(
+            SecretType::Passphrase,
+            SecretBytes::new(PASSPHRASE.to_vec()),
+        );
+        ks.put("k", &secret).unwrap();
+        let sim = Arc::new(Sim::new());
+        for (i, v) in ["a", "b", "c", "d"].iter().enumerate() {
+            sim.add_device(&format!("/dev/sim/{v}"), i as u32 + 1, content.clone());
+            sim.add_link(&format!("/dev/disk/by-path/{v}"), &format!("/dev/sim/{v}"));
+        }
+        let config = VolumeConfig {
+            state_dir: dir.path().join("state"),
+            by_id_dir: PathBuf::from("/dev/disk/by-id"),
+            detach_timeout_ms: 0,
+            ..VolumeConfig::default()
+        };
+        Fixture {
+            _dir: dir,
+            sim,
+            keys: Arc::new(ks),
+            config,
+        }
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            keys: self.keys.as_ref(),
+            config: self.config.clone(),
+            sys: self.sim.clone(),
+        }
+    }
+
+    fn request(v: &str) -> AttachRequest {
+        let json = format!(
+            r#"{{"volume_id":"vol-{v}","device_path":"/dev/disk/by-path/{v}","encryption":{{"provider":"luks2","control_location":"front-end","encryption_key_id":"k"}}}}"#
+        );
+        AttachRequest::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn attach(&self, v: &str) -> Result<super::AttachOutcome, super::Error> {
+        attach(&self.ctx(), &Fixture::request(v))
+    }
+
+    fn detach(&self, v: &str) -> Result<super::DetachOutcome, super::Error> {
+        detach(&self.ctx(), &format!("vol-{v}"), None)
+    }
+
+    fn reconcile(&self) -> reconcile::Report {
+        reconcile(&self.ctx().keyless(), Ok(self.keys.clone()))
+    }
+
+    /// Run `f` with a crash before step `k`; true if it crashed there.
+    fn crash<T>(&self, k: usize, f: impl FnOnce() -> T) -> bool {
+        self.sim.crash_before(k);
+        let r = catch_unwind(AssertUnwindSafe(f));
+        self.sim.crash_before(0);
+        match r {
+            Ok(_) => false,
+            Err(p) => match p.downcast::<Crash>() {
+                Ok(c) => !c.0.is_empty(),
+                Err(p) => std::panic::resume_unwind(p),
+            },
+        }
+    }
+
+    /// The steps a complete `f` takes (on a fresh copy of the same starting point).
+    fn steps_of(start: impl Fn() -> Fixture, f: impl Fn(&Fixture)) -> Vec<&'static str> {
+        let fx = start();
+        fx.sim.crash_before(0);
+        f(&fx);
+        fx.sim.taken()
+    }
+
+    fn uuid(&self, v: &str) -> Option<(String, bool)> {
+        match &self.sim.state().devices[Path::new(&format!("/dev/sim/{v}"))].content {
+            Content::Luks { uuid, passphrase } => Some((uuid.clone(), passphrase.is_some())),
+            _ => None,
+        }
+    }
+
+    /// The invariants that hold whenever no operation runs: every mapping has its record and
+    /// every record is in a resting phase that matches the host; no format over a keyslot.
+    fn check_at_rest(&self, why: &str) {
+        let s = self.sim.state();
+        assert_eq!(s.formats_over_data, 0, "{why}: formatted over a keyslot");
+        let records = self.ctx().journal().list().unwrap();
+        for name in s.maps.keys() {
+            assert!(
+                records.iter().any(|r| &r.mapping_name == name),
+                "{why}: mapping {name} leaked (no record): {s:?}"
+            );
+        }
+        for r in &records {
+            assert_eq!(r.phase, Phase::Attached, "{why}: {r:?}");
+            let m = s
+                .maps
+                .get(&r.mapping_name)
+                .unwrap_or_else(|| panic!("{why}: record {} without mapping", r.volume_id));
+            assert_eq!(m.backing, Some(r.backing_devno), "{why}");
+            let mapper = links::mapper_path(&r.mapping_name);
+            let stable = links::stable_link_path(&self.config.by_id_dir, &r.volume_id);
+            assert_eq!(s.links.get(&stable), Some(&mapper), "{why}: stable link");
+            assert_eq!(
+                s.links.get(&r.device_path),
+                Some(&mapper),
+                "{why}: device link"
+            );
+        }
+    }
+
+    /// Volume `v` is attached (record, mapping on its device, both links).
+    fn check_attached(&self, v: &str, why: &str) {
+        self.check_at_rest(why);
+        let r = self.ctx().journal().get(&format!("vol-{v}")).unwrap();
+        assert!(r.is_some(), "{why}: vol-{v} not attached");
+    }
+
+    /// Volume `v` is not attached and its device link points at its device again.
+    fn check_detached(&self, v: &str, why: &str) {
+        self.check_at_rest(why);
+        let s = self.sim.state();
+        assert_eq!(self.ctx().journal().get(&format!("vol-{v}")).unwrap(), None);
+        assert!(!s.maps.contains_key(&format!("crypt-{v}")), "{why}");
+        let link = PathBuf::from(format!("/dev/disk/by-path/{v}"));
+        assert_eq!(
+            s.links.get(&link),
+            Some(&PathBuf::from(format!("/dev/sim/{v}"))),
+            "{why}"
+        );
+        let stable = links::stable_link_path(&self.config.by_id_dir, &format!("vol-{v}"));
+        assert!(!s.links.contains_key(&stable), "{why}: stable link left");
+    }
+}
+
+/// A crash anywhere in a first attach (journal, format header, keyslot, activation, links,
+/// journal again), then the restart's reconcile, leaves either nothing (the device blank, or
+/// a keyless header of this attach that the retry may format again) or the volume attached;
+/// the client's retry then attaches it, and a second retry returns the same mapping. Never a
+/// second format of a header with a keyslot, never a mapping without a record.
+#[test]
+fn first_attach_survives_a_crash_at_every_step() {
+    let start = || Fixture::new(Content::Blank);
+    let steps = Fixture::steps_of(start, |fx| {
+        assert_eq!(fx.attach("a").unwrap().how, How::Formatted);
+    });
+    for s in [
+        "format: header",
+        "format: keyslot",
+        "activate: load table",
+        "set link",
+    ] {
+        assert!(steps.contains(&s), "{s} missing from {steps:?}");
+    }
+    let n = steps.len();
+    for k in 1..=n {
+        let fx = start();
+        let why = format!("crash before step {k} of {n}");
+        assert!(fx.crash(k, || fx.attach("a")), "{why}: did not crash");
+        let report = fx.reconcile();
+        assert!(report.failed.is_empty(), "{why}: {report:?}");
+        fx.check_at_rest(&why);
+        let after_restart = fx.uuid("a");
+        let retry = fx
+            .attach("a")
+            .unwrap_or_else(|e| panic!("{why}: retry: {e}"));
+        fx.check_attached("a", &why);
+        let (uuid, keyslot) = fx.uuid("a").unwrap();
+        assert!(keyslot, "{why}");
+        if let Some((before, true)) = after_restart {
+            assert_eq!(
+                before, uuid,
+                "{why}: a volume with a keyslot was formatted again"
+            );
+            assert_ne!(retry.how, How::Formatted, "{why}");
+        }
+        let again = fx.attach("a").unwrap();
+        assert_eq!(again.how, How::AlreadyAttached, "{why}");
+        assert_eq!(fx.uuid("a").unwrap().0, uuid, "{why}");
+    }
+}
+
+/// The same for an existing volume: its header is never touched whatever the crash point.
+#[test]
+fn attach_of_an_existing_volume_survives_a_crash_at_every_step() {
+    let existing = Content::Luks {
+        uuid: "3f1c4a9e-0000-4000-8000-000000000001".into(),
+        passphrase: Some(PASSPHRASE.to_vec()),
+    };
+    let start = || Fixture::new(existing.clone());
+    let n = Fixture::steps_of(start, |fx| {
+        assert_eq!(fx.attach("a").unwrap().how, How::Opened);
+    })
+    .len();
+    for k in 1..=n {
+        let fx = start();
+        let why = format!("crash before step {k} of {n}");
+        assert!(fx.crash(k, || fx.attach("a")), "{why}: did not crash");
+        fx.reconcile();
+        fx.check_at_rest(&why);
+        fx.attach("a")
+            .unwrap_or_else(|e| panic!("{why}: retry: {e}"));
+        fx.check_attached("a", &why);
+        assert_eq!(
+            fx.sim.state().devices[Path::new("/dev/sim/a")].content,
+            existing
+        );
+    }
+}
+
+/// A crash anywhere in a detach: after the restart the volume is either still attached
+/// (crashed before the journal said `detaching`) or fully detached; the retry detaches it.
+#[test]
+fn detach_survives_a_crash_at_every_step() {
+    let start = || {
+        let fx = Fixture::new(Content::Blank);
+        fx.attach("a").unwrap();
+        fx
+    };
+    let steps = Fixture::steps_of(start, |fx| {
+        assert!(fx.detach("a").unwrap().was_active);
+    });
+    assert!(
+        steps.contains(&"close") && steps.contains(&"remove link"),
+        "{steps:?}"
+    );
+    let n = steps.len();
+    for k in 1..=n {
+        let fx = start();
+        let why = format!("crash before step {k} of {n}");
+        assert!(fx.crash(k, || fx.detach("a")), "{why}: did not crash");
+        let report = fx.reconcile();
+        assert!(report.failed.is_empty(), "{why}: {report:?}");
+        fx.check_at_rest(&why);
+        fx.detach("a")
+            .unwrap_or_else(|e| panic!("{why}: retry: {e}"));
+        fx.check_detached("a", &why);
+        // Detaching again is a success that says nothing was active.
+        assert!(!fx.detach("a").unwrap().was_active, "{why}");
+    }
+}
+
+/// A crash inside the restart's reconcile (after a crash inside a first attach) is repaired by
+/// the next reconcile: every pair of crash points.
+#[test]
+fn reconcile_survives_a_crash_at_every_step() {
+    let start = || Fixture::new(Content::Blank);
+    let n = Fixture::steps_of(start, |fx| {
+        fx.attach("a").unwrap();
+    })
+    .len();
+    let mut pairs = 0;
+    for k in 1..=n {
+        let after_crash = || {
+            let fx = start();
+            assert!(fx.crash(k, || fx.attach("a")));
+            fx
+        };
+        let m = Fixture::steps_of(after_crash, |fx| {
+            fx.reconcile();
+        })
+        .len();
+        for j in 1..=m {
+            let fx = after_crash();
+            let why = format!("attach crash {k}/{n}, reconcile crash {j}/{m}");
+            assert!(fx.crash(j, || fx.reconcile()), "{why}: did not crash");
+            let report = fx.reconcile();
+            assert!(report.failed.is_empty(), "{why}: {report:?}");
+            fx.check_at_rest(&why);
+            fx.attach("a")
+                .unwrap_or_else(|e| panic!("{why}: retry: {e}"));
+            fx.check_attached("a", &why);
+            pairs += 1;
+        }
+    }
+    assert!(pairs > n, "{pairs}");
+}
+
+/// A first attach that formats and then fails (activation, table load, a link) leaves the
+/// device blank again, no mapping, no record and the links as they were: the retry formats and
+/// attaches it.
+#[test]
+fn failures_after_the_format_of_a_first_attach_are_rolled_back() {
+    for step in [
+        "activate: create device",
+        "activate: load table",
+        "set link",
+    ] {
+        let fx = Fixture::new(Content::Blank);
+        fx.sim.fail_step(Some(step));
+        let e = fx.attach("a").unwrap_err();
+        assert!(e.to_string().contains("injected fault"), "{step}: {e}");
+        fx.sim.fail_step(None);
+        assert_eq!(fx.uuid("a"), None, "{step}: header left behind");
+        fx.check_detached("a", step);
+        assert_eq!(fx.attach("a").unwrap().how, How::Formatted, "{step}");
+        fx.check_attached("a", step);
+    }
+}
+
+/// An existing volume whose attach fails is never wiped: the rollback is only for this
+/// attach's own fresh header.
+#[test]
+fn failures_attaching_an_existing_volume_leave_its_header() {
+    let existing = Content::Luks {
+        uuid: "3f1c4a9e-0000-4000-8000-000000000002".into(),
+        passphrase: Some(PASSPHRASE.to_vec()),
+    };
+    for step in ["activate: load table", "set link"] {
+        let fx = Fixture::new(existing.clone());
+        fx.sim.fail_step(Some(step));
+        assert!(fx.attach("a").is_err(), "{step}");
+        assert_eq!(
+            fx.sim.state().devices[Path::new("/dev/sim/a")].content,
+            existing
+        );
+        fx.check_detached("a", step);
+    }
+}
+
+/// Attaches and detaches of different volumes at the same time, on one host: each ends as if
+/// it had run alone.
+#[test]
+fn concurrent_operations_on_different_volumes_do_not_interfere() {
+    let fx = Fixture::new(Content::Blank);
+    std::thread::scope(|s| {
+        for v in ["a", "b", "c", "d"] {
+            let fx = &fx;
+            s.spawn(move || {
+                for round in 0..20 {
+                    let o = fx.attach(v).unwrap();
+                    assert_eq!(o.formatted(), round == 0, "{v} round {round}");
+                    assert!(fx.detach(v).unwrap().was_active);
+                }
+                fx.attach(v).unwrap();
+            });
+        }
+    });
+    for v in ["a", "b", "c", "d"] {
+        fx.check_attached(v, v);
+    }
+    assert_eq!(fx.sim.state().maps.len(), 4);
+}
+
+/// A detach while the mapping is in use keeps the attachment as it was (record, links) and
+/// names the holder; once it is closed, the detach succeeds.
+#[test]
+fn busy_detach_changes_nothing() {
+    let fx = Fixture::new(Content::Blank);
+    fx.attach("a").unwrap();
+    fx.sim
+        .with_state(|s| s.maps.get_mut("crypt-a").unwrap().open_count = 1);
+    let e = fx.detach("a").unwrap_err().to_string();
+    assert!(e.contains("busy") && e.contains("simulated"), "{e}");
+    fx.check_attached("a", "busy");
+    fx.sim
+        .with_state(|s| s.maps.get_mut("crypt-a").unwrap().open_count = 0);
+    fx.detach("a").unwrap();
+    fx.check_detached("a", "after");
+}
+
+/// A device with anything recognisable on it is refused: no format, no mapping, no record.
+#[test]
+fn a_device_with_a_signature_is_never_formatted() {
+    let fx = Fixture::new(Content::Signature("ext4"));
+    let e = fx.attach("a").unwrap_err();
+    assert!(matches!(e, super::Error::RefuseFormat { .. }), "{e}");
+    assert_eq!(
+        fx.sim.state().devices[Path::new("/dev/sim/a")].content,
+        Content::Signature("ext4")
+    );
+    fx.check_detached("a", "signature");
+}

@@ -1,0 +1,535 @@
+//! A simulated host for unit tests of the engine: block devices with their contents (blank, a
+//! foreign signature, a LUKS header with or without its keyslot), device-mapper mappings and
+//! links, all in memory. Every step that changes something first passes [`Sim::enter`], which
+//! can "crash" there (a panic carrying [`Crash`], caught by the test: the step never happened
+//! and nothing after it runs, as when the agent is killed) or fail it with an error. The
+//! journal's writes are steps too, through [`System::step`].
+//!
+//! Modelled after the real host where the engine depends on it: an activation is two steps
+//! (libcryptsetup creates a table-less device, then loads the table), a format is two (the
+//! header, then the keyslot), a busy mapping refuses to close, a removed device no longer
+//! resolves.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::Error;
+use super::crypt::{ActiveInfo, Closed, Unlock};
+use super::dm::{DevNo, MapInfo};
+use super::header::DeviceHeader;
+use super::probe::Probe;
+use super::system::{Activation, NewHeader, System};
+use super::timing::AttachTimings;
+
+/// The panic payload of a simulated crash.
+#[derive(Debug)]
+pub struct Crash(pub &'static str);
+
+/// What a simulated device holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Blank,
+    /// Something libblkid would recognise.
+    Signature(&'static str),
+    /// A LUKS header; `passphrase`: its one keyslot, `None` before the keyslot is written.
+    Luks {
+        uuid: String,
+        passphrase: Option<Vec<u8>>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub devno: DevNo,
+    pub content: Content,
+    pub present: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub devno: DevNo,
+    /// `None`: created, table not loaded yet.
+    pub backing: Option<DevNo>,
+    pub open_count: i32,
+    pub uuid: String,
+}
+
+/// Everything the simulated host holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    /// By canonical path.
+    pub devices: BTreeMap<PathBuf, Device>,
+    pub maps: BTreeMap<String, Mapping>,
+    pub links: BTreeMap<PathBuf, PathBuf>,
+    /// Formats written over a header whose keyslot was in use: must stay 0.
+    pub formats_over_data: usize,
+    next_dm_minor: u32,
+}
+
+#[derive(Default)]
+pub struct Sim {
+    state: Mutex<State>,
+    steps: AtomicUsize,
+    /// Crash before step number n (1-based); 0: never.
+    crash_at: AtomicUsize,
+    /// Fail every step with this name (fault injection), with an I/O error.
+    fail: Mutex<Option<&'static str>>,
+    /// The names of the steps taken, in order.
+    taken: Mutex<Vec<&'static str>>,
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        Sim::default()
+    }
+
+    /// Add a block device at `path` (canonical) holding `content`.
+    pub fn add_device(&self, path: &str, minor: u32, content: Content) {
+        self.lock().devices.insert(
+            PathBuf::from(path),
+            Device {
+                devno: DevNo { major: 8, minor },
+                content,
+                present: true,
+            },
+        );
+    }
+
+    pub fn add_link(&self, link: &str, target: &str) {
+        self.lock()
+            .links
+            .insert(PathBuf::from(link), PathBuf::from(target));
+    }
+
+    pub fn state(&self) -> State {
+        self.lock().clone()
+    }
+
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.lock())
+    }
+
+    /// Crash before step `n` from now on (counting from the next step as 1); 0: never.
+    pub fn crash_before(&self, n: usize) {
+        self.steps.store(0, Ordering::SeqCst);
+        self.taken.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.crash_at.store(n, Ordering::SeqCst);
+    }
+
+    pub fn fail_step(&self, name: Option<&'static str>) {
+        *self.fail.lock().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    /// The steps taken since [`Self::crash_before`].
+    pub fn taken(&self) -> Vec<&'static str> {
+        self.taken.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Count a step, crashing before it when asked.
+    fn count(&self, what: &'static str) {
+        let n = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.crash_at.load(Ordering::SeqCst) == n {
+            std::panic::panic_any(Crash(what));
+        }
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(what);
+    }
+
+    /// Count a step; crash or fail it when asked.
+    fn enter(&self, what: &'static str) -> Result<(), Error> {
+        self.count(what);
+        if *self.fail.lock().unwrap_or_else(|e| e.into_inner()) == Some(what) {
+            return Err(Error::io(
+                "simulated step",
+                what,
+                std::io::Error::other("injected fault"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn device(&self, path: &Path) -> Option<Device> {
+        self.lock().devices.get(path).filter(|d| d.present).cloned()
+    }
+
+    /// Create mapping `to.name` on `device` in the two steps of a libcryptsetup activation.
+    fn activate(&self, device: &Path, to: Activation<'_>, uuid: String) -> Result<(), Error> {
+        let backing = self.device(device).map(|d| d.devno);
+        self.enter("activate: create device")?;
+        {
+            let mut s = self.lock();
+            if s.maps.contains_key(to.name) {
+                return Err(Error::Crypt {
+                    op: "activate",
+                    target: to.name.to_owned(),
+                    detail: "device already exists".into(),
+                    kind: crate::kind::Kind::Busy,
+                });
+            }
+            s.next_dm_minor += 1;
+            let devno = DevNo {
+                major: 253,
+                minor: s.next_dm_minor,
+            };
+            let m = Mapping {
+                devno,
+                backing: None,
+                open_count: 0,
+                uuid,
+            };
+            s.maps.insert(to.name.to_owned(), m);
+        }
+        if let Err(e) = self.enter("activate: load table") {
+            // libcryptsetup removes the device it created when the activation fails.
+            self.lock().maps.remove(to.name);
+            return Err(e);
+        }
+        if let Some(m) = self.lock().maps.get_mut(to.name) {
+            m.backing = backing;
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, path: &Path) -> Option<PathBuf> {
+        let s = self.lock();
+        let mut p = path.to_owned();
+        for _ in 0..8 {
+            if let Some(name) = p.strip_prefix("/dev/mapper").ok().and_then(|n| n.to_str()) {
+                return s
+                    .maps
+                    .get(name)
+                    .map(|m| PathBuf::from(format!("/dev/dm-{}", m.devno.minor)));
+            }
+            match s.links.get(&p) {
+                Some(t) => p = t.clone(),
+                None => break,
+            }
+        }
+        let is_dm = s
+            .maps
+            .values()
+            .any(|m| p == Path::new(&format!("/dev/dm-{}", m.devno.minor)));
+        (is_dm || s.devices.get(&p).is_some_and(|d| d.present)).then_some(p)
+    }
+}
+
+fn not_found(path: &Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{}: no such simulated device", path.display()),
+    )
+}
+
+impl System for Sim {
+    fn step(&self, what: &'static str) {
+        // The journal's writes are not failed here; only crashed.
+        self.count(what);
+    }
+
+    fn canonicalize(&self, path: &Path) -> std::io::Result<PathBuf> {
+        self.resolve(path).ok_or_else(|| not_found(path))
+    }
+    fn devno_of(&self, path: &Path) -> Result<DevNo, Error> {
+        let p = self.resolve(path).ok_or_else(|| Error::NoDevice {
+            path: path.to_owned(),
+            detail: ": no such simulated device".into(),
+        })?;
+        let s = self.lock();
+        if let Some(d) = s.devices.get(&p) {
+            return Ok(d.devno);
+        }
+        s.maps
+            .values()
+            .find(|m| p == Path::new(&format!("/dev/dm-{}", m.devno.minor)))
+            .map(|m| m.devno)
+            .ok_or_else(|| Error::NoDevice {
+                path: path.to_owned(),
+                detail: String::new(),
+            })
+    }
+    fn exists(&self, devno: DevNo) -> bool {
+        let s = self.lock();
+        s.devices.values().any(|d| d.devno == devno && d.present)
+            || s.maps.values().any(|m| m.devno == devno)
+    }
+    fn dev_path(&self, devno: DevNo) -> Option<PathBuf> {
+        let s = self.lock();
+        s.devices
+            .iter()
+            .find(|(_, d)| d.devno == devno && d.present)
+            .map(|(p, _)| p.clone())
+    }
+    fn size_bytes(&self, devno: DevNo) -> Option<u64> {
+        self.exists(devno).then_some(1 << 30)
+    }
+    fn holders(&self, devno: DevNo) -> Vec<String> {
+        let s = self.lock();
+        s.maps
+            .iter()
+            .filter(|(_, m)| m.backing == Some(devno))
+            .map(|(n, m)| format!("dm-{} ({n})", m.devno.minor))
+            .collect()
+    }
+    fn processes(&self, devno: DevNo) -> Vec<String> {
+        let s = self.lock();
+        let open = s
+            .maps
+            .values()
+            .any(|m| m.devno == devno && m.open_count > 0);
+        if open {
+            vec!["4242 (simulated)".into()]
+        } else {
+            Vec::new()
+        }
+    }
+    fn exclusive_open(&self, device: &Path) -> std::io::Result<()> {
+        let devno = self
+            .device(device)
+            .map(|d| d.devno)
+            .ok_or_else(|| not_found(device))?;
+        if self.holders(devno).is_empty() {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(nix::libc::EBUSY))
+        }
+    }
+    fn probe(&self, device: &Path) -> Result<Probe, Error> {
+        Ok(match self.device(device).map(|d| d.content) {
+            Some(Content::Blank) => Probe::Blank,
+            Some(Content::Signature(s)) => Probe::Signature(format!("a {s} signature")),
+            Some(Content::Luks { .. }) => Probe::Signature("a crypto_LUKS signature".into()),
+            None => {
+                return Err(Error::NoDevice {
+                    path: device.to_owned(),
+                    detail: String::new(),
+                });
+            }
+        })
+    }
+    fn read_header(&self, _device: &Path) -> Option<DeviceHeader> {
+        None
+    }
+
+    fn dm_check(&self) -> Result<(), Error> {
+        Ok(())
+    }
+    fn dm_info(&self, name: &str) -> Result<Option<MapInfo>, Error> {
+        Ok(self.lock().maps.get(name).map(|m| MapInfo {
+            name: name.to_owned(),
+            devno: m.devno,
+            uuid: Some(m.uuid.clone()),
+            open_count: m.open_count,
+            read_only: false,
+            suspended: false,
+            deps: m.backing.into_iter().collect(),
+        }))
+    }
+    fn dm_names(&self) -> Result<Vec<String>, Error> {
+        Ok(self.lock().maps.keys().cloned().collect())
+    }
+    fn dm_remove(&self, name: &str) -> Result<bool, Error> {
+        self.enter("dm remove")?;
+        let mut s = self.lock();
+        match s.maps.get(name) {
+            Some(m) if m.open_count > 0 => Ok(false),
+            _ => Ok(s.maps.remove(name).is_some()),
+        }
+    }
+
+    fn luks_uuid_and_keyslots(&self, device: &Path) -> Result<Option<(String, bool)>, Error> {
+        Ok(match self.device(device).map(|d| d.content) {
+            Some(Content::Luks { uuid, passphrase }) => Some((uuid, passphrase.is_some())),
+            _ => None,
+        })
+    }
+    fn open_luks(
+        &self,
+        device: &Path,
+        _header: Option<crate::luks::Header>,
+        passphrase: &[u8],
+        to: Activation<'_>,
+        _how: Unlock,
+        _t: &mut AttachTimings,
+    ) -> Result<bool, Error> {
+        let Some(Content::Luks {
+            uuid,
+            passphrase: slot,
+        }) = self.device(device).map(|d| d.content)
+        else {
+            return Ok(false);
+        };
+        match slot {
+            Some(p) if p == passphrase => {}
+            Some(_) => {
+                return Err(Error::WrongKey {
+                    key_id: to.key_id.to_owned(),
+                    device: device.to_owned(),
+                });
+            }
+            None => {
+                return Err(Error::Crypt {
+                    op: "activate",
+                    target: device.display().to_string(),
+                    detail: "the LUKS header has no usable keyslot".into(),
+                    kind: crate::kind::Kind::WrongDevice,
+                });
+            }
+        }
+        let hex = uuid.replace('-', "");
+        self.activate(device, to, format!("CRYPT-LUKS2-{hex}-{}", to.name))?;
+        Ok(true)
+    }
+    fn open_plain(
+        &self,
+        device: &Path,
+        _cipher: Option<&str>,
+        _key_bits: Option<u32>,
+        _passphrase: &[u8],
+        to: Activation<'_>,
+    ) -> Result<(), Error> {
+        self.device(device).ok_or_else(|| Error::NoDevice {
+            path: device.to_owned(),
+            detail: String::new(),
+        })?;
+        self.activate(device, to, format!("CRYPT-PLAIN-{}", to.name))
+    }
+    fn format_luks(
+        &self,
+        device: &Path,
+        h: &NewHeader<'_>,
+        passphrase: &[u8],
+    ) -> Result<(), Error> {
+        self.enter("format: header")?;
+        self.with_device(device, |d| {
+            if let Content::Luks {
+                passphrase: Some(_),
+                ..
+            } = d.content
+            {
+                return Err(());
+            }
+            d.content = Content::Luks {
+                uuid: h.uuid.to_string(),
+                passphrase: None,
+            };
+            Ok(())
+        })
+        .map_err(|()| {
+            self.lock().formats_over_data += 1;
+            Error::io("format", device, std::io::Error::other("over a keyslot"))
+        })?;
+        self.enter("format: keyslot")?;
+        let _ = self.with_device(device, |d| {
+            if let Content::Luks { passphrase: p, .. } = &mut d.content {
+                *p = Some(passphrase.to_vec());
+            }
+            Ok(())
+        });
+        Ok(())
+    }
+    fn wipe_own_header(&self, device: &Path, uuid: &str) -> Result<bool, Error> {
+        self.enter("wipe header")?;
+        Ok(self
+            .with_device(device, |d| match &d.content {
+                Content::Luks { uuid: u, .. } if u.eq_ignore_ascii_case(uuid) => {
+                    d.content = Content::Blank;
+                    Ok(())
+                }
+                _ => Err(()),
+            })
+            .is_ok())
+    }
+    fn close(&self, name: &str) -> Result<Closed, Error> {
+        self.enter("close")?;
+        let mut s = self.lock();
+        Ok(match s.maps.get(name) {
+            None => Closed::NotActive,
+            Some(m) if m.open_count > 0 => Closed::Busy,
+            Some(_) => {
+                s.maps.remove(name);
+                Closed::Closed
+            }
+        })
+    }
+    fn resize(&self, name: &str, _passphrase: &[u8], _key_id: &str) -> Result<(), Error> {
+        self.enter("resize")?;
+        match self.lock().maps.contains_key(name) {
+            true => Ok(()),
+            false => Err(Error::NoDevice {
+                path: name.into(),
+                detail: String::new(),
+            }),
+        }
+    }
+    fn active_info(&self, name: &str) -> Result<Option<ActiveInfo>, Error> {
+        Ok(self.lock().maps.get(name).map(|_| ActiveInfo {
+            kind: "LUKS2".into(),
+            cipher: "aes-xts-plain64".into(),
+            key_bits: 512,
+            sector_size: 512,
+            size_sectors: 1 << 21,
+            flags: Default::default(),
+            key_in_keyring: false,
+        }))
+    }
+
+    fn read_link(&self, link: &Path) -> Option<PathBuf> {
+        self.lock().links.get(link).cloned()
+    }
+    fn is_replaceable(&self, link: &Path) -> bool {
+        !self.lock().devices.contains_key(link)
+    }
+    fn set_symlink(&self, link: &Path, target: &Path) -> Result<Option<PathBuf>, Error> {
+        let previous = self.read_link(link);
+        if previous.as_deref() == Some(target) {
+            return Ok(previous);
+        }
+        self.enter("set link")?;
+        self.lock().links.insert(link.to_owned(), target.to_owned());
+        Ok(previous)
+    }
+    fn remove_if_points_to(&self, link: &Path, target: &Path) -> Result<bool, Error> {
+        if self.read_link(link).as_deref() != Some(target) {
+            return Ok(false);
+        }
+        self.enter("remove link")?;
+        self.lock().links.remove(link);
+        Ok(true)
+    }
+    fn restore_if_points_to(
+        &self,
+        link: &Path,
+        ours: &Path,
+        previous: &Path,
+    ) -> Result<bool, Error> {
+        if self.read_link(link).as_deref() != Some(ours) {
+            return Ok(false);
+        }
+        self.enter("restore link")?;
+        self.lock()
+            .links
+            .insert(link.to_owned(), previous.to_owned());
+        Ok(true)
+    }
+}
+
+impl Sim {
+    fn with_device(
+        &self,
+        path: &Path,
+        f: impl FnOnce(&mut Device) -> Result<(), ()>,
+    ) -> Result<(), ()> {
+        match self.lock().devices.get_mut(path) {
+            Some(d) if d.present => f(d),
+            _ => Err(()),
+        }
+    }
+}
