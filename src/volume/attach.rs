@@ -194,8 +194,17 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     attach_prepared(ctx, prepare(&*ctx.sys, req.validate()?)?)
 }
 
-/// The second half of [`attach`].
+/// The second half of [`attach`]: under the volume's lock ([`Journal::lock`]).
 pub fn attach_prepared(ctx: &Context<'_>, p: Prepared) -> Result<AttachOutcome, Error> {
+    if let Plan::Raw { reason } = &p.valid.plan {
+        return Ok(raw_outcome(&p.valid, reason));
+    }
+    let _lock = ctx.journal().lock(&p.valid.volume_id)?;
+    attach_held(ctx, p)
+}
+
+/// [`attach_prepared`] for a caller that holds the volume's lock (the reconcile).
+pub(super) fn attach_held(ctx: &Context<'_>, p: Prepared) -> Result<AttachOutcome, Error> {
     let Prepared { valid: v, header } = p;
     let plan = match &v.plan {
         Plan::Raw { reason } => return Ok(raw_outcome(&v, reason)),
@@ -410,12 +419,12 @@ fn choose_mapping(
 }
 
 /// The device a new mapping is opened on.
-struct Target {
-    real: PathBuf,
-    devno: DevNo,
-    name: String,
+pub(super) struct Target {
+    pub(super) real: PathBuf,
+    pub(super) devno: DevNo,
+    pub(super) name: String,
     /// Its LUKS header as [`prepare`] read it, if it had one.
-    header: Option<DeviceHeader>,
+    pub(super) header: Option<DeviceHeader>,
 }
 
 /// Fetch the key, journal the attachment, open (or format and open) the mapping, set the links
@@ -462,10 +471,7 @@ fn open_new(
         ctx,
         v,
         plan,
-        &target.real,
-        target.devno,
-        &target.name,
-        target.header.map(|h| h.header),
+        &target,
         passphrase.expose(),
         flags,
         format,

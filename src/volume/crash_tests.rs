@@ -401,3 +401,36 @@ fn a_device_with_a_signature_is_never_formatted() {
     );
     fx.check_detached("a", "signature");
 }
+
+/// Attaches and detaches of the same volume at the same time (the agent and CLI commands, or
+/// several CLI commands, on one host) serialise on the volume's lock: the blank device is
+/// formatted exactly once, never over its keyslot, and every operation ends in a state a
+/// later one understands.
+#[test]
+fn concurrent_operations_on_the_same_volume_serialise() {
+    let fx = Fixture::new(Content::Blank);
+    let formats = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (fx, formats) = (&fx, &formats);
+            s.spawn(move || {
+                for round in 0..25 {
+                    if (worker + round) % 3 == 0 {
+                        fx.detach("a").unwrap();
+                    } else if fx.attach("a").unwrap().formatted() {
+                        formats.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        formats.into_inner(),
+        1,
+        "the blank device is formatted once"
+    );
+    fx.check_at_rest("after the storm");
+    fx.attach("a").unwrap();
+    fx.check_attached("a", "final attach");
+    assert!(fx.uuid("a").unwrap().1);
+}

@@ -191,11 +191,75 @@ pub fn open_luks(
         flags,
         key_id,
     } = to;
-    // volcrypt's engine reads the header and unlocks a keyslot on a second thread while
-    // libcryptsetup loads the header for the activation on this one (a CryptDevice is not Send,
-    // so it stays here). Both only read; libcryptsetup's load decides whether this is LUKS.
+    let (loaded, engine) = load_and_unlock(device, header, passphrase, how, t);
+    let Some(mut cd) = loaded? else {
+        return Ok(false);
+    };
+    let wrong_key = || Error::WrongKey {
+        key_id: key_id.to_owned(),
+        device: device.to_owned(),
+    };
+    match engine {
+        Some(Engine::Key(key)) => {
+            t.kdf_split = true;
+            match timed(&mut t.dm, || {
+                cd.activate_handle().activate_by_volume_key(
+                    Some(name),
+                    Some(key.expose()),
+                    activate_flags(flags),
+                )
+            }) {
+                Ok(()) => return Ok(true),
+                // The digest check refused a key the engine had verified: never expected; let
+                // libcryptsetup decide with the passphrase rather than fail.
+                Err(e) if errno_of(&e) == Some(errno::EPERM) => {
+                    tracing::warn!(device = %device.display(), "libcryptsetup refused the volume key volcrypt unlocked; retrying with libcryptsetup's own unlock");
+                }
+                Err(e) => return Err(crypt_err("activate", device, &e)),
+            }
+        }
+        Some(Engine::WrongPassphrase) => return Err(wrong_key()),
+        Some(Engine::CannotDecide(reason)) => {
+            tracing::debug!(device = %device.display(), %reason, "userspace unlock not used; libcryptsetup unlocks");
+        }
+        None => {}
+    }
+    t.kdf_split = false;
+    match timed(&mut t.dm, || {
+        cd.activate_handle().activate_by_passphrase(
+            Some(name),
+            None,
+            passphrase,
+            activate_flags(flags),
+        )
+    }) {
+        Ok(_) => Ok(true),
+        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(wrong_key()),
+        // libcryptsetup's "No usable keyslot is available": say so, not "no such file".
+        Err(e) if errno_of(&e) == Some(errno::ENOENT) => Err(Error::Crypt {
+            op: "activate",
+            target: device.display().to_string(),
+            detail: format!("the LUKS header has no usable keyslot (libcryptsetup: {e})"),
+            kind: Kind::WrongDevice,
+        }),
+        Err(e) => Err(crypt_err("activate", device, &e)),
+    }
+}
+
+/// libcryptsetup loads the header for the activation on this thread while volcrypt's engine
+/// reads the header and unlocks a keyslot on a second one (a CryptDevice is not Send, so it
+/// stays here). Both only read; libcryptsetup's load decides whether this is LUKS. The
+/// engine's answer is `None` when it was not asked ([`Unlock::Libcryptsetup`]).
+type Loaded = Result<Option<CryptDevice>, Error>;
+fn load_and_unlock(
+    device: &Path,
+    header: Option<crate::luks::Header>,
+    passphrase: &[u8],
+    how: Unlock,
+    t: &mut AttachTimings,
+) -> (Loaded, Option<Engine>) {
     let span = tracing::Span::current();
-    let (loaded, engine) = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let engine = (how == Unlock::Userspace).then(|| {
             std::thread::Builder::new()
                 .name("volcrypt-unlock".into())
@@ -218,60 +282,7 @@ pub fn open_luks(
             Err(e) => Engine::CannotDecide(format!("cannot start the unlock thread: {e}")),
         });
         (loaded, engine)
-    });
-    let Some(mut cd) = loaded? else {
-        return Ok(false);
-    };
-    let wrong_key = || Error::WrongKey {
-        key_id: key_id.to_owned(),
-        device: device.to_owned(),
-    };
-    if let Some(engine) = engine {
-        match engine {
-            Engine::Key(key) => {
-                t.kdf_split = true;
-                match timed(&mut t.dm, || {
-                    cd.activate_handle().activate_by_volume_key(
-                        Some(name),
-                        Some(key.expose()),
-                        activate_flags(flags),
-                    )
-                }) {
-                    Ok(()) => return Ok(true),
-                    // The digest check refused a key the engine had verified: never expected;
-                    // let libcryptsetup decide with the passphrase rather than fail.
-                    Err(e) if errno_of(&e) == Some(errno::EPERM) => {
-                        tracing::warn!(device = %device.display(), "libcryptsetup refused the volume key volcrypt unlocked; retrying with libcryptsetup's own unlock");
-                    }
-                    Err(e) => return Err(crypt_err("activate", device, &e)),
-                }
-            }
-            Engine::WrongPassphrase => return Err(wrong_key()),
-            Engine::CannotDecide(reason) => {
-                tracing::debug!(device = %device.display(), %reason, "userspace unlock not used; libcryptsetup unlocks");
-            }
-        }
-    }
-    t.kdf_split = false;
-    match timed(&mut t.dm, || {
-        cd.activate_handle().activate_by_passphrase(
-            Some(name),
-            None,
-            passphrase,
-            activate_flags(flags),
-        )
-    }) {
-        Ok(_) => Ok(true),
-        Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(wrong_key()),
-        // libcryptsetup's "No usable keyslot is available": say so, not "no such file".
-        Err(e) if errno_of(&e) == Some(errno::ENOENT) => Err(Error::Crypt {
-            op: "activate",
-            target: device.display().to_string(),
-            detail: format!("the LUKS header has no usable keyslot (libcryptsetup: {e})"),
-            kind: Kind::WrongDevice,
-        }),
-        Err(e) => Err(crypt_err("activate", device, &e)),
-    }
+    })
 }
 
 /// libcryptsetup's context for `device` with its LUKS header loaded, or `None` when the device

@@ -29,13 +29,39 @@ pub struct DetachOutcome {
     pub timings: DetachTimings,
 }
 
-/// Detach `volume_id`. `device_path` finds an os-brick mapping volcrypt has no record of.
+/// Detach `volume_id`, under its lock ([`Journal::lock`]). `device_path` finds an os-brick
+/// mapping volcrypt has no record of.
 pub fn detach(
     ctx: &Context<'_>,
     volume_id: &str,
     device_path: Option<&Path>,
 ) -> Result<DetachOutcome, Error> {
     request::check_volume_id(volume_id)?;
+    let journal = ctx.journal();
+    if device_path.is_none() && journal.get(volume_id)?.is_none() {
+        return Ok(nothing_attached(volume_id));
+    }
+    let _lock = journal.lock(volume_id)?;
+    detach_held(ctx, volume_id, device_path)
+}
+
+fn nothing_attached(volume_id: &str) -> DetachOutcome {
+    DetachOutcome {
+        volume_id: volume_id.to_owned(),
+        mapping_name: None,
+        was_active: false,
+        waited_ms: 0,
+        note: "no state record and no --device-path: nothing is attached".into(),
+        timings: DetachTimings::default(),
+    }
+}
+
+/// [`detach`] for a caller that holds the volume's lock (the reconcile).
+pub(super) fn detach_held(
+    ctx: &Context<'_>,
+    volume_id: &str,
+    device_path: Option<&Path>,
+) -> Result<DetachOutcome, Error> {
     let started = Instant::now();
     let mut t = DetachTimings::default();
     let journal = ctx.journal();
@@ -43,14 +69,7 @@ pub fn detach(
     let sys = &*ctx.sys;
     sys.dm_check()?;
     let Some(name) = mapping_to_close(sys, record.as_ref(), device_path)? else {
-        return Ok(DetachOutcome {
-            volume_id: volume_id.to_owned(),
-            mapping_name: None,
-            was_active: false,
-            waited_ms: 0,
-            note: "no state record and no --device-path: nothing is attached".into(),
-            timings: DetachTimings::default(),
-        });
+        return Ok(nothing_attached(volume_id));
     };
     tracing::Span::current().record("mapping", name.as_str());
     // Journal the detach before closing: a crash from here on leaves a `detaching` record that

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use super::attach::Target;
 use super::crypt::{LuksVersion, Unlock};
 use super::dm::DevNo;
 use super::journal::{Phase, Record};
@@ -15,7 +16,6 @@ use super::probe::Probe;
 use super::system::{Activation, NewHeader, System};
 use super::timing::{AttachTimings, timed};
 use super::{Context, Error, PerfFlags};
-use crate::luks::Header;
 use crate::request::{EncryptedPlan, ValidRequest, VolumeFormat};
 
 /// Whether `real` holds the LUKS header an interrupted first attach of this volume was writing
@@ -49,24 +49,23 @@ pub(super) struct Format<'a> {
     pub(super) prior: Option<&'a Record>,
 }
 
-/// Open (and on first attach, format) the mapping. Returns whether the device was formatted.
+/// Open (and on first attach, format) the mapping on `target`. Returns whether the device was
+/// formatted.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn open_mapping(
     ctx: &Context<'_>,
     v: &ValidRequest,
     plan: &EncryptedPlan,
-    real: &Path,
-    devno: DevNo,
-    name: &str,
-    header: Option<Header>,
+    target: &Target,
     passphrase: &[u8],
     flags: PerfFlags,
     format: Format<'_>,
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
     let sys = &*ctx.sys;
+    let real = target.real.as_path();
     let to = Activation {
-        name,
+        name: &target.name,
         flags,
         key_id: &plan.key_id,
     };
@@ -77,10 +76,11 @@ pub(super) fn open_mapping(
         })?;
         return Ok(false);
     }
+    let header = target.header.as_ref().map(|h| h.header.clone());
     let redo = match sys.open_luks(real, header, passphrase, to, Unlock::Userspace, t) {
         Ok(true) => return Ok(false),
         Ok(false) => false,
-        Err(e) if interrupted_format(sys, real, devno, format.prior)? => {
+        Err(e) if interrupted_format(sys, real, target.devno, format.prior)? => {
             tracing::warn!(device = %real.display(), error = %e, "LUKS header without a keyslot left by an interrupted first attach (its UUID is the journaled one): formatting it again");
             true
         }
@@ -101,7 +101,7 @@ pub(super) fn open_mapping(
             kind: crate::kind::Kind::Invalid,
         });
     };
-    ensure_unused(sys, real, devno)?;
+    ensure_unused(sys, real, target.devno)?;
     let (version, sector_size) = match plan.format {
         VolumeFormat::Luks2 => (
             LuksVersion::Luks2,
@@ -120,28 +120,38 @@ pub(super) fn open_mapping(
         pbkdf: ctx.config.pbkdf.as_ref(),
     };
     tracing::info!(device = %real.display(), format = %plan.format, "formatting blank device on first attach");
-    timed(&mut t.format, || sys.format_luks(real, &new, passphrase))?;
+    format_and_open(sys, real, &new, passphrase, to, t)?;
+    Ok(true)
+}
+
+/// Format the blank device `real` and open what was written; if the open fails, the format is
+/// rolled back.
+fn format_and_open(
+    sys: &dyn System,
+    real: &Path,
+    new: &NewHeader<'_>,
+    passphrase: &[u8],
+    to: Activation<'_>,
+    t: &mut AttachTimings,
+) -> Result<(), Error> {
+    timed(&mut t.format, || sys.format_luks(real, new, passphrase))?;
     // Just formatted by libcryptsetup: let it unlock what it wrote (first attach only).
     let opened = match injected("activate", real) {
         Some(e) => Err(e),
         None => sys.open_luks(real, None, passphrase, to, Unlock::Libcryptsetup, t),
     };
-    match opened {
-        Ok(true) => Ok(true),
-        Ok(false) => {
-            roll_back(sys, real, &uuid.to_string());
-            Err(Error::Crypt {
-                op: "read LUKS header",
-                target: real.display().to_string(),
-                detail: "no LUKS header found right after formatting".into(),
-                kind: crate::kind::Kind::Invalid,
-            })
-        }
-        Err(e) => {
-            roll_back(sys, real, &uuid.to_string());
-            Err(e)
-        }
-    }
+    let e = match opened {
+        Ok(true) => return Ok(()),
+        Ok(false) => Error::Crypt {
+            op: "read LUKS header",
+            target: real.display().to_string(),
+            detail: "no LUKS header found right after formatting".into(),
+            kind: crate::kind::Kind::Invalid,
+        },
+        Err(e) => e,
+    };
+    roll_back(sys, real, &new.uuid.to_string());
+    Err(e)
 }
 
 /// Undo the format of a first attach that failed afterwards: the device was blank and the

@@ -61,6 +61,10 @@ pub fn device_gone(
 ) -> Result<Option<Phase>, Error> {
     let sys = &*ctx.sys;
     let journal = ctx.journal();
+    if journal.get(volume_id)?.is_none() {
+        return Ok(None);
+    }
+    let _lock = journal.lock(volume_id)?;
     let Some(mut record) = journal.get(volume_id)? else {
         return Ok(None);
     };

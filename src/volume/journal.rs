@@ -247,6 +247,38 @@ impl Journal {
     }
 }
 
+/// An exclusive lock on one volume, across processes: every operation that changes a volume
+/// (attach, detach, extend, the reconcile of its record, the teardown when its device goes)
+/// holds it from its first look at the journal to its last write, so two of them — the agent
+/// and a CLI command, or two CLI commands — never interleave their steps (two first attaches
+/// could otherwise both find the device blank and both format it). `flock(2)` on
+/// `<state_dir>/.<volume_id>.lock`, released when dropped or when the process dies; the files
+/// stay (removing one while another process waits on it would split the lock).
+pub struct VolumeLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Journal {
+    /// Wait for and take the lock of `volume_id` (a checked volume id: it names a file).
+    pub fn lock(&self, volume_id: &str) -> Result<VolumeLock, Error> {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::os::unix::fs::OpenOptionsExt;
+        create_dir(&self.dir)?;
+        let path = self.dir.join(format!(".{volume_id}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io("open volume lock", &path, e))?;
+        let file = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::io("lock volume", &path, e.into()))?;
+        Ok(VolumeLock { _file: file })
+    }
+}
+
 /// Note a mapping and its phase on the current span (the request's span under `volcrypt
 /// serve`), so every later log line of the request carries them; a no-op outside a span.
 pub fn trace_phase(mapping: &str, phase: impl std::fmt::Display) {
@@ -391,13 +423,18 @@ fn scan(dir: &Path) -> Result<Scan, Error> {
 }
 
 /// Write `record` atomically (mode 0600; the directory is created 0700).
-fn save(dir: &Path, record: &Record) -> Result<(), Error> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+fn create_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| Error::io("create state directory", dir, e))?;
+        .map_err(|e| Error::io("create state directory", dir, e))
+}
+
+fn save(dir: &Path, record: &Record) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    create_dir(dir)?;
     let path = record_path(dir, &record.volume_id);
     let tmp = dir.join(format!(".{}.json.tmp", record.volume_id));
     let json = serde_json::to_vec_pretty(record).map_err(|e| Error::State {

@@ -236,6 +236,10 @@ pub fn reconcile_one(
     };
     let sys = &*ctx.sys;
     let journal = ctx.journal();
+    let _lock = match journal.lock(volume_id) {
+        Ok(l) => l,
+        Err(e) => return failed("lock volume", &e),
+    };
     let record = match journal.get(volume_id) {
         Ok(Some(r)) => r,
         Ok(None) => return Finding::Consistent,
@@ -266,7 +270,7 @@ pub fn reconcile_one(
             Ok(c) => Finding::Repaired(c),
             Err(e) => failed("repair links", &e),
         },
-        Action::FinishDetach => match super::detach(&no_keys, volume_id, None) {
+        Action::FinishDetach => match super::detach::detach_held(&no_keys, volume_id, None) {
             Ok(_) => Finding::Detached,
             Err(e) => failed("finish detach", &e),
         },
@@ -302,7 +306,12 @@ pub fn reconcile_one(
                 config: ctx.config.clone(),
                 sys: ctx.sys.clone(),
             };
-            match super::attach(&ctx, &req) {
+            let attached = req
+                .validate()
+                .map_err(Error::from)
+                .and_then(|v| super::prepare(sys, v))
+                .and_then(|p| super::attach::attach_held(&ctx, p));
+            match attached {
                 Ok(_) => Finding::Reactivated,
                 Err(e) => failed("re-activate", &e),
             }

@@ -64,13 +64,15 @@ pub struct VolumeStatus {
 /// Grow a mapping to its backing device after the device grew.
 pub fn extend(ctx: &Context<'_>, volume_id: &str) -> Result<ExtendOutcome, Error> {
     request::check_volume_id(volume_id)?;
-    let record = ctx
-        .journal()
-        .get(volume_id)?
-        .ok_or_else(|| Error::NotManaged {
-            volume_id: volume_id.to_owned(),
-            state_dir: ctx.config.state_dir.clone(),
-        })?;
+    let journal = ctx.journal();
+    let _lock = match journal.get(volume_id)? {
+        Some(_) => Some(journal.lock(volume_id)?),
+        None => None,
+    };
+    let record = journal.get(volume_id)?.ok_or_else(|| Error::NotManaged {
+        volume_id: volume_id.to_owned(),
+        state_dir: ctx.config.state_dir.clone(),
+    })?;
     super::journal::trace_phase(&record.mapping_name, record.phase);
     let sys = &*ctx.sys;
     let name = &record.mapping_name;
