@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::dm::{DevNo, MapInfo};
-use super::format::{self, Format};
+use super::format::{self, Format, Target};
 use super::header::{self, DeviceHeader};
 use super::journal::{Journal, Phase, Record};
 use super::links;
@@ -194,23 +194,31 @@ pub fn attach(ctx: &Context<'_>, req: &AttachRequest) -> Result<AttachOutcome, E
     attach_prepared(ctx, prepare(&*ctx.sys, req.validate()?)?)
 }
 
-/// The second half of [`attach`]: under the volume's lock ([`Journal::lock`]).
+/// The second half of [`attach`]: under the volume's lock ([`Journal::lock`]), taken once the
+/// device is known to exist (a request for a missing device changes nothing, not even the
+/// state directory).
 pub fn attach_prepared(ctx: &Context<'_>, p: Prepared) -> Result<AttachOutcome, Error> {
     if let Plan::Raw { reason } = &p.valid.plan {
         return Ok(raw_outcome(&p.valid, reason));
     }
+    // A missing device fails here, before the lock file exists; under the lock the device is
+    // found again, since an operation that held the lock meanwhile may have changed the links.
+    find_device(&*ctx.sys, &p.valid)?;
     let _lock = ctx.journal().lock(&p.valid.volume_id)?;
     attach_held(ctx, p)
 }
 
 /// [`attach_prepared`] for a caller that holds the volume's lock (the reconcile).
 pub(super) fn attach_held(ctx: &Context<'_>, p: Prepared) -> Result<AttachOutcome, Error> {
-    let Prepared { valid: v, header } = p;
-    let plan = match &v.plan {
-        Plan::Raw { reason } => return Ok(raw_outcome(&v, reason)),
-        Plan::Encrypted(e) => e.clone(),
-    };
-    let sys = &*ctx.sys;
+    if let Plan::Raw { reason } = &p.valid.plan {
+        return Ok(raw_outcome(&p.valid, reason));
+    }
+    let (real, devno) = find_device(&*ctx.sys, &p.valid)?;
+    attach_on(ctx, p, real, devno)
+}
+
+/// The canonical path and number of the request's device.
+fn find_device(sys: &dyn System, v: &ValidRequest) -> Result<(PathBuf, DevNo), Error> {
     sys.dm_check()?;
     let real = sys
         .canonicalize(&v.device_path)
@@ -219,6 +227,22 @@ pub(super) fn attach_held(ctx: &Context<'_>, p: Prepared) -> Result<AttachOutcom
             detail: format!(": {e}"),
         })?;
     let devno = sys.devno_of(&real)?;
+    Ok((real, devno))
+}
+
+/// The attach proper, on the device `real` (`devno`) [`find_device`] found.
+fn attach_on(
+    ctx: &Context<'_>,
+    p: Prepared,
+    real: PathBuf,
+    devno: DevNo,
+) -> Result<AttachOutcome, Error> {
+    let Prepared { valid: v, header } = p;
+    let plan = match &v.plan {
+        Plan::Raw { reason } => return Ok(raw_outcome(&v, reason)),
+        Plan::Encrypted(e) => e.clone(),
+    };
+    let sys = &*ctx.sys;
     let journal = ctx.journal();
     match choose_mapping(sys, &journal, &v, &real, devno)? {
         Mapping::Existing { name, backing } => {
@@ -416,15 +440,6 @@ fn choose_mapping(
             })
         }
     }
-}
-
-/// The device a new mapping is opened on.
-pub(super) struct Target {
-    pub(super) real: PathBuf,
-    pub(super) devno: DevNo,
-    pub(super) name: String,
-    /// Its LUKS header as [`prepare`] read it, if it had one.
-    pub(super) header: Option<DeviceHeader>,
 }
 
 /// Fetch the key, journal the attachment, open (or format and open) the mapping, set the links

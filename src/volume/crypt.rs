@@ -20,7 +20,6 @@ use libcryptsetup_rs::{
     LibcryptErr,
 };
 
-use super::system::{Activation, NewHeader};
 use super::timing::{AttachTimings, timed};
 use super::{Error, PbkdfConfig, PerfFlags};
 use crate::kind::Kind;
@@ -167,6 +166,26 @@ pub enum Unlock {
     Userspace,
     /// libcryptsetup unlocks and activates in one call (`crypt_activate_by_passphrase`).
     Libcryptsetup,
+}
+
+/// What a first-attach format writes: the header's identity and parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct NewHeader<'a> {
+    /// Journaled before the format, so a header left half-written by a crash is recognised.
+    pub uuid: uuid::Uuid,
+    pub version: LuksVersion,
+    pub cipher: Option<&'a str>,
+    pub key_bits: Option<u32>,
+    pub sector_size: u32,
+    pub pbkdf: Option<&'a PbkdfConfig>,
+}
+
+/// Opening a mapping: its name, flags, and the key id (for messages).
+#[derive(Debug, Clone, Copy)]
+pub struct Activation<'a> {
+    pub name: &'a str,
+    pub flags: PerfFlags,
+    pub key_id: &'a str,
 }
 
 /// Open a LUKS device as `name` with the passphrase. A wrong passphrase is [`Error::WrongKey`].

@@ -6,14 +6,14 @@
 //! half-done work: a keyless LUKS header whose UUID the journal recorded for this very attach
 //! before a crash (see [`interrupted_format`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::attach::Target;
-use super::crypt::{LuksVersion, Unlock};
+use super::crypt::{Activation, LuksVersion, NewHeader, Unlock};
 use super::dm::DevNo;
+use super::header::DeviceHeader;
 use super::journal::{Phase, Record};
 use super::probe::Probe;
-use super::system::{Activation, NewHeader, System};
+use super::system::System;
 use super::timing::{AttachTimings, timed};
 use super::{Context, Error, PerfFlags};
 use crate::request::{EncryptedPlan, ValidRequest, VolumeFormat};
@@ -40,6 +40,15 @@ fn interrupted_format(
         Some((uuid, in_use)) => !in_use && uuid.eq_ignore_ascii_case(expected),
         None => false,
     })
+}
+
+/// The device a new mapping is opened on.
+pub(super) struct Target {
+    pub(super) real: PathBuf,
+    pub(super) devno: DevNo,
+    pub(super) name: String,
+    /// Its LUKS header as the attach's `prepare` read it, if it had one.
+    pub(super) header: Option<DeviceHeader>,
 }
 
 /// What a first attach needs to format a blank device: the UUID journaled for the new header,

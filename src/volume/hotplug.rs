@@ -11,22 +11,19 @@ use super::journal::{Journal, Phase, Record};
 use super::system::System;
 use super::{Context, Error, links};
 use crate::request::AttachRequest;
-use crate::udev::{self, BlockDevice};
+use crate::udev::BlockDevice;
 
 /// How long a mapping whose backing device vanished may stay open before it counts as in use.
 const IN_USE_SETTLE: Duration = Duration::from_secs(2);
 
 /// The request with its device resolved now, from the devices present: `Ok(None)` when a
 /// selector finds nothing. Path requests are returned as they are. Blocking.
-pub fn resolve_now(req: &AttachRequest) -> Result<Option<AttachRequest>, String> {
+pub fn resolve_now(sys: &dyn System, req: &AttachRequest) -> Result<Option<AttachRequest>, String> {
     let Some(d) = &req.device else {
         return Ok(Some(req.clone()));
     };
     let selector = d.selector().map_err(|e| e.to_string())?;
-    match udev::find(&selector).map_err(|e| e.to_string())? {
-        Some(dev) => Ok(dev.devnode.map(|n| req.resolved(&n))),
-        None => Ok(None),
-    }
+    Ok(sys.find_device(&selector)?.map(|node| req.resolved(&node)))
 }
 
 /// A record waiting for its device (`waiting`), or whose device went away while in use

@@ -251,20 +251,22 @@ impl Journal {
 /// (attach, detach, extend, the reconcile of its record, the teardown when its device goes)
 /// holds it from its first look at the journal to its last write, so two of them — the agent
 /// and a CLI command, or two CLI commands — never interleave their steps (two first attaches
-/// could otherwise both find the device blank and both format it). `flock(2)` on
-/// `<state_dir>/.<volume_id>.lock`, released when dropped or when the process dies; the files
-/// stay (removing one while another process waits on it would split the lock).
+/// could otherwise both find the device blank and both format it). An open-file-description
+/// lock (`F_OFD_SETLKW`) on one byte of `<state_dir>/.lock` chosen by the volume id's hash:
+/// one file for all volumes (a failed request leaves nothing behind), different volumes do not
+/// wait for each other, threads of one process exclude each other like processes do, and the
+/// kernel releases it when the lock is dropped or its process dies.
 pub struct VolumeLock {
-    _file: nix::fcntl::Flock<std::fs::File>,
+    _file: std::fs::File,
 }
 
 impl Journal {
-    /// Wait for and take the lock of `volume_id` (a checked volume id: it names a file).
+    /// Wait for and take the lock of `volume_id`.
     pub fn lock(&self, volume_id: &str) -> Result<VolumeLock, Error> {
-        use nix::fcntl::{Flock, FlockArg};
+        use nix::fcntl::{FcntlArg, fcntl};
         use std::os::unix::fs::OpenOptionsExt;
         create_dir(&self.dir)?;
-        let path = self.dir.join(format!(".{volume_id}.lock"));
+        let path = self.dir.join(".lock");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -272,11 +274,32 @@ impl Journal {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| Error::io("open volume lock", &path, e))?;
-        let file = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| Error::io("lock volume", &path, e.into()))?;
-        Ok(VolumeLock { _file: file })
+            .map_err(|e| Error::io("open the volume lock file", &path, e))?;
+        let range = nix::libc::flock {
+            l_type: nix::libc::F_WRLCK as i16,
+            l_whence: nix::libc::SEEK_SET as i16,
+            l_start: lock_offset(volume_id),
+            l_len: 1,
+            l_pid: 0,
+        };
+        loop {
+            match fcntl(&file, FcntlArg::F_OFD_SETLKW(&range)) {
+                Ok(_) => return Ok(VolumeLock { _file: file }),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(Error::io("lock volume", &path, e.into())),
+            }
+        }
     }
+}
+
+/// The byte of the lock file that stands for `volume_id`: 62 bits of its SHA-256 (a collision
+/// only makes two volumes wait for each other).
+fn lock_offset(volume_id: &str) -> i64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(volume_id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    (u64::from_le_bytes(b) >> 2) as i64
 }
 
 /// Note a mapping and its phase on the current span (the request's span under `volcrypt

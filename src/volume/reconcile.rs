@@ -278,7 +278,7 @@ pub fn reconcile_one(
             let Some(req) = &record.request else {
                 return Finding::Inactive;
             };
-            let req = match hotplug::resolve_now(req) {
+            let req = match hotplug::resolve_now(sys, req) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     let mut record = record;

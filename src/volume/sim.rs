@@ -16,11 +16,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Error;
-use super::crypt::{ActiveInfo, Closed, Unlock};
+use super::crypt::{Activation, ActiveInfo, Closed, NewHeader, Unlock};
 use super::dm::{DevNo, MapInfo};
 use super::header::DeviceHeader;
 use super::probe::Probe;
-use super::system::{Activation, NewHeader, System};
+use super::system::System;
 use super::timing::AttachTimings;
 
 /// The panic payload of a simulated crash.
@@ -316,6 +316,10 @@ impl System for Sim {
     }
     fn read_header(&self, _device: &Path) -> Option<DeviceHeader> {
         None
+    }
+    /// The simulated host has no udev: its requests name devices by path.
+    fn find_device(&self, _selector: &crate::request::Selector) -> Result<Option<PathBuf>, String> {
+        Ok(None)
     }
 
     fn dm_check(&self) -> Result<(), Error> {

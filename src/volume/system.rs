@@ -1,6 +1,6 @@
 //! The engine's boundary with the host: every call that reads or changes device-mapper,
-//! libcryptsetup headers, block devices or links goes through [`System`], and nothing else in
-//! the engine touches them. Two backends implement it: [`Host`], the real one (thin calls into
+//! libcryptsetup headers, block devices (udev's view of them included) or links goes through
+//! [`System`], and nothing else in the engine's operations touches them. Two backends implement it: [`Host`], the real one (thin calls into
 //! [`super::dm`], [`super::crypt`], [`super::probe`], [`super::header`] and [`super::links`]),
 //! and, in unit tests, an in-memory simulation that can fail or "crash" before any step, so
 //! every crash point of attach, detach and reconcile is tested natively in milliseconds. The
@@ -12,32 +12,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::crypt::{self, ActiveInfo, Closed, LuksVersion, Unlock};
+use super::crypt::{self, Activation, ActiveInfo, Closed, NewHeader, Unlock};
 use super::dm::{self, DevNo, Dm, MapInfo};
 use super::header::{self, DeviceHeader};
 use super::probe::{self, Probe};
 use super::timing::AttachTimings;
-use super::{Error, PbkdfConfig, PerfFlags, links};
-
-/// What a first-attach format writes: the header's identity and parameters.
-#[derive(Debug, Clone, Copy)]
-pub struct NewHeader<'a> {
-    /// Journaled before the format, so a header left half-written by a crash is recognised.
-    pub uuid: uuid::Uuid,
-    pub version: LuksVersion,
-    pub cipher: Option<&'a str>,
-    pub key_bits: Option<u32>,
-    pub sector_size: u32,
-    pub pbkdf: Option<&'a PbkdfConfig>,
-}
-
-/// Opening a mapping: its name, flags, and the key id (for messages).
-#[derive(Debug, Clone, Copy)]
-pub struct Activation<'a> {
-    pub name: &'a str,
-    pub flags: PerfFlags,
-    pub key_id: &'a str,
-}
+use super::{Error, links};
+use crate::request::Selector;
 
 /// The host as the engine sees it. Queries first, then the steps that change something.
 pub trait System: Send + Sync {
@@ -61,6 +42,8 @@ pub trait System: Send + Sync {
     fn probe(&self, device: &Path) -> Result<Probe, Error>;
     /// The LUKS header the engine reads (`None`: none it reads).
     fn read_header(&self, device: &Path) -> Option<DeviceHeader>;
+    /// The device node of the block device present now that `selector` names (udev's view).
+    fn find_device(&self, selector: &Selector) -> Result<Option<PathBuf>, String>;
 
     // Device-mapper (never tables: they hold keys).
     /// Fails when device-mapper is not usable on this host.
@@ -156,6 +139,11 @@ impl System for Host {
     }
     fn read_header(&self, device: &Path) -> Option<DeviceHeader> {
         header::read(device)
+    }
+    fn find_device(&self, selector: &Selector) -> Result<Option<PathBuf>, String> {
+        crate::udev::find(selector)
+            .map(|d| d.and_then(|d| d.devnode))
+            .map_err(|e| e.to_string())
     }
 
     fn dm_check(&self) -> Result<(), Error> {
