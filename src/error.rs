@@ -22,6 +22,10 @@ pub enum ExitStatus {
     WrongDevice = 4,
     /// Device already exists or is busy.
     Busy = 5,
+    /// `verify`: the data differs from what it should be (cryptsetup has no such code).
+    Mismatch = 6,
+    /// `verify`: verification could not run (cipher not in the userspace engine, no key).
+    CannotVerify = 7,
 }
 
 impl ExitStatus {
@@ -38,6 +42,8 @@ impl From<Kind> for ExitStatus {
             Kind::OutOfMemory => ExitStatus::OutOfMemory,
             Kind::WrongDevice => ExitStatus::WrongDevice,
             Kind::Busy => ExitStatus::Busy,
+            Kind::Mismatch => ExitStatus::Mismatch,
+            Kind::CannotVerify => ExitStatus::CannotVerify,
         }
     }
 }

@@ -76,6 +76,8 @@ impl ApiError {
             (404, _) => Kind::WrongDevice,
             (409, _) => Kind::Busy,
             (503, "out_of_memory") => Kind::OutOfMemory,
+            (_, "mismatch") => Kind::Mismatch,
+            (_, "cannot_verify") => Kind::CannotVerify,
             _ => Kind::Invalid,
         }
     }
@@ -119,6 +121,8 @@ impl From<&volume::Error> for ApiError {
                 Kind::WrongDevice => (StatusCode::NOT_FOUND, "unknown_device"),
                 Kind::OutOfMemory => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
                 Kind::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "crypt_failed"),
+                Kind::Mismatch => (StatusCode::UNPROCESSABLE_ENTITY, "mismatch"),
+                Kind::CannotVerify => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_verify"),
             },
             E::Dm { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "dm_error"),
             E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),
