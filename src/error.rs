@@ -72,6 +72,9 @@ pub enum Error {
     Volume(#[from] crate::volume::Error),
     #[cfg(feature = "system")]
     #[error(transparent)]
+    Verify(#[from] crate::volume::verify::Error),
+    #[cfg(feature = "system")]
+    #[error(transparent)]
     Rpc(#[from] crate::rpc::Error),
     #[cfg(feature = "system")]
     #[error(transparent)]
@@ -93,6 +96,8 @@ impl Error {
             Error::Request(e) => e.kind().into(),
             #[cfg(feature = "system")]
             Error::Volume(e) => e.kind().into(),
+            #[cfg(feature = "system")]
+            Error::Verify(e) => e.kind().into(),
             #[cfg(feature = "system")]
             Error::Rpc(e) => e.kind().into(),
             #[cfg(feature = "system")]

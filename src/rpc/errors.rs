@@ -91,6 +91,20 @@ impl From<&crate::request::Error> for ApiError {
     }
 }
 
+impl From<&volume::verify::Error> for ApiError {
+    fn from(e: &volume::verify::Error) -> ApiError {
+        use volume::verify::Error as E;
+        let (status, code) = match e {
+            E::Volume(v) => return ApiError::from(v.as_ref()),
+            E::CannotVerify { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_verify"),
+            E::Mismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "mismatch"),
+            E::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            E::Cancelled { .. } => (StatusCode::CONFLICT, "cancelled"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
 impl From<&volume::Error> for ApiError {
     fn from(e: &volume::Error) -> ApiError {
         use volume::Error as E;

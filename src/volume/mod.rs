@@ -44,6 +44,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod status;
 pub mod timing;
+pub mod verify;
 
 pub use attach::{AttachOutcome, How, LinkChange, Prepared, attach, attach_prepared, prepare};
 pub use detach::{DetachOutcome, detach};
