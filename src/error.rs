@@ -22,6 +22,10 @@ pub enum ExitStatus {
     WrongDevice = 4,
     /// Device already exists or is busy.
     Busy = 5,
+    /// `verify`: the data differs from what it should be (cryptsetup has no such code).
+    Mismatch = 6,
+    /// `verify`: verification could not run (cipher not in the userspace engine, no key).
+    CannotVerify = 7,
 }
 
 impl ExitStatus {
@@ -38,6 +42,8 @@ impl From<Kind> for ExitStatus {
             Kind::OutOfMemory => ExitStatus::OutOfMemory,
             Kind::WrongDevice => ExitStatus::WrongDevice,
             Kind::Busy => ExitStatus::Busy,
+            Kind::Mismatch => ExitStatus::Mismatch,
+            Kind::CannotVerify => ExitStatus::CannotVerify,
         }
     }
 }
@@ -66,6 +72,9 @@ pub enum Error {
     Volume(#[from] crate::volume::Error),
     #[cfg(feature = "system")]
     #[error(transparent)]
+    Verify(#[from] crate::volume::verify::Error),
+    #[cfg(feature = "system")]
+    #[error(transparent)]
     Rpc(#[from] crate::rpc::Error),
     #[cfg(feature = "system")]
     #[error(transparent)]
@@ -87,6 +96,8 @@ impl Error {
             Error::Request(e) => e.kind().into(),
             #[cfg(feature = "system")]
             Error::Volume(e) => e.kind().into(),
+            #[cfg(feature = "system")]
+            Error::Verify(e) => e.kind().into(),
             #[cfg(feature = "system")]
             Error::Rpc(e) => e.kind().into(),
             #[cfg(feature = "system")]

@@ -19,4 +19,10 @@ pub enum Kind {
     WrongDevice,
     /// Busy or already exists: a name held by another device, a mapping in use.
     Busy,
+    /// Verification ran and found data that differs from what it should be (ciphertext that
+    /// does not decrypt to the plaintext shown, a damaged keyslot area, a plaintext mismatch).
+    Mismatch,
+    /// Verification could not run: the userspace engine lacks the cipher, or the key is not
+    /// available. Distinct from a mismatch so that "could not check" never reads as "corrupt".
+    CannotVerify,
 }

@@ -229,6 +229,33 @@ fn unknown_volumes_are_404() {
         None,
     );
     assert_error(s, &v, 404, "unknown_volume", None);
+    let vr = "/v1/attachments/{volume_id}/verify";
+    let (s, v) = agent.checked("POST", vr, "/v1/attachments/no-such-vol/verify", None);
+    assert_error(s, &v, 404, "unknown_volume", None);
+    let (s, v) = agent.checked(
+        "POST",
+        vr,
+        "/v1/attachments/no-such-vol/verify",
+        Some(br#"{"mode": "full"}"#),
+    );
+    assert_error(s, &v, 404, "unknown_volume", None);
+    // A verify request that is not one is refused before anything is looked up.
+    let (s, v) = agent.checked(
+        "POST",
+        vr,
+        "/v1/attachments/no-such-vol/verify",
+        Some(br#"{"mode": "everything"}"#),
+    );
+    assert_error(s, &v, 400, "invalid_request", None);
+    let (s, v) = agent.checked(
+        "POST",
+        vr,
+        "/v1/attachments/no-such-vol/verify",
+        Some(br#"{"mode": "sample", "count": 5, "max_rate_mb": -1}"#),
+    );
+    assert_error(s, &v, 400, "invalid_request", None);
+    let r = agent.call("GET", "/v1/attachments/no-such-vol/verify", None);
+    assert_eq!(r.status, 405);
     // Unknown routes and methods.
     let r = agent.call("GET", "/v2/nothing", None);
     assert_eq!(r.status, 404);

@@ -183,6 +183,95 @@ fn attach_status_detach_through_the_api() {
     assert!(v["error"]["message"].as_str().unwrap().contains("sym-2"));
 }
 
+/// `POST /v1/attachments/{id}/verify` and `volcrypt verify --socket`: the same report, "agree"
+/// for data the kernel wrote; a key that no longer matches the volume is 422 `cannot_verify`
+/// (exit 7 through the CLI), never a mismatch.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn verify_through_the_api() {
+    need::require_dm_crypt();
+    let agent = Agent::start_with("", FAST_KDF);
+    let ks = keystore(&agent);
+    put(&ks, "pass-v", SecretType::Passphrase, b"verify horse");
+    let loops = Loops::new(agent.dir.path(), 1, 24);
+    let body = request("vm-vol-v", &loops.0[0], "luks2", "pass-v");
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(s, 201, "{v}");
+    let mapper = PathBuf::from(v["device"].as_str().unwrap());
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=4 oflag=direct status=none",
+        mapper.display()
+    ));
+
+    let route = "/v1/attachments/{volume_id}/verify";
+    let path = "/v1/attachments/vm-vol-v/verify";
+    let (s, v) = agent.checked("POST", route, path, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["verdict"], "agree", "{v}");
+    assert_eq!(v["mode"], "sample", "{v}");
+    assert_eq!(v["sectors_checked"], 256, "{v}");
+    let (s, v) = agent.checked(
+        "POST",
+        route,
+        path,
+        Some(br#"{"mode": "range", "start": 0, "len": 4194304, "max_rate_mb": 500}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["verdict"], "agree", "{v}");
+    assert_eq!(v["bytes_checked"], 4 << 20, "{v}");
+    assert!(
+        !v.to_string().contains("verify horse"),
+        "secret in the report"
+    );
+
+    let cli = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["verify", "vm-vol-v", "--socket"])
+            .arg(&agent.socket)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["--sample", "32"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sectors_checked"], 32, "{report}");
+
+    // The key manager's secret changed under the volume: cannot verify, said plainly.
+    put(&ks, "pass-v", SecretType::Passphrase, b"another horse");
+    let (s, v) = agent.checked("POST", route, path, None);
+    assert_error(s, &v, 422, "cannot_verify", None);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("pass-v"),
+        "{v}"
+    );
+    let out = cli(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    put(&ks, "pass-v", SecretType::Passphrase, b"verify horse");
+    let (s, _) = agent.checked(
+        "DELETE",
+        "/v1/attachments/{volume_id}",
+        "/v1/attachments/vm-vol-v",
+        None,
+    );
+    assert_eq!(s, 200);
+}
+
 /// 20 attaches at once, each an Argon2id keyslot of 8 MiB, with a 24 MiB budget (3 at a time): all succeed
 /// and the KDF memory admitted never exceeds the budget (sampled from /metrics meanwhile).
 #[test]

@@ -256,3 +256,45 @@ fn raw_attach_through_the_cli_prints_the_raw_device() {
     assert_eq!(v["device"], "/dev/sdz");
     assert!(v["raw_reason"].as_str().unwrap().contains("back-end"));
 }
+
+/// `volcrypt verify`: an unmanaged volume is exit 4 naming it; malformed modes are exit 1
+/// naming the option, before anything is read.
+#[test]
+fn cli_verify_names_unknown_volumes_and_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_volcrypt"))
+            .arg("verify")
+            .args(args)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--keystore-dir")
+            .arg(dir.path().join("keys"))
+            .output()
+            .unwrap()
+    };
+    let o = run(&["no-such-vol"]);
+    assert_eq!(
+        o.status.code(),
+        Some(ExitStatus::WrongDevice.code()),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-vol"));
+    for (args, names) in [
+        (&["v", "--range", "12"][..], "START:LEN"),
+        (&["v", "--max-rate", "0"][..], "--max-rate"),
+    ] {
+        let o = run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(ExitStatus::Invalid.code()),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    // Modes exclude each other (clap's usage error).
+    let o = run(&["v", "--full", "--sample", "5"]);
+    assert_ne!(o.status.code(), Some(0));
+}

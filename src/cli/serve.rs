@@ -43,6 +43,7 @@ pub fn remote(cmd: &VolumeCommand) -> Option<Result<(), Error>> {
         VolumeCommand::Extend(a) => a.opts.socket.as_deref(),
         VolumeCommand::Status(a) => a.opts.socket.as_deref(),
         VolumeCommand::Reconcile(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Verify(a) => a.opts.socket.as_deref(),
     }?;
     Some(remote_at(socket, cmd))
 }
@@ -75,6 +76,20 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
             None,
         )?,
         VolumeCommand::Status(_) => client::call(socket, "GET", "/v1/attachments", None)?,
+        VolumeCommand::Verify(a) => {
+            let body = crate::volume::verify::Request {
+                mode: a.mode()?,
+                max_rate_mb: a.max_rate_mb()?,
+            };
+            let body = serde_json::to_vec(&body)
+                .map_err(|e| Error::Usage(format!("cannot encode the request: {e}")))?;
+            client::call(
+                socket,
+                "POST",
+                &format!("/v1/attachments/{}/verify", percent_encode(&a.volume_id)),
+                Some(body),
+            )?
+        }
         VolumeCommand::Reconcile(_) => {
             return Err(Error::Usage(
                 "reconcile acts on this host directly: the agent reconciles by itself when it \
@@ -91,5 +106,22 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| Error::Usage(format!("cannot encode output: {e}")))?;
     println!("{text}");
+    if value["verdict"] == "mismatch" {
+        return Err(crate::volume::verify::Error::Mismatch {
+            volume_id: value["volume_id"].as_str().unwrap_or_default().to_owned(),
+            count: value["mismatch_count"].as_u64().unwrap_or(0),
+            first_mapping: value["mismatches"][0]["mapping_offset"]
+                .as_u64()
+                .unwrap_or(0),
+            first_backing: value["mismatches"][0]["backing_offset"]
+                .as_u64()
+                .unwrap_or(0),
+            note: value["mismatches"][0]["note"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        }
+        .into());
+    }
     Ok(())
 }

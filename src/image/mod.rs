@@ -1,4 +1,4 @@
-//! Whole-container operations on image files: inspect, check a key, decrypt, encrypt.
+//! Whole-container operations on image files: inspect, check a key, decrypt, encrypt, verify.
 //!
 //! This layer owns files, sizes and streaming; the on-disk format is `crate::luks`' job and
 //! the ciphers are `crate::crypto`'s. Everything here works on plain files (or block devices
@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod params;
 pub mod stream;
+pub mod verify;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -88,6 +89,9 @@ pub enum Error {
     Luks(#[from] luks::Error),
     #[error(transparent)]
     Crypto(#[from] crate::crypto::Error),
+    /// `image verify` found a difference, or could not verify.
+    #[error(transparent)]
+    Verify(verify::VerifyFailed),
 }
 
 impl Error {
@@ -96,6 +100,7 @@ impl Error {
             Error::Open { .. } => Kind::WrongDevice,
             Error::Luks(e) | Error::Header { source: e, .. } => e.kind(),
             Error::Crypto(e) => e.kind(),
+            Error::Verify(v) => v.kind,
             _ => Kind::Invalid,
         }
     }

@@ -76,6 +76,8 @@ impl ApiError {
             (404, _) => Kind::WrongDevice,
             (409, _) => Kind::Busy,
             (503, "out_of_memory") => Kind::OutOfMemory,
+            (_, "mismatch") => Kind::Mismatch,
+            (_, "cannot_verify") => Kind::CannotVerify,
             _ => Kind::Invalid,
         }
     }
@@ -86,6 +88,20 @@ impl From<&crate::request::Error> for ApiError {
         let mut a = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
         a.field = e.field().map(str::to_owned);
         a
+    }
+}
+
+impl From<&volume::verify::Error> for ApiError {
+    fn from(e: &volume::verify::Error) -> ApiError {
+        use volume::verify::Error as E;
+        let (status, code) = match e {
+            E::Volume(v) => return ApiError::from(v.as_ref()),
+            E::CannotVerify { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_verify"),
+            E::Mismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "mismatch"),
+            E::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            E::Cancelled { .. } => (StatusCode::CONFLICT, "cancelled"),
+        };
+        ApiError::new(status, code, e.to_string())
     }
 }
 
@@ -119,6 +135,8 @@ impl From<&volume::Error> for ApiError {
                 Kind::WrongDevice => (StatusCode::NOT_FOUND, "unknown_device"),
                 Kind::OutOfMemory => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
                 Kind::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "crypt_failed"),
+                Kind::Mismatch => (StatusCode::UNPROCESSABLE_ENTITY, "mismatch"),
+                Kind::CannotVerify => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_verify"),
             },
             E::Dm { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "dm_error"),
             E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),

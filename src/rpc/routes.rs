@@ -57,6 +57,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/attachments/{volume_id}"),
     ("DELETE", "/v1/attachments/{volume_id}"),
     ("POST", "/v1/attachments/{volume_id}/extend"),
+    ("POST", "/v1/attachments/{volume_id}/verify"),
 ];
 
 /// Serve one request from an allowed peer: a span with the peer and the volume (and, once the
@@ -159,7 +160,15 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         (["v1", "attachments", id, "extend"], &Method::POST) => {
             ("/v1/attachments/{volume_id}/extend", extend(app, id).await)
         }
+        (["v1", "attachments", id, "verify"], &Method::POST) => {
+            let declared = header_len(&req_len(&req));
+            (
+                "/v1/attachments/{volume_id}/verify",
+                verify(app, id, req.into_body(), declared).await,
+            )
+        }
         (["v1", "health"] | ["metrics"] | ["v1", "attachments"], _)
+        | (["v1", "attachments", _, "verify"], _)
         | (["v1", "attachments", _], _)
         | (["v1", "attachments", _, "extend"], _) => (
             "method_not_allowed",
@@ -402,6 +411,65 @@ async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     })
     .await?;
     Ok(json_response(StatusCode::OK, &outcome))
+}
+
+/// Verify an attached volume (`volume::verify`): admitted into the KDF budget like an attach
+/// (its keyslot unlock costs the same), holding the volume's lock so no detach runs under it.
+/// 200 with the report whatever the verdict; "cannot verify" is a 422 `cannot_verify`.
+async fn verify(
+    app: &Arc<App>,
+    id: &str,
+    body: Incoming,
+    declared: Option<u64>,
+) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let body = read_body(app, body, declared).await?;
+    let req: volume::verify::Request = if body.iter().all(u8::is_ascii_whitespace) {
+        volume::verify::Request::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("verify request: {e}"),
+            )
+        })?
+    };
+    if let Some(r) = req.max_rate_mb.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("max_rate_mb {r}: must be a positive number"),
+        ));
+    }
+    let guard = app.locks.lock(id).await;
+    let volume = app.config.volume.clone();
+    let estimate = app.config.server.kdf_memory_estimate_mib;
+    let id2 = id.to_owned();
+    let cost = tokio::task::spawn_blocking(move || {
+        volume::status::extend_kdf_mib(&volume, &id2, estimate)
+    })
+    .await
+    .unwrap_or(estimate);
+    let (permit, n) = take_kdf(app, cost).await?;
+    let held = Held {
+        _volume: Some(guard),
+        _kdf: Some(permit),
+        kdf_mib: n,
+    };
+    let id2 = id.to_owned();
+    let opts = volume::verify::Options {
+        mode: req.mode,
+        max_rate_mb: req.max_rate_mb,
+        progress: false,
+        cancel: None,
+    };
+    let report = run_engine(app, "verify", held, move |ctx| {
+        volume::verify::verify(ctx, &id2, &opts).map_err(|e| ApiError::from(&e))
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &report))
 }
 
 #[derive(Serialize)]

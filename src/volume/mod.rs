@@ -48,6 +48,7 @@ pub mod reconcile;
 pub mod status;
 pub mod system;
 pub mod timing;
+pub mod verify;
 
 #[cfg(test)]
 mod crash_tests;
