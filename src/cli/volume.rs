@@ -244,10 +244,7 @@ pub fn verify(args: VerifyArgs) -> Result<(), Error> {
         .into());
     }
     let keys = key_manager(&config)?;
-    let ctx = Context {
-        keys: keys.as_ref(),
-        config: volume,
-    };
+    let ctx = Context::new(keys.as_ref(), volume);
     let report = volume::verify::verify(&ctx, &args.volume_id, &options)?;
     print_json(&report)?;
     match report.failure() {
