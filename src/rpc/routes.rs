@@ -386,11 +386,10 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     Ok(json_response(StatusCode::OK, &outcome))
 }
 
-async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
-    check_id(id)?;
-    record_volume(id);
+/// The volume's lock and the KDF memory of unlocking its keyslot again (extend and verify
+/// both do), as the record's header says.
+async fn admit_unlock(app: &Arc<App>, id: &str) -> Result<Held, ApiError> {
     let guard = app.locks.lock(id).await;
-    // Resizing a LUKS mapping unlocks a keyslot again: it costs a KDF.
     let volume = app.config.volume.clone();
     let estimate = app.config.server.kdf_memory_estimate_mib;
     let id2 = id.to_owned();
@@ -400,11 +399,18 @@ async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     .await
     .unwrap_or(estimate);
     let (permit, n) = take_kdf(app, cost).await?;
-    let held = Held {
+    Ok(Held {
         _volume: Some(guard),
         _kdf: Some(permit),
         kdf_mib: n,
-    };
+    })
+}
+
+async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    // Resizing a LUKS mapping unlocks a keyslot again: it costs a KDF.
+    let held = admit_unlock(app, id).await?;
     let id2 = id.to_owned();
     let outcome = run_engine(app, "extend", held, move |ctx| {
         volume::extend(ctx, &id2).map_err(engine_err)
@@ -443,21 +449,7 @@ async fn verify(
             format!("max_rate_mb {r}: must be a positive number"),
         ));
     }
-    let guard = app.locks.lock(id).await;
-    let volume = app.config.volume.clone();
-    let estimate = app.config.server.kdf_memory_estimate_mib;
-    let id2 = id.to_owned();
-    let cost = tokio::task::spawn_blocking(move || {
-        volume::status::extend_kdf_mib(&volume, &id2, estimate)
-    })
-    .await
-    .unwrap_or(estimate);
-    let (permit, n) = take_kdf(app, cost).await?;
-    let held = Held {
-        _volume: Some(guard),
-        _kdf: Some(permit),
-        kdf_mib: n,
-    };
+    let held = admit_unlock(app, id).await?;
     let id2 = id.to_owned();
     let opts = volume::verify::Options {
         mode: req.mode,
