@@ -28,6 +28,11 @@
 //! agent: reported as `foreign`, never touched.
 //!
 //! The report is logged at start and shown in `GET /v1/health` under `reconcile`.
+//!
+//! The agent splits each record into [`plan_one`] (everything above) and the re-activation
+//! itself, so it can run re-activations in parallel under its KDF memory budget: cheapest KDF
+//! first ([`order_by_cost`]), one per CPU ([`workers`]); one that lacks its key or device
+//! ([`unavailable`]) is reported under `retrying` and tried again after [`backoff`].
 
 use std::sync::Arc;
 
