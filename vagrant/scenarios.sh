@@ -7,8 +7,8 @@
 #   scenarios.sh [NAME...]     # default: every scenario in order (they build on each other)
 #
 # Each scenario prints one line, PASS or FAIL with what it proves (a failure also prints the
-# tail of its log); the last line is `N passed, N failed`. Scenarios listed in PENDING (none
-# today) need product behaviour that does not exist yet: they run only when named explicitly.
+# tail of its log); the last line is `N passed, N failed`. Scenarios listed in PENDING are not
+# proven green end to end yet: they run only when named explicitly.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${VOLCRYPT_E2E_RUN:?run from vagrant/stage.sh}
@@ -400,6 +400,9 @@ sc_journal() {
   '
 }
 
+# PENDING (its first run showed the product behaviour — both volumes under reconcile.retrying,
+# progress counting them — and failed on a script bug since fixed; the fixed script has not run
+# end to end yet): run it by name, then move it to `all`.
 # barbican_down_reboot: a reboot with the Barbican server stopped. The agent comes up, answers
 # health, reports the two Barbican-keyed volumes under reconcile.retrying with their records
 # kept (nothing formatted), and opens them by itself once the server is back (retry with
@@ -415,15 +418,16 @@ sc_barbican_down_reboot() {
       call GET /v1/health
       [ "$(jq -r .reconcile.detail <<<"$BODY")" != "start-up check still running" ] && break; sleep 1
     done
-    echo "reconcile with Barbican down: $(jq -c "{progress: .reconcile.progress, retrying: [.reconcile.retrying[].volume_id]}" <<<"$BODY")"
+    health=$BODY
+    echo "reconcile with Barbican down: $(jq -c "{progress: .reconcile.progress, retrying: [.reconcile.retrying[].volume_id]}" <<<"$health")"
     for v in bb-pp bb-sym; do
-      jq -e --arg v "$v" "[.reconcile.retrying[].volume_id] | index(\$v)" <<<"$BODY" >/dev/null \
-        || fail "$v not reported as retrying: $(jq -c .reconcile <<<"$BODY")"
+      jq -e --arg v "$v" "[.reconcile.retrying[].volume_id] | index(\$v)" <<<"$health" >/dev/null \
+        || fail "$v not reported as retrying: $(jq -c .reconcile <<<"$health")"
       mapping_exists "crypt-$v" && fail "$v opened without its key?"
       call GET "/v1/attachments/$v"; expect 200
     done
-    [ "$(jq -r .reconcile.progress.failed <<<"$BODY")" -ge 2 ] || fail "progress does not count the failures"
-    echo "records kept, nothing opened, progress $(jq -c .reconcile.progress <<<"$BODY")"
+    [ "$(jq -r .reconcile.progress.failed <<<"$health")" -ge 2 ] || fail "progress does not count the failures"
+    echo "records kept, nothing opened, progress $(jq -c .reconcile.progress <<<"$health")"
   ' || return 1
   eval "$("$here/../scripts/barbican-test-server.sh" start "$bdir")" >/dev/null || return 1
   g '
@@ -442,8 +446,8 @@ sc_barbican_down_reboot() {
   '
 }
 
-all=(package service wrong_uid test_config busy_detach hotplug barbican filesystem metrics metrics_promtool journal reboot barbican_down_reboot)
-PENDING=()
+all=(package service wrong_uid test_config busy_detach hotplug barbican filesystem metrics metrics_promtool journal reboot)
+PENDING=(barbican_down_reboot)
 declare -A desc=(
   [package]="apt install ./volcrypt_*.deb offline: files, 0600 conffile, 0700 dirs, nothing enabled or started"
   [service]="systemctl enable --now: /v1/health ok, hardening in force (systemctl show, /proc: NoNewPrivs, seccomp, CapBnd, read-only /usr)"
@@ -457,7 +461,7 @@ declare -A desc=(
   [metrics]="/metrics of the service: text format 0.0.4 by default (HELP/TYPE per family), OpenMetrics (# EOF) when asked, gauges match"
   [metrics_promtool]="promtool check metrics on a plain scrape of the service: clean"
   [journal]="journalctl -u volcrypt: structured JSON records, no secret"
-  [barbican_down_reboot]="reboot with Barbican stopped: volumes reported retrying, records kept; opened by the agent's retry when it returns, data intact"
+  [barbican_down_reboot]="PENDING: reboot with Barbican stopped: volumes reported retrying, records kept; opened by the agent's retry when it returns, data intact"
 )
 chosen=("$@")
 [ ${#chosen[@]} -gt 0 ] || chosen=("${all[@]}")
