@@ -445,13 +445,12 @@ fn metrics_exposition_parses() {
     let agent = Agent::start("");
     agent.call("GET", "/v1/attachments/nope", None);
     agent.call("GET", "/v1/health", None);
+    // No Accept header (curl, promtool's input): the Prometheus text format 0.0.4.
     let r = agent.call("GET", "/metrics", None);
     assert_eq!(r.status, 200);
-    assert!(
-        r.content_type
-            .as_deref()
-            .unwrap()
-            .starts_with("application/openmetrics-text")
+    assert_eq!(
+        r.content_type.as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
     );
     let text = String::from_utf8(r.body).unwrap();
     let mut types = std::collections::HashMap::new();
@@ -461,7 +460,7 @@ fn metrics_exposition_parses() {
             let (name, ty) = rest.split_once(' ').unwrap();
             assert!(["counter", "gauge", "histogram"].contains(&ty), "{line}");
             types.insert(name.to_owned(), ty.to_owned());
-        } else if line.starts_with("# HELP ") || line == "# EOF" {
+        } else if line.starts_with("# HELP ") {
         } else {
             // name{labels} value
             let (series, value) = line
@@ -486,8 +485,14 @@ fn metrics_exposition_parses() {
             samples += 1;
         }
     }
-    assert!(text.ends_with("# EOF\n"));
+    assert!(!text.contains("# EOF"), "{text}");
     assert!(samples > 5);
+    // A counter's HELP and TYPE carry its sample's name in this format.
+    assert_eq!(types["volcrypt_http_requests_total"], "counter");
+    assert!(
+        text.contains("# HELP volcrypt_http_requests_total "),
+        "{text}"
+    );
     assert_eq!(types["volcrypt_operation_duration_seconds"], "histogram");
     assert_eq!(types["volcrypt_active_attachments"], "gauge");
     // The KDF / device-mapper split of attach and detach latency. The labelled
@@ -510,6 +515,65 @@ fn metrics_exposition_parses() {
         text.contains(r#"volcrypt_operation_duration_seconds_count{op="status",result="error"} 1"#),
         "{text}"
     );
+}
+
+/// A scraper that asks for OpenMetrics (Prometheus does, first) gets it, terminated by `# EOF`,
+/// with counter families named without `_total`; one that prefers the text format gets that.
+#[test]
+fn metrics_negotiates_openmetrics_by_accept_header() {
+    let agent = Agent::start("");
+    agent.call("GET", "/v1/health", None);
+    let (head, body) = get_with_accept(
+        &agent.socket,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert!(
+        body.contains("# TYPE volcrypt_http_requests counter\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"volcrypt_http_requests_total{route="/v1/health",status="#),
+        "{body}"
+    );
+    let (head, body) = get_with_accept(
+        &agent.socket,
+        "/metrics",
+        "text/plain;version=0.0.4, application/openmetrics-text;q=0.3",
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    assert!(!body.contains("# EOF"), "{body}");
+    assert!(
+        body.contains("# TYPE volcrypt_http_requests_total counter\n"),
+        "{body}"
+    );
+}
+
+/// A plain HTTP/1.1 GET with an `Accept` header over the agent's socket: (status line and
+/// headers, body).
+fn get_with_accept(socket: &std::path::Path, path: &str, accept: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: volcrypt\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
 }
 
 #[test]

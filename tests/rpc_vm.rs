@@ -433,6 +433,193 @@ fn restart_reports_inactive_and_foreign_mappings_without_touching_them() {
     sh("cryptsetup close crypt-foreign-x");
 }
 
+/// A reboot with journaled volumes, sketched: volumes attached through the agent, the agent
+/// stopped, every mapping closed, one volume's key removed. The restarted agent re-activates
+/// the others **in parallel** within the KDF memory budget, the PBKDF2 ones before the argon2
+/// ones; health shows the progress (total, done, failed) and lists the key-less volume under
+/// `retrying` with its record kept; once its key is back, the agent's retry opens it by itself.
+/// Proved from the order of the agent's start/end lines and the health document, never from
+/// elapsed time.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn restart_reactivates_in_parallel_within_the_budget_and_retries_a_missing_key() {
+    need::require_dm_crypt();
+    const ARGON: usize = 4;
+    const PBKDF2: usize = 2;
+    const BUDGET: i64 = 16; // two 8 MiB argon2 KDFs at a time
+    let mut agent = Agent::start_with(
+        &format!("kdf_memory_budget_mib = {BUDGET}\nrequest_timeout_secs = 600"),
+        "",
+    );
+    let ks = keystore(&agent);
+    put(&ks, "re-pass", SecretType::Passphrase, b"reboot storm");
+    put(&ks, "re-late", SecretType::Passphrase, b"late key");
+    let loops = Loops::new(agent.dir.path(), ARGON + PBKDF2 + 1, 8);
+    let pass = agent.dir.path().join("pass");
+    let late = agent.dir.path().join("late");
+    std::fs::write(&pass, b"reboot storm").unwrap();
+    std::fs::write(&late, b"late key").unwrap();
+    let mut volumes = Vec::new();
+    for (i, dev) in loops.0.iter().enumerate() {
+        let (name, kdf, key, file) = if i < ARGON {
+            (
+                format!("re-argon-{i}"),
+                "--pbkdf argon2id --pbkdf-memory 8192 --pbkdf-force-iterations 4 --pbkdf-parallel 1",
+                "re-pass",
+                &pass,
+            )
+        } else if i < ARGON + PBKDF2 {
+            (
+                format!("re-pbkdf2-{i}"),
+                "--pbkdf pbkdf2 --pbkdf-force-iterations 1000",
+                "re-pass",
+                &pass,
+            )
+        } else {
+            (
+                "re-late".to_owned(),
+                "--pbkdf pbkdf2 --pbkdf-force-iterations 1000",
+                "re-late",
+                &late,
+            )
+        };
+        sh(&format!(
+            "cryptsetup luksFormat --batch-mode --type luks2 --luks2-metadata-size 16k \
+             --luks2-keyslots-size 1m {kdf} --key-file {} {}",
+            file.display(),
+            dev.display()
+        ));
+        let body = request(&name, dev, "luks2", key);
+        let (s, v) = agent.checked(
+            "POST",
+            "/v1/attachments",
+            "/v1/attachments",
+            Some(body.as_bytes()),
+        );
+        assert_eq!(s, 201, "{v}");
+        volumes.push((name, v["mapping_name"].as_str().unwrap().to_owned()));
+    }
+
+    // "Reboot": the agent stops, the kernel forgets every mapping, one key is gone.
+    assert!(agent.terminate().success());
+    for (_, mapping) in &volumes {
+        sh(&format!("cryptsetup close {mapping}"));
+    }
+    ks.remove("re-late").unwrap();
+    let log_from = agent.log_text().len();
+    agent.start_again();
+    let v = health_when(&agent, |r| r["detail"] != "start-up check still running");
+    let r = &v["reconcile"];
+    let n = volumes.len();
+    assert_eq!(r["checked"], true, "{v}");
+    assert_eq!(
+        r["progress"],
+        serde_json::json!({"total": n, "done": n, "failed": 1}),
+        "{v}"
+    );
+    assert_eq!(r["reactivated"].as_array().unwrap().len(), n - 1, "{v}");
+    assert_eq!(r["retrying"][0]["volume_id"], "re-late", "{v}");
+    assert!(
+        r["retrying"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not found"),
+        "{v}"
+    );
+    assert!(r["failed"].as_array().unwrap().is_empty(), "{v}");
+    for (name, mapping) in &volumes {
+        let open = Path::new("/dev/mapper").join(mapping).exists();
+        assert_eq!(open, name != "re-late", "{name}: mapping open = {open}");
+    }
+    // The key-less volume's record is kept (nothing formatted, nothing dropped).
+    let (s, g) = agent.checked(
+        "GET",
+        "/v1/attachments/{volume_id}",
+        "/v1/attachments/re-late",
+        None,
+    );
+    assert_eq!(s, 200, "{g}");
+
+    // Order of the start/end lines of the first pass.
+    let log = agent.log_text()[log_from..].to_owned();
+    let mut running: Vec<(String, i64)> = Vec::new();
+    let (mut most, mut peak_mib) = (0, 0);
+    let mut argon_started = false;
+    let mut started = Vec::new();
+    for line in log.lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let f = &e["fields"];
+        let id = f["volume_id"].as_str().unwrap_or_default().to_owned();
+        let mib = f["kdf_mib"].as_i64().unwrap_or_default();
+        match f["message"].as_str() {
+            Some("re-activation started") => {
+                if id.starts_with("re-argon") {
+                    argon_started = true;
+                } else if !started.contains(&id) {
+                    assert!(
+                        !argon_started,
+                        "{id} started after an argon2 volume:\n{log}"
+                    );
+                }
+                started.push(id.clone());
+                running.push((id, mib));
+                most = most.max(running.len());
+                peak_mib = peak_mib.max(running.iter().map(|r| r.1).sum::<i64>());
+            }
+            Some("re-activation done") => running.retain(|r| r.0 != id),
+            _ => {}
+        }
+    }
+    assert!(
+        most >= 2,
+        "re-activations never overlapped (at most {most} at once):\n{log}"
+    );
+    assert!(
+        peak_mib <= BUDGET,
+        "KDF memory of overlapping re-activations {peak_mib} MiB > budget {BUDGET}"
+    );
+    for (name, _) in &volumes {
+        assert!(started.contains(name), "{name} never started:\n{log}");
+    }
+
+    // The key comes back: the agent's retry opens the volume by itself.
+    put(&ks, "re-late", SecretType::Passphrase, b"late key");
+    let v = health_when(&agent, |r| {
+        r["retrying"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let r = &v["reconcile"];
+    assert!(
+        r["reactivated"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("re-late")),
+        "{v}"
+    );
+    assert_eq!(r["progress"]["failed"], 0, "{v}");
+    let late_mapping = &volumes.last().unwrap().1;
+    assert!(Path::new("/dev/mapper").join(late_mapping).exists());
+    for (name, _) in &volumes {
+        let r = agent.call("DELETE", &format!("/v1/attachments/{name}"), None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+}
+
+/// The health document once `ready` holds for its `reconcile` part (polled; a generous
+/// deadline only to end a hung test).
+fn health_when(agent: &Agent, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, v) = agent.checked("GET", "/v1/health", "/v1/health", None);
+        if ready(&v["reconcile"]) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not reached: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Keys from the real Barbican through the agent: a `passphrase` secret is used raw, a
 /// `symmetric` one as its lowercase hex (OpenStack's rule) — proved with cryptsetup itself,
 /// which opens each volume with exactly that passphrase and not the other form.

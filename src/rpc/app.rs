@@ -70,50 +70,17 @@ impl App {
         }
     }
 
-    /// Run the start-up reconcile in the background, log it, keep it for health. Each record is
-    /// resolved under its volume's lock, so a request for the same volume waits for (or goes
-    /// before) it and the reconcile always acts on the record as it is then.
-    #[allow(clippy::result_large_err)] // reconcile::prepare's report, once at start-up
+    /// Run the start-up reconcile in the background ([`super::reactivate`]): journaled
+    /// volumes re-activated in parallel under their locks and the KDF budget, progress in
+    /// health. The handle resolves when every record has its first finding; volumes whose key
+    /// or device is not available yet are retried afterwards in their own task.
     pub fn spawn_reconcile(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        use volume::reconcile;
-        let app = self.clone();
-        tokio::spawn(async move {
-            let ctx = Context::without_keys(app.config.volume.clone());
-            let ctx2 = ctx.clone();
-            let prepared = tokio::task::spawn_blocking(move || reconcile::prepare(&ctx2)).await;
-            let report = match prepared {
-                Ok(Ok((mut report, ids))) => {
-                    for id in ids {
-                        let _guard = app.locks.lock(&id).await;
-                        let keys = (app.keys.factory)();
-                        let ctx = ctx.clone();
-                        let id2 = id.clone();
-                        let finding = tokio::task::spawn_blocking(move || {
-                            reconcile::reconcile_one(&ctx, keys, &id2)
-                        })
-                        .await
-                        .unwrap_or_else(|e| reconcile::Finding::Failed {
-                            action: "reconcile",
-                            error: e.to_string(),
-                        });
-                        report.add(&id, finding);
-                    }
-                    tokio::task::spawn_blocking(move || report.finish(&ctx))
-                        .await
-                        .unwrap_or_else(|e| volume::Report {
-                            detail: format!("reconcile task failed: {e}"),
-                            ..Default::default()
-                        })
-                }
-                Ok(Err(report)) => report,
-                Err(e) => volume::Report {
-                    detail: format!("reconcile task failed: {e}"),
-                    ..Default::default()
-                },
-            };
-            reconcile::log(&report);
-            *app.reconcile.lock().unwrap_or_else(|e| e.into_inner()) = report;
-        })
+        tokio::spawn(super::reactivate::startup(self.clone()))
+    }
+
+    /// Whether [`App::drain`] has begun (background work stops starting new operations).
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Refuse new operations, then wait until every running one has returned its token.

@@ -1,4 +1,11 @@
-//! Prometheus metrics (`GET /metrics`, OpenMetrics text exposition via `prometheus-client`).
+//! Prometheus metrics (`GET /metrics`, encoded by `prometheus-client`).
+//!
+//! Two exposition formats, chosen by the scraper's `Accept` header ([`Format::negotiate`]): the
+//! Prometheus text format 0.0.4 by default, because that is what `curl`, `promtool check
+//! metrics` and older scrapers read, and OpenMetrics 1.0.0 when asked for it (Prometheus asks
+//! first for OpenMetrics). `prometheus-client` writes only OpenMetrics; the text format is
+//! derived from it ([`to_prometheus_text`]): the two differ only in the names a counter's
+//! `# HELP`/`# TYPE` lines carry, `# UNIT` lines, the type names and the `# EOF` terminator.
 //!
 //! `volcrypt_operation_duration_seconds` is the whole engine call. The engine times its phases
 //! ([`crate::volume::timing`]), so attach latency is also split into KDF time
@@ -83,7 +90,7 @@ impl Metrics {
         );
         registry.register(
             "attach_dm_seconds",
-            "Device-mapper time of attaches that opened a mapping: activation (volume key digest check, table load, resume, wait for udev). unlock=\"volcrypt\": the KDF ran before and is in volcrypt_attach_kdf_seconds; unlock=\"libcryptsetup\" (plain mode, fallback, first attach after format): the KDF is included",
+            "Device-mapper time of attaches that opened a mapping: activation (volume key digest check, table load, resume, wait for udev). unlock=volcrypt: the KDF ran before and is in volcrypt_attach_kdf_seconds; unlock=libcryptsetup (plain mode, fallback, first attach after format): the KDF is included",
             attach_dm.clone(),
         );
         let detach_dm = latency_histogram();
@@ -266,18 +273,124 @@ impl Metrics {
         self.rejected_peers.inc();
     }
 
-    /// The exposition text.
-    pub fn encode(&self) -> String {
+    /// The exposition text in `format`.
+    pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out = "# EOF\n".into();
         }
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => to_prometheus_text(&out),
+        }
     }
 }
 
-/// The content type of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// An exposition format of `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    Prometheus,
+    /// OpenMetrics 1.0.0 (`application/openmetrics-text; version=1.0.0`).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format for a request's `Accept` header: OpenMetrics only when the header names
+    /// `application/openmetrics-text` with a weight above zero and no lower than the weight it
+    /// gives `text/plain`; the text format otherwise (no header, `*/*`, `text/plain`, or
+    /// anything else), since every scraper reads it.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Prometheus;
+        };
+        let (mut openmetrics, mut text) = (None::<f32>, None::<f32>);
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            let slot = match media.as_str() {
+                "application/openmetrics-text" => &mut openmetrics,
+                "text/plain" => &mut text,
+                _ => continue,
+            };
+            *slot = Some(slot.map_or(q, |old| old.max(q)));
+        }
+        match openmetrics {
+            Some(om) if om > 0.0 && om >= text.unwrap_or(0.0) => Format::OpenMetrics,
+            _ => Format::Prometheus,
+        }
+    }
+
+    /// The `Content-Type` of an exposition in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// The Prometheus text format 0.0.4 of an OpenMetrics exposition. In OpenMetrics a counter
+/// family `x` has `# HELP x`/`# TYPE x counter` and the sample `x_total`; the text format wants
+/// the sample's name on the HELP and TYPE lines (else the sample has no help or type). It has
+/// no `# UNIT` lines, no `# EOF`, and knows fewer types (`unknown` is its `untyped`; the
+/// OpenMetrics-only types volcrypt does not use are exported as `untyped` too).
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // A HELP line waits for its TYPE line, which says whether the name gains `_total`.
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            flush_help(&mut out, help.take());
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, ty) = match ty {
+                "counter" => (format!("{name}_total"), "counter"),
+                "gauge" | "histogram" | "summary" => (name.to_owned(), ty),
+                _ => (name.to_owned(), "untyped"),
+            };
+            match help.take() {
+                Some((h, text)) if h == rest.split(' ').next().unwrap_or("") => {
+                    flush_help(&mut out, Some((&name, text)))
+                }
+                other => flush_help(&mut out, other),
+            }
+            out.push_str("# TYPE ");
+            out.push_str(&name);
+            out.push(' ');
+            out.push_str(ty);
+            out.push('\n');
+            continue;
+        }
+        flush_help(&mut out, help.take());
+        out.push_str(line);
+        out.push('\n');
+    }
+    flush_help(&mut out, help);
+    out
+}
+
+/// Write a pending `# HELP NAME TEXT` line.
+fn flush_help(out: &mut String, help: Option<(&str, &str)>) {
+    if let Some((name, text)) = help {
+        out.push_str("# HELP ");
+        out.push_str(name);
+        out.push(' ');
+        out.push_str(text);
+        out.push('\n');
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -289,7 +402,7 @@ mod tests {
         m.observe_operation("attach", 0.25, None);
         m.observe_operation("attach", 0.01, Some("dm_unavailable"));
         m.active_attachments.set(3);
-        let t = m.encode();
+        let t = m.encode(Format::OpenMetrics);
         assert!(
             t.contains("# TYPE volcrypt_operation_duration_seconds histogram"),
             "{t}"
@@ -338,7 +451,7 @@ mod tests {
             true,
         );
         m.observe_detach_phases(&DetachTimings::default(), false);
-        let t = m.encode();
+        let t = m.encode(Format::Prometheus);
         assert!(t.contains("volcrypt_attach_kdf_seconds_count 1\n"), "{t}");
         assert!(t.contains("volcrypt_attach_kdf_seconds_sum 0.3\n"), "{t}");
         assert!(t.contains("volcrypt_attach_dm_seconds_count{unlock=\"volcrypt\"} 1"));
@@ -355,5 +468,111 @@ mod tests {
         assert!(
             t.contains("volcrypt_operation_phase_seconds_count{op=\"detach\",phase=\"links\"} 1")
         );
+    }
+
+    #[test]
+    fn accept_header_chooses_openmetrics_only_when_preferred() {
+        use Format::*;
+        let cases = [
+            (None, Prometheus),
+            (Some("*/*"), Prometheus),
+            (Some("text/plain"), Prometheus),
+            (Some("application/json"), Prometheus),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (
+                Some("Application/OpenMetrics-Text; version=1.0.0"),
+                OpenMetrics,
+            ),
+            // What Prometheus 2.x sends.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                     version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                OpenMetrics,
+            ),
+            (
+                Some("text/plain;version=0.0.4;q=0.9, application/openmetrics-text;q=0.5"),
+                Prometheus,
+            ),
+            (Some("application/openmetrics-text;q=0"), Prometheus),
+            (Some("application/openmetrics-text;q=bogus"), Prometheus),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+        assert!(
+            Prometheus
+                .content_type()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        assert!(
+            OpenMetrics
+                .content_type()
+                .starts_with("application/openmetrics-text; version=1.0.0")
+        );
+    }
+
+    /// Every sample of the text format belongs to the family its TYPE line names (a histogram's
+    /// `_bucket`/`_sum`/`_count` to the histogram, a counter's `_total` sample to a `_total`
+    /// family), each family has one HELP and one TYPE, and nothing OpenMetrics-only is left.
+    #[test]
+    fn prometheus_text_names_counter_families_by_their_samples() {
+        let m = Metrics::new();
+        m.observe_operation("attach", 0.25, None);
+        m.observe_operation("detach", 0.01, Some("busy"));
+        m.request("/metrics", 200);
+        m.rejected_peer();
+        m.device_event("teardown");
+        m.active_attachments.set(2);
+        let t = m.encode(Format::Prometheus);
+        assert!(!t.contains("# EOF"), "{t}");
+        assert!(!t.contains("# UNIT"), "{t}");
+        assert!(t.contains("# HELP volcrypt_rejected_peers_total Connections refused"));
+        assert!(t.contains(
+            "# TYPE volcrypt_rejected_peers_total counter\nvolcrypt_rejected_peers_total 1\n"
+        ));
+        assert!(t.contains("# TYPE volcrypt_http_requests_total counter\n"));
+        assert!(t.contains("volcrypt_http_requests_total{route=\"/metrics\",status=\"200\"} 1\n"));
+        assert!(t.contains("# TYPE volcrypt_operation_duration_seconds histogram\n"));
+        assert!(t.contains("volcrypt_active_attachments 2\n"));
+        let mut families: std::collections::HashMap<String, (u32, u32, String)> =
+            Default::default();
+        for line in t.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap();
+                families.entry(name.to_owned()).or_default().0 += 1;
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, ty) = rest.split_once(' ').unwrap();
+                let f = families.entry(name.to_owned()).or_default();
+                f.1 += 1;
+                f.2 = ty.to_owned();
+            } else {
+                assert!(!line.starts_with('#'), "stray comment {line}");
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = families.get(name).map(|f| f.2.as_str()).or_else(|| {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .filter_map(|s| name.strip_suffix(s))
+                        .find_map(|base| families.get(base).map(|f| f.2.as_str()))
+                });
+                assert!(
+                    matches!(family, Some("counter" | "gauge" | "histogram")),
+                    "sample {name} has no family: {t}"
+                );
+            }
+        }
+        for (name, (helps, types, _)) in &families {
+            assert_eq!((helps, types), (&1, &1), "{name}: {t}");
+        }
+        // The OpenMetrics form of the same registry is the library's, with its terminator.
+        let om = m.encode(Format::OpenMetrics);
+        assert!(
+            om.contains(
+                "# TYPE volcrypt_rejected_peers counter\nvolcrypt_rejected_peers_total 1\n"
+            )
+        );
+        assert!(om.ends_with("# EOF\n"));
+        assert_eq!(to_prometheus_text(&om), t);
     }
 }

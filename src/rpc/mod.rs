@@ -29,6 +29,7 @@ pub mod devices;
 pub mod errors;
 pub mod metrics;
 pub mod peer;
+pub mod reactivate;
 pub mod routes;
 pub mod server;
 pub mod waiters;

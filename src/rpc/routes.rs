@@ -141,7 +141,14 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (segs.as_slice(), &method) {
         (["v1", "health"], &Method::GET) => ("/v1/health", health(app).await),
-        (["metrics"], &Method::GET) => ("/metrics", metrics(app).await),
+        (["metrics"], &Method::GET) => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = super::metrics::Format::negotiate(accept);
+            ("/metrics", metrics(app, format).await)
+        }
         (["v1", "attachments"], &Method::POST) => {
             let declared = header_len(&req_len(&req));
             (
@@ -573,7 +580,7 @@ async fn health(app: &Arc<App>) -> Result<Resp, ApiError> {
     Ok(json_response(status, &h))
 }
 
-async fn metrics(app: &Arc<App>) -> Result<Resp, ApiError> {
+async fn metrics(app: &Arc<App>, format: super::metrics::Format) -> Result<Resp, ApiError> {
     let journal = volume::Journal::new(&app.config.volume.state_dir);
     if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || journal.list()).await {
         use volume::journal::Phase;
@@ -587,8 +594,8 @@ async fn metrics(app: &Arc<App>) -> Result<Resp, ApiError> {
     }
     Ok(with_body(
         StatusCode::OK,
-        super::metrics::CONTENT_TYPE,
-        app.metrics.encode().into_bytes(),
+        format.content_type(),
+        app.metrics.encode(format).into_bytes(),
     ))
 }
 

@@ -28,6 +28,11 @@
 //! agent: reported as `foreign`, never touched.
 //!
 //! The report is logged at start and shown in `GET /v1/health` under `reconcile`.
+//!
+//! The agent splits each record into [`plan_one`] (everything above) and the re-activation
+//! itself, so it can run re-activations in parallel under its KDF memory budget: cheapest KDF
+//! first ([`order_by_cost`]), one per CPU ([`workers`]); one that lacks its key or device
+//! ([`unavailable`]) is reported under `retrying` and tried again after [`backoff`].
 
 use std::sync::Arc;
 
@@ -65,8 +70,23 @@ pub struct Report {
     pub conflict: Vec<String>,
     /// Repairs that failed (the record is kept).
     pub failed: Vec<Failure>,
+    /// Re-activations that found their key or device not available yet: the record is kept
+    /// and the agent retries them with backoff ([`backoff`]) until they open, fail otherwise,
+    /// or their record goes away. Nothing is formatted meanwhile.
+    pub retrying: Vec<Failure>,
     /// Record files that did not parse, and where they were moved.
     pub corrupt: Vec<journal::Corrupt>,
+    /// How far the agent's start-up pass is (it runs while the API already answers).
+    pub progress: Progress,
+}
+
+/// Records of the start-up pass: all of them, those resolved (any finding), and those whose
+/// finding is a failure (`failed` or `retrying`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub total: usize,
+    pub done: usize,
+    pub failed: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -223,26 +243,87 @@ fn is_half_created(info: &dm::MapInfo, name: &str) -> bool {
     made_for_name && info.deps.is_empty() && info.open_count == 0
 }
 
-/// Reconcile one record (re-read now: a request may have changed it). Blocking; the caller
-/// holds the volume's lock. `ctx` needs no key manager: a re-activation uses `keys`.
+/// Reconcile one record (re-read now: a request may have changed it). Blocking; the engine's
+/// lock of the volume is taken here (the agent holds its own as well). `ctx` needs no key
+/// manager: a re-activation uses `keys`.
 pub fn reconcile_one(
     ctx: &Context<'_>,
     keys: Result<Arc<dyn KeyManager>, String>,
     volume_id: &str,
 ) -> Finding {
-    let failed = |action, e: &dyn std::fmt::Display| Finding::Failed {
-        action,
-        error: e.to_string(),
+    let planned = match plan_one(ctx, volume_id) {
+        Step::Done(f) => return f,
+        Step::Reactivate(p) => p,
+    };
+    let keys = match keys {
+        Ok(k) => k,
+        Err(e) => {
+            return Finding::Failed {
+                action: "re-activate",
+                error: format!("key manager unavailable: {e}"),
+            };
+        }
+    };
+    let ctx = Context {
+        keys: keys.as_ref(),
+        config: ctx.config.clone(),
+        sys: ctx.sys.clone(),
+    };
+    match planned.run(&ctx) {
+        Ok(_) => Finding::Reactivated,
+        Err(e) => Finding::Failed {
+            action: "re-activate",
+            error: e.to_string(),
+        },
+    }
+}
+
+/// What [`plan_one`] leaves to its caller.
+pub enum Step {
+    /// The record is resolved (or needs nothing).
+    Done(Finding),
+    /// Attach it again (see [`Reactivation`]).
+    Reactivate(Box<Reactivation>),
+}
+
+/// A re-activation planned under the volume's lock, which it keeps until it has run: the
+/// stored request, resolved and with its header read, so the caller can take the KDF memory
+/// the header asks for before [`Reactivation::run`].
+pub struct Reactivation {
+    prepared: super::Prepared,
+    _lock: journal::VolumeLock,
+}
+
+impl Reactivation {
+    pub fn prepared(&self) -> &super::Prepared {
+        &self.prepared
+    }
+
+    /// Run the attach (still under the lock `plan_one` took), then release the lock.
+    pub fn run(self, ctx: &Context<'_>) -> Result<super::AttachOutcome, Error> {
+        super::attach::attach_held(ctx, self.prepared)
+    }
+}
+
+/// Everything [`reconcile_one`] does short of the re-activation itself (which needs keys and,
+/// in the agent, the KDF budget), under the volume's lock. Blocking. `ctx` needs no key
+/// manager.
+pub fn plan_one(ctx: &Context<'_>, volume_id: &str) -> Step {
+    let failed = |action, e: &dyn std::fmt::Display| {
+        Step::Done(Finding::Failed {
+            action,
+            error: e.to_string(),
+        })
     };
     let sys = &*ctx.sys;
     let journal = ctx.journal();
-    let _lock = match journal.lock(volume_id) {
+    let lock = match journal.lock(volume_id) {
         Ok(l) => l,
         Err(e) => return failed("lock volume", &e),
     };
     let record = match journal.get(volume_id) {
         Ok(Some(r)) => r,
-        Ok(None) => return Finding::Consistent,
+        Ok(None) => return Step::Done(Finding::Consistent),
         Err(e) => return failed("read record", &e),
     };
     if let Err(e) = sys.dm_check() {
@@ -260,7 +341,7 @@ pub fn reconcile_one(
     let action = decide(record.phase, dms, record.request.is_some());
     tracing::info!(volume_id, phase = %record.phase, dm = ?dms, ?action, "reconcile");
     let no_keys = ctx.keyless();
-    match action {
+    Step::Done(match action {
         Action::ReportInactive => Finding::Inactive,
         Action::Wait => Finding::Waiting,
         Action::ReportStale => Finding::Stale,
@@ -268,30 +349,26 @@ pub fn reconcile_one(
         Action::RepairLinks => match repair_links(&no_keys, &record) {
             Ok(c) if c.is_empty() => Finding::Consistent,
             Ok(c) => Finding::Repaired(c),
-            Err(e) => failed("repair links", &e),
+            Err(e) => return failed("repair links", &e),
         },
         Action::FinishDetach => match super::detach::detach_held(&no_keys, volume_id, None) {
             Ok(_) => Finding::Detached,
-            Err(e) => failed("finish detach", &e),
+            Err(e) => return failed("finish detach", &e),
         },
         Action::Reactivate => {
             let Some(req) = &record.request else {
-                return Finding::Inactive;
+                return Step::Done(Finding::Inactive);
             };
             let req = match hotplug::resolve_now(sys, req) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     let mut record = record;
                     return match journal.waiting(&mut record) {
-                        Ok(()) => Finding::Waiting,
+                        Ok(()) => Step::Done(Finding::Waiting),
                         Err(e) => failed("wait for device", &e),
                     };
                 }
                 Err(e) => return failed("re-activate", &e),
-            };
-            let keys = match keys {
-                Ok(k) => k,
-                Err(e) => return failed("re-activate", &format!("key manager unavailable: {e}")),
             };
             // A crash may have left device_path pointing at the (now absent) mapping: point it
             // back where it was, so the request resolves to the backing device again.
@@ -301,22 +378,19 @@ pub fn reconcile_one(
             {
                 return failed("re-activate", &e);
             }
-            let ctx = Context {
-                keys: keys.as_ref(),
-                config: ctx.config.clone(),
-                sys: ctx.sys.clone(),
-            };
-            let attached = req
+            let prepared = req
                 .validate()
                 .map_err(Error::from)
-                .and_then(|v| super::prepare(sys, v))
-                .and_then(|p| super::attach::attach_held(&ctx, p));
-            match attached {
-                Ok(_) => Finding::Reactivated,
+                .and_then(|v| super::prepare(sys, v));
+            return match prepared {
+                Ok(prepared) => Step::Reactivate(Box::new(Reactivation {
+                    prepared,
+                    _lock: lock,
+                })),
                 Err(e) => failed("re-activate", &e),
-            }
+            };
         }
-    }
+    })
 }
 
 /// Bring the links of an active, recorded mapping back in line with its record (start-up
@@ -408,11 +482,12 @@ impl Report {
             && self.foreign.is_empty()
             && self.conflict.is_empty()
             && self.failed.is_empty()
+            && self.retrying.is_empty()
             && self.corrupt.is_empty()
         {
             "every record matches an active mapping".to_owned()
         } else {
-            "attachments need attention (see inactive, stale, foreign, conflict, failed, corrupt)"
+            "attachments need attention (see inactive, stale, foreign, conflict, failed, retrying, corrupt)"
                 .to_owned()
         };
         self
@@ -431,6 +506,84 @@ pub fn run(ctx: &Context<'_>, keys: Result<Arc<dyn KeyManager>, String>) -> Repo
         report.add(&id, f);
     }
     report.finish(ctx)
+}
+
+/// Whether a failed re-activation only lacks something that may come later: the key (key
+/// manager unreachable or erroring, secret not there yet) or the device. Such a record is kept
+/// and retried with [`backoff`]; any other failure (wrong key, not LUKS, a conflict) is
+/// reported once and left to the operator. No retry ever formats: the request runs as it did
+/// the first time, and a key or device failure happens before anything is written.
+pub fn unavailable(e: &Error) -> bool {
+    use crate::keys::Error as K;
+    match e {
+        Error::Key { source, .. } => matches!(
+            source,
+            K::NotFound { .. } | K::Unreachable { .. } | K::Server { .. } | K::Auth { .. }
+        ),
+        Error::NoDevice { .. } => true,
+        _ => false,
+    }
+}
+
+/// The wait before retry number `attempt` (0-based) of the volumes whose key or device was
+/// not available: doubling from 1 s, capped at 30 s, so a key manager that returns is noticed
+/// within half a minute and one that stays down costs two attempts a minute.
+pub fn backoff(attempt: u32) -> std::time::Duration {
+    const BASE_SECS: u64 = 1;
+    const MAX_SECS: u64 = 30;
+    std::time::Duration::from_secs(
+        BASE_SECS
+            .saturating_mul(1u64 << attempt.min(16))
+            .min(MAX_SECS),
+    )
+}
+
+/// The order re-activations start in: cheapest KDF memory first (volumes with no or a tiny KDF
+/// — PBKDF2, plain — are never starved behind argon2 volumes waiting for budget), then by
+/// volume id so the order is the same on every start.
+pub fn order_by_cost<T>(mut items: Vec<(String, u64, T)>) -> Vec<(String, u64, T)> {
+    items.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    items
+}
+
+/// How many re-activations run at once: one per CPU (the KDF is CPU-bound, more would only
+/// delay every volume's completion), at least one, and never more than the KDF memory budget
+/// admits anyway (the budget is still taken per volume: this only bounds the workers).
+pub fn workers(cpus: usize, budget_mib: u64, cheapest_mib: u64) -> usize {
+    let by_budget = budget_mib / cheapest_mib.max(1);
+    cpus.max(1)
+        .min(usize::try_from(by_budget).unwrap_or(usize::MAX).max(1))
+}
+
+impl Report {
+    /// Record a finding of the running pass (or of a retry): counted in `progress`, and a
+    /// volume that was retrying leaves `retrying` for its new list.
+    pub fn settle(&mut self, volume_id: &str, finding: Finding, retry: bool) {
+        let was_retrying = self.retrying.len();
+        self.retrying.retain(|f| f.volume_id != volume_id);
+        let first = was_retrying == self.retrying.len();
+        match finding {
+            Finding::Failed { action, error } if retry => self.retrying.push(Failure {
+                volume_id: volume_id.to_owned(),
+                action,
+                error,
+            }),
+            f => self.add(volume_id, f),
+        }
+        if first {
+            self.progress.done += 1;
+            let failed = self.failed.iter().any(|f| f.volume_id == volume_id)
+                || self.retrying.iter().any(|f| f.volume_id == volume_id);
+            if failed {
+                self.progress.failed += 1;
+            }
+        } else if !self.retrying.iter().any(|f| f.volume_id == volume_id)
+            && !self.failed.iter().any(|f| f.volume_id == volume_id)
+        {
+            // A retried volume that opened (or went away) is no longer a failure.
+            self.progress.failed = self.progress.failed.saturating_sub(1);
+        }
+    }
 }
 
 /// Log what a report says, one line per finding.
@@ -642,5 +795,136 @@ mod tests {
         assert!(report.corrupt[0].file.ends_with("bad.json"));
         assert!(report.corrupt[0].reason.contains("corrupt"));
         assert!(report.corrupt[0].moved_to.as_ref().unwrap().exists());
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_a_thirty_second_cap() {
+        let secs: Vec<u64> = (0..8).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 30, "no overflow");
+    }
+
+    /// PBKDF2 (1 MiB) and plain volumes start before argon2 ones, whatever the journal order;
+    /// equal costs go by volume id.
+    #[test]
+    fn cheapest_kdf_starts_first_in_a_stable_order() {
+        let items = vec![
+            ("argon-b".to_owned(), 1024, ()),
+            ("pbkdf2-z".to_owned(), 1, ()),
+            ("argon-a".to_owned(), 1024, ()),
+            ("argon-small".to_owned(), 64, ()),
+            ("pbkdf2-a".to_owned(), 1, ()),
+            ("raw".to_owned(), 0, ()),
+        ];
+        let order: Vec<String> = order_by_cost(items).into_iter().map(|i| i.0).collect();
+        assert_eq!(
+            order,
+            [
+                "raw",
+                "pbkdf2-a",
+                "pbkdf2-z",
+                "argon-small",
+                "argon-a",
+                "argon-b"
+            ]
+        );
+    }
+
+    #[test]
+    fn workers_are_one_per_cpu_within_the_budget() {
+        assert_eq!(workers(2, 2048, 1), 2);
+        assert_eq!(workers(8, 2048, 1024), 2, "budget admits two 1 GiB KDFs");
+        assert_eq!(
+            workers(8, 512, 1024),
+            1,
+            "an oversized KDF still runs, alone"
+        );
+        assert_eq!(workers(0, 2048, 1), 1);
+        assert_eq!(workers(4, 2048, 0), 4);
+    }
+
+    #[test]
+    fn only_a_missing_key_or_device_is_retried() {
+        use crate::keys::Error as K;
+        let key = |source| Error::Key {
+            key_id: "k".into(),
+            source,
+        };
+        assert!(unavailable(&key(K::NotFound {
+            key_id: "k".into(),
+            manager: "keystore",
+        })));
+        assert!(unavailable(&key(K::Unreachable {
+            url: "http://127.0.0.1:1".into(),
+            key_id: None,
+            attempts: 3,
+            reason: "connection refused".into(),
+        })));
+        assert!(unavailable(&key(K::Server {
+            url: "http://127.0.0.1:1".into(),
+            key_id: None,
+            status: 503,
+            attempts: 3,
+        })));
+        assert!(unavailable(&Error::NoDevice {
+            path: "/dev/vdz".into(),
+            detail: String::new(),
+        }));
+        // A wrong key or a refused format would fail the same way every time.
+        assert!(!unavailable(&Error::WrongKey {
+            key_id: "k".into(),
+            device: "/dev/vdb".into(),
+        }));
+        assert!(!unavailable(&key(K::Forbidden {
+            key_id: "k".into(),
+            url: "http://127.0.0.1:1".into(),
+        })));
+        assert!(!unavailable(&Error::DmUnavailable {
+            detail: "no dm".into()
+        }));
+    }
+
+    /// Progress counts each record once; a retried volume that opens stops counting as failed,
+    /// one that fails for good moves from `retrying` to `failed`.
+    #[test]
+    fn settle_tracks_progress_through_retries() {
+        let fail = |e: &str| Finding::Failed {
+            action: "re-activate",
+            error: e.into(),
+        };
+        let mut r = Report {
+            progress: Progress {
+                total: 4,
+                ..Progress::default()
+            },
+            ..Report::default()
+        };
+        r.settle("a", Finding::Reactivated, false);
+        r.settle("b", fail("key manager unreachable"), true);
+        r.settle("c", fail("key manager unreachable"), true);
+        r.settle("d", fail("wrong key"), false);
+        assert_eq!(
+            r.progress,
+            Progress {
+                total: 4,
+                done: 4,
+                failed: 3
+            }
+        );
+        assert_eq!(r.retrying.len(), 2);
+        assert_eq!(r.failed.len(), 1);
+        // Retry round: b still unavailable, c opens.
+        r.settle("b", fail("still unreachable"), true);
+        r.settle("c", Finding::Reactivated, false);
+        assert_eq!(r.progress.failed, 2);
+        assert_eq!(r.progress.done, 4);
+        assert_eq!(r.retrying.len(), 1);
+        assert_eq!(r.retrying[0].error, "still unreachable");
+        assert_eq!(r.reactivated, ["a", "c"]);
+        // b fails for good: still one failure, now under failed.
+        r.settle("b", fail("wrong key"), false);
+        assert!(r.retrying.is_empty());
+        assert_eq!(r.failed.len(), 2);
+        assert_eq!(r.progress.failed, 2);
     }
 }
