@@ -22,6 +22,10 @@ pub enum ExitStatus {
     WrongDevice = 4,
     /// Device already exists or is busy.
     Busy = 5,
+    /// volcrypt's own, not cryptsetup's: the agent (`--socket`) closed the connection before
+    /// answering. The request may or may not have been carried out: ask the agent
+    /// (`volcrypt status --socket …`) before retrying.
+    AgentLost = 6,
 }
 
 impl ExitStatus {
@@ -38,6 +42,7 @@ impl From<Kind> for ExitStatus {
             Kind::OutOfMemory => ExitStatus::OutOfMemory,
             Kind::WrongDevice => ExitStatus::WrongDevice,
             Kind::Busy => ExitStatus::Busy,
+            Kind::AgentLost => ExitStatus::AgentLost,
         }
     }
 }

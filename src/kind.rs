@@ -17,6 +17,11 @@ pub enum Kind {
     OutOfMemory,
     /// Wrong device or file: missing, unreadable, not a block device.
     WrongDevice,
-    /// Busy or already exists: a name held by another device, a mapping in use.
+    /// Busy or already exists: a name held by another device, a mapping in use, a device
+    /// held by a mapping or opened exclusively.
     Busy,
+    /// The agent accepted the request but closed the connection before it answered (it died or
+    /// was stopped mid-request): the operation may or may not have happened. volcrypt's own
+    /// category, not one of cryptsetup's.
+    AgentLost,
 }

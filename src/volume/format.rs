@@ -59,6 +59,9 @@ pub(super) fn open_mapping(
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
     if plan.format == VolumeFormat::Plain {
+        if let Some(why) = &plan.weak_cipher {
+            tracing::warn!(device = %real.display(), volume_id = %v.volume_id, "opening plain dm-crypt with a weak cipher: {why}");
+        }
         timed(&mut t.dm, || {
             crypt::open_plain(
                 real,
@@ -71,6 +74,9 @@ pub(super) fn open_mapping(
         })?;
         return Ok(false);
     }
+    if let Some(h) = &header {
+        header_cipher_is_encryption(real, &v.volume_id, h)?;
+    }
     let how = Unlock::Userspace;
     let redo = match crypt::open_luks(real, name, header, passphrase, flags, &plan.key_id, how, t) {
         Ok(true) => return Ok(false),
@@ -82,10 +88,18 @@ pub(super) fn open_mapping(
         Err(e) => return Err(e),
     };
     // Not LUKS. Format only if nothing at all is recognizable on it and nobody uses it.
-    if !redo && let Probe::Signature(found) = probe::probe(real)? {
+    if !redo && let Probe::Signature(found) = probe::probe(real, probe_expect(ctx, plan))? {
         return Err(Error::RefuseFormat {
             device: real.to_owned(),
             found,
+        });
+    }
+    if let Some(why) = &plan.weak_cipher {
+        return Err(Error::Crypt {
+            op: "format",
+            target: real.display().to_string(),
+            detail: format!("refusing to format a new volume with this cipher: {why}"),
+            kind: crate::kind::Kind::Invalid,
         });
     }
     let Some(uuid) = format.uuid else {
@@ -132,15 +146,48 @@ pub(super) fn open_mapping(
     Ok(true)
 }
 
+/// An existing header whose data cipher is `cipher_null` is not an encrypted volume and is
+/// refused as one; a weak-but-real cipher (ECB, a 64-bit block) still opens, so the user's
+/// data is never stranded, with a warning.
+fn header_cipher_is_encryption(real: &Path, volume_id: &str, h: &Header) -> Result<(), Error> {
+    let Some(spec) = h.summary().cipher else {
+        return Ok(());
+    };
+    let (c, m) = crate::request::split_cipher(&spec).unwrap_or((spec.as_str(), ""));
+    match crate::cipher_policy::judge(c, m) {
+        crate::cipher_policy::Verdict::Null(why) => Err(Error::Crypt {
+            op: "open",
+            target: real.display().to_string(),
+            detail: format!("not an encrypted volume: its LUKS header's cipher {why}"),
+            kind: crate::kind::Kind::Invalid,
+        }),
+        crate::cipher_policy::Verdict::Weak(why) => {
+            tracing::warn!(device = %real.display(), volume_id, cipher = %spec, "opening an existing volume with a weak cipher: {why}");
+            Ok(())
+        }
+        crate::cipher_policy::Verdict::Accepted => Ok(()),
+    }
+}
+
+/// What the probe must see before this plan's format: the LUKS header area it overwrites read
+/// as zeros (unless the operator's `allow_nonzero_blank` says otherwise).
+fn probe_expect(ctx: &Context<'_>, plan: &EncryptedPlan) -> probe::Expect {
+    let key_bytes = u64::from(crypt::format_key_bits(plan.cipher.as_deref(), plan.key_size) / 8);
+    probe::Expect {
+        header_bytes: probe::header_area(plan.format == VolumeFormat::Luks2, key_bytes),
+        allow_nonzero: ctx.config.allow_nonzero_blank,
+    }
+}
+
 /// A device that is mounted, held by a mapping or opened exclusively is never formatted: an
 /// `O_EXCL` open fails with EBUSY exactly then.
 fn ensure_unused(real: &Path, devno: DevNo) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt;
     let holders = devno.holders();
     if !holders.is_empty() {
-        return Err(Error::RefuseFormat {
+        return Err(Error::InUse {
             device: real.to_owned(),
-            found: format!("holders ({})", holders.join(", ")),
+            by: format!("held by {}", holders.join(", ")),
         });
     }
     const O_EXCL: i32 = 0o200;
@@ -150,9 +197,9 @@ fn ensure_unused(real: &Path, devno: DevNo) -> Result<(), Error> {
         .open(real)
     {
         Ok(_) => Ok(()),
-        Err(e) => Err(Error::RefuseFormat {
+        Err(e) => Err(Error::InUse {
             device: real.to_owned(),
-            found: format!("a user (exclusive open failed: {e})"),
+            by: format!("opened exclusively by another user: {e}"),
         }),
     }
 }
