@@ -322,6 +322,49 @@ mod tests {
         }
     }
 
+    /// An md superblock where mdadm puts it at the end of a member: 0.90 (64 KiB aligned, the
+    /// last 64 KiB block) and 1.0 (8 KiB before the end, 4 KiB aligned). The magic, version and
+    /// (for 1.0) the superblock's own offset are what libblkid checks.
+    pub(crate) fn md_superblock(disk: &mut [u8], version: &str) {
+        let size = disk.len() as u64;
+        let (off, sb) = if version == "0.90" {
+            let off = (size & !0xffff) - 0x10000;
+            let mut sb = Vec::new();
+            for w in [0xa92b_4efcu32, 0, 90, 0] {
+                sb.extend_from_slice(&w.to_le_bytes());
+            }
+            (off, sb)
+        } else {
+            let sect = ((size / 512) - 16) & !7;
+            let mut sb = vec![0u8; 256];
+            sb[0..4].copy_from_slice(&0xa92b_4efcu32.to_le_bytes());
+            sb[4..8].copy_from_slice(&1u32.to_le_bytes());
+            sb[144..152].copy_from_slice(&sect.to_le_bytes());
+            (sect * 512, sb)
+        };
+        disk[off as usize..off as usize + sb.len()].copy_from_slice(&sb);
+    }
+
+    #[test]
+    fn md_superblocks_at_the_end_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("disk.img");
+        for version in ["0.90", "1.0"] {
+            let mut data = vec![0u8; 32 << 20];
+            md_superblock(&mut data, version);
+            std::fs::write(&f, &data).unwrap();
+            match probe(&f, STRICT).unwrap() {
+                Probe::Signature(s) => {
+                    assert!(
+                        s.contains("linux_raid_member RAID member metadata at offset"),
+                        "{version}: {s}"
+                    )
+                }
+                Probe::Blank => panic!("md {version} superblock at the end not detected"),
+            }
+        }
+    }
+
     #[test]
     fn non_zero_bytes_in_the_header_area_refuse_unless_allowed() {
         let dir = tempfile::tempdir().unwrap();
