@@ -8,7 +8,9 @@ use std::fmt;
 
 use crate::kind::Kind;
 
-/// Process exit statuses, numbered exactly as cryptsetup's (see cryptsetup(8), "RETURN CODES").
+/// Process exit statuses, numbered exactly as cryptsetup's (see cryptsetup(8), "RETURN CODES"),
+/// plus one of volcrypt's own after them for what cryptsetup never meets (an agent lost
+/// mid-request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Ok = 0,

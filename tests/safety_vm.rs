@@ -510,3 +510,25 @@ fn safety_read_errors_while_probing_name_the_offset_and_the_os_error() {
         d.assert_nothing_left();
     }
 }
+
+/// A cipher on the allow-list whose module the kernel has not loaded (the VM loads aes and
+/// serpent, not twofish, and cannot autoload modules): refused before anything is written,
+/// naming the kernel algorithm, not "Input/output error".
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn safety_a_cipher_the_kernel_lacks_is_named() {
+    need::require_dm_crypt();
+    assert!(
+        !std::fs::read_to_string("/proc/crypto")
+            .unwrap()
+            .contains("twofish"),
+        "this test needs a kernel without twofish loaded"
+    );
+    let d = Dev::new("nokc", 32);
+    let request = d.request(
+        r#""provider": "luks2", "control_location": "front-end", "cipher": "twofish-xts-plain64", "key_size": 512, "encryption_key_id": "k1""#,
+        "",
+    );
+    let err = d.refused(&request, 1, "the kernel crypto API has no xts(twofish)");
+    assert!(!err.contains("Input/output error"), "{err}");
+}

@@ -111,6 +111,7 @@ pub(super) fn open_mapping(
         });
     };
     ensure_unused(real, devno)?;
+    kernel_runs(real, plan)?;
     let (version, sector) = match plan.format {
         VolumeFormat::Luks2 => (
             LuksVersion::Luks2,
@@ -166,6 +167,25 @@ fn header_cipher_is_encryption(real: &Path, volume_id: &str, h: &Header) -> Resu
             Ok(())
         }
         crate::cipher_policy::Verdict::Accepted => Ok(()),
+    }
+}
+
+/// The kernel must run the cipher with the key size, or the format is refused naming both
+/// (instead of a bare "Input/output error" from libcryptsetup or dm-crypt).
+fn kernel_runs(real: &Path, plan: &EncryptedPlan) -> Result<(), Error> {
+    let spec = plan.cipher.as_deref().unwrap_or(crypt::LUKS_DEFAULT_CIPHER);
+    let Some((c, m)) = crate::request::split_cipher(spec) else {
+        return Ok(());
+    };
+    let bits = crypt::format_key_bits(plan.cipher.as_deref(), plan.key_size);
+    match super::kcapi::check(c, m, bits) {
+        super::kcapi::Answer::Refused(why) => Err(Error::Crypt {
+            op: "format",
+            target: real.display().to_string(),
+            detail: why,
+            kind: crate::kind::Kind::Invalid,
+        }),
+        super::kcapi::Answer::Runs | super::kcapi::Answer::Unknown => Ok(()),
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`dm`]: read-only device-mapper and sysfs queries (list, deps, open count, holders). dm
 //!   tables carry key material, so this module never reads or logs them;
 //! - [`probe`]: the signature probe that must find nothing before a device is formatted;
+//! - [`kcapi`]: whether the kernel runs a cipher and key size, asked before a format;
 //! - [`links`]: the device-path symlink and the stable `/dev/disk/by-id/volcrypt-<id>` link;
 //! - [`timing`]: where an attach or detach spent its time (for metrics and debug logs).
 //!
@@ -39,6 +40,7 @@ pub mod format;
 pub mod header;
 pub mod hotplug;
 pub mod journal;
+pub mod kcapi;
 pub mod links;
 pub mod probe;
 pub mod reconcile;
