@@ -8,7 +8,9 @@ use std::fmt;
 
 use crate::kind::Kind;
 
-/// Process exit statuses, numbered exactly as cryptsetup's (see cryptsetup(8), "RETURN CODES").
+/// Process exit statuses, numbered exactly as cryptsetup's (see cryptsetup(8), "RETURN CODES"),
+/// plus one of volcrypt's own after them for what cryptsetup never meets (an agent lost
+/// mid-request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Ok = 0,
@@ -26,6 +28,10 @@ pub enum ExitStatus {
     Mismatch = 6,
     /// `verify`: verification could not run (cipher not in the userspace engine, no key).
     CannotVerify = 7,
+    /// volcrypt's own, not cryptsetup's: the agent (`--socket`) closed the connection before
+    /// answering. The request may or may not have been carried out: ask the agent
+    /// (`volcrypt status --socket …`) before retrying.
+    AgentLost = 8,
 }
 
 impl ExitStatus {
@@ -44,6 +50,7 @@ impl From<Kind> for ExitStatus {
             Kind::Busy => ExitStatus::Busy,
             Kind::Mismatch => ExitStatus::Mismatch,
             Kind::CannotVerify => ExitStatus::CannotVerify,
+            Kind::AgentLost => ExitStatus::AgentLost,
         }
     }
 }

@@ -17,7 +17,8 @@ pub enum Kind {
     OutOfMemory,
     /// Wrong device or file: missing, unreadable, not a block device.
     WrongDevice,
-    /// Busy or already exists: a name held by another device, a mapping in use.
+    /// Busy or already exists: a name held by another device, a mapping in use, a device
+    /// held by a mapping or opened exclusively.
     Busy,
     /// Verification ran and found data that differs from what it should be (ciphertext that
     /// does not decrypt to the plaintext shown, a damaged keyslot area, a plaintext mismatch).
@@ -25,4 +26,8 @@ pub enum Kind {
     /// Verification could not run: the userspace engine lacks the cipher, or the key is not
     /// available. Distinct from a mismatch so that "could not check" never reads as "corrupt".
     CannotVerify,
+    /// The agent accepted the request but closed the connection before it answered (it died or
+    /// was stopped mid-request): the operation may or may not have happened. volcrypt's own
+    /// category, not one of cryptsetup's.
+    AgentLost,
 }

@@ -20,6 +20,7 @@
 //! - [`cli`]: the command-line front end.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod cipher_policy;
 pub mod cli;
 pub mod config;
 pub mod crypto;

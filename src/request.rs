@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cipher_policy;
 use crate::kind::Kind;
 
 /// Upper bound on a request document; a request is a few hundred bytes, so anything near this
@@ -45,10 +46,12 @@ pub const PLAIN_PROVIDERS: [&str; 4] = [
 ];
 pub const NOOP_PROVIDERS: [&str; 2] = ["nova.volume.encryptors.nop.NoOpEncryptor", "NoOpEncryptor"];
 
-/// The request as it arrives (JSON). Unknown top-level and option fields are rejected so a
-/// typo (`"optons"`) cannot silently turn off a safety option; the `encryption` object is
-/// Cinder's metadata and legitimately carries extra fields (ids, timestamps), so those are
-/// ignored there.
+/// The request as it arrives (JSON). Unknown fields are rejected at every level, naming the
+/// closest known one, so a typo (`"optons"`, `"cypher"`) can neither silently turn off a
+/// safety option nor format a volume with defaults the operator never asked for. The
+/// `encryption` object is what Cinder's `volume_encryption_metadata_get` returns and Nova
+/// hands os-brick: exactly `provider`, `control_location`, `cipher`, `key_size` and
+/// `encryption_key_id`, so no extra key is accepted there either.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
@@ -220,6 +223,7 @@ impl DeviceSelector {
 
 /// Cinder's volume encryption metadata, as os-brick receives it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EncryptionMetadata {
     #[serde(default)]
     pub provider: Option<String>,
@@ -279,6 +283,14 @@ pub enum Error {
     TooLarge { source_name: String },
     #[error("attach request is not valid JSON for the attach model: {0}")]
     Json(String),
+    /// A field no level of the model knows: a typo, named with the closest known field.
+    #[error("invalid attach request: unknown field {name:?} in {within}{}", closest.as_ref().map(|c| format!(" (did you mean {c:?}?)")).unwrap_or_default())]
+    UnknownField {
+        name: String,
+        /// `the request`, or the object's path (`encryption`, `device`).
+        within: String,
+        closest: Option<String>,
+    },
     #[error("invalid attach request: field `{field}`: {message}")]
     Field {
         field: &'static str,
@@ -289,6 +301,17 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> Kind {
         Kind::Invalid
+    }
+
+    /// The offending field's JSON path, including an unknown field's (`encryption.cypher`).
+    pub fn field_path(&self) -> Option<String> {
+        match self {
+            Error::UnknownField { name, within, .. } if within == "the request" => {
+                Some(name.clone())
+            }
+            Error::UnknownField { name, within, .. } => Some(format!("{within}.{name}")),
+            e => e.field().map(str::to_owned),
+        }
     }
 
     /// The offending field, for the RPC's `{"error": {"field": …}}`.
@@ -346,6 +369,10 @@ pub struct EncryptedPlan {
     /// Bits, passed through unchanged (as os-brick does).
     pub key_size: Option<u32>,
     pub key_id: String,
+    /// Why the cipher is real encryption but not what a new volume is formatted with (see
+    /// [`crate::cipher_policy`]): such a plan opens an existing volume, with a warning, and
+    /// never formats one.
+    pub weak_cipher: Option<String>,
 }
 
 /// A request that passed every check.
@@ -407,6 +434,9 @@ impl AttachRequest {
         let req: AttachRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
+            if let Some(u) = unknown_field(&path, &inner.to_string()) {
+                return u;
+            }
             if path == "." || path.is_empty() {
                 Error::Json(inner.to_string())
             } else {
@@ -532,6 +562,108 @@ impl AttachRequest {
         r.options.replace_device_symlink = false;
         r
     }
+}
+
+/// The fields each object of the model knows, by its path (`.` is the request itself).
+const KNOWN_FIELDS: [(&str, &[&str]); 5] = [
+    (
+        ".",
+        &[
+            "volume_id",
+            "device_path",
+            "device",
+            "wait_for_device",
+            "multipath_id",
+            "encryption",
+            "options",
+        ],
+    ),
+    (
+        "encryption",
+        &[
+            "provider",
+            "control_location",
+            "cipher",
+            "key_size",
+            "encryption_key_id",
+        ],
+    ),
+    (
+        "options",
+        &[
+            "allow_discards",
+            "no_read_workqueue",
+            "no_write_workqueue",
+            "sector_size",
+            "replace_device_symlink",
+        ],
+    ),
+    ("device", &["serial", "wwn", "by_path", "luks_uuid"]),
+    ("wait_for_device", &["timeout_secs"]),
+];
+
+/// serde's "unknown field `x`, expected …" at `path` (serde_path_to_error's), as
+/// [`Error::UnknownField`] naming the closest known field; `None` for any other message. The
+/// command line and the agent both parse through this, so both say the same.
+pub fn unknown_field(path: &str, message: &str) -> Option<Error> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let name = &rest[..rest.find('`')?];
+    // serde_path_to_error's path ends at the unknown field itself when it tracked it there.
+    let parent = match path.rsplit_once('.') {
+        Some((p, last)) if last == name => p,
+        None if path == name => ".",
+        _ => path,
+    };
+    let parent = if parent.is_empty() { "." } else { parent };
+    let known = KNOWN_FIELDS
+        .iter()
+        .find(|(p, _)| *p == parent)
+        .map(|(_, k)| *k)
+        .unwrap_or(&[]);
+    Some(Error::UnknownField {
+        name: name.to_owned(),
+        within: if parent == "." {
+            "the request".into()
+        } else {
+            parent.to_owned()
+        },
+        closest: closest(name, known).map(str::to_owned),
+    })
+}
+
+/// The known field nearest to `name` (edit distance at most a third of its length, at least
+/// 2), or one that `name` contains or is contained in (`keysize` → `key_size`).
+fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    let squash = |s: &str| s.to_ascii_lowercase().replace(['_', '-'], "");
+    let n = squash(name);
+    let limit = (n.len() / 3).max(2);
+    let near = known
+        .iter()
+        .map(|k| (edit_distance(&n, &squash(k)), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k);
+    near.or_else(|| {
+        known.iter().copied().find(|k| {
+            let k = squash(k);
+            n.len() >= 4 && (k.contains(&n) || n.contains(&k))
+        })
+    })
+}
+
+/// Levenshtein distance over bytes (field names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Check a volume id given on its own (detach, extend).
@@ -701,13 +833,43 @@ fn plan(meta: Option<&EncryptionMetadata>) -> Result<Plan, Error> {
             format!("{bits} is not a key size in bits (a multiple of 8, at most 1024)"),
         ));
     }
+    // The cipher this plan uses: the request's, or cryptsetup's default for the format.
+    let spec = cipher
+        .as_deref()
+        .unwrap_or(if format == VolumeFormat::Plain {
+            DEFAULT_PLAIN_CIPHER
+        } else {
+            DEFAULT_LUKS_CIPHER
+        });
+    let (c, m) = split_cipher(spec).unwrap_or((spec, ""));
+    let weak_cipher = match cipher_policy::judge(c, m) {
+        cipher_policy::Verdict::Null(why) => {
+            return Err(field(
+                "encryption.cipher",
+                format!("{why}: an encrypted volume type must never store plaintext"),
+            ));
+        }
+        cipher_policy::Verdict::Weak(why) => Some(why),
+        cipher_policy::Verdict::Accepted => {
+            if let Some(bits) = meta.key_size {
+                cipher_policy::check_key_size(c, m, bits)
+                    .map_err(|why| field("encryption.key_size", why))?;
+            }
+            None
+        }
+    };
     Ok(Plan::Encrypted(EncryptedPlan {
         format,
         cipher,
         key_size: meta.key_size,
         key_id,
+        weak_cipher,
     }))
 }
+
+/// cryptsetup's defaults when the request names no cipher (LUKS, plain).
+const DEFAULT_LUKS_CIPHER: &str = "aes-xts-plain64";
+const DEFAULT_PLAIN_CIPHER: &str = "aes-cbc-essiv:sha256";
 
 /// `cipher-mode` as cryptsetup spells it (`aes-xts-plain64`, `aes-cbc-essiv:sha256`).
 fn validate_cipher(c: &str) -> Result<String, Error> {
@@ -765,7 +927,8 @@ mod tests {
                 format: VolumeFormat::Luks1,
                 cipher: Some("aes-xts-plain64".into()),
                 key_size: Some(256),
-                key_id: "3e1b".into()
+                key_id: "3e1b".into(),
+                weak_cipher: None,
             })
         );
         assert_eq!(r.options.allow_discards, Some(false));
@@ -905,12 +1068,103 @@ mod tests {
     }
 
     #[test]
-    fn unknown_top_level_fields_are_rejected_but_extra_metadata_is_ignored() {
-        let typo = r#"{"volume_id":"v","device_path":"/dev/sdb","optons":{}}"#;
-        let msg = req(typo).unwrap_err().to_string();
-        assert!(msg.contains("optons"), "{msg}");
-        let extra = r#"{"volume_id":"v","device_path":"/dev/sdb","encryption":{"provider":"luks","control_location":"front-end","encryption_key_id":"k","created_at":"x","deleted":false}}"#;
-        assert!(req(extra).is_ok());
+    fn null_ciphers_are_refused_and_weak_ones_never_format() {
+        let base = |provider: &str, cipher: &str, ks: u32| {
+            format!(
+                r#"{{"volume_id":"v","device_path":"/dev/sdb","encryption":{{"provider":"{provider}","control_location":"front-end","cipher":"{cipher}","key_size":{ks},"encryption_key_id":"k"}}}}"#
+            )
+        };
+        for provider in ["luks", "luks2", "plain"] {
+            let err = req(&base(provider, "cipher_null-ecb", 256)).unwrap_err();
+            assert_eq!(err.field(), Some("encryption.cipher"), "{err}");
+            assert!(err.to_string().contains("does no encryption"), "{err}");
+        }
+        // Weak but real: the plan carries the reason (an existing volume opens with a warning,
+        // a blank one is never formatted with it).
+        for (cipher, why) in [
+            ("aes-ecb", "ECB"),
+            ("des3_ede-cbc-essiv:sha256", "64-bit block"),
+            ("blowfish-cbc-plain", "64-bit block"),
+        ] {
+            match req(&base("luks", cipher, 256)).unwrap().plan {
+                Plan::Encrypted(p) => {
+                    let w = p.weak_cipher.unwrap_or_default();
+                    assert!(w.contains(why), "{cipher}: {w}");
+                }
+                p => panic!("{p:?}"),
+            }
+        }
+        // Key sizes per mode, checked up front (the kernel would fail with EIO later).
+        for (cipher, ks) in [
+            ("aes-xts-plain64", 128),
+            ("aes-xts-plain64", 384),
+            ("aes-cbc-essiv:sha256", 512),
+            ("serpent-xts-plain64", 1024),
+        ] {
+            let err = req(&base("luks", cipher, ks)).unwrap_err();
+            assert_eq!(
+                err.field(),
+                Some("encryption.key_size"),
+                "{cipher} {ks}: {err}"
+            );
+            assert!(err.to_string().contains(cipher), "{err}");
+        }
+        // No cipher given: the key size is checked against cryptsetup's default for the format.
+        let no_cipher = r#"{"volume_id":"v","device_path":"/dev/sdb","encryption":{"provider":"luks","control_location":"front-end","key_size":128,"encryption_key_id":"k"}}"#;
+        assert_eq!(
+            req(no_cipher).unwrap_err().field(),
+            Some("encryption.key_size")
+        );
+        for (cipher, ks) in [
+            ("aes-xts-plain64", 256),
+            ("aes-xts-plain64", 512),
+            ("twofish-xts-plain64", 512),
+            ("serpent-cbc-essiv:sha256", 128),
+        ] {
+            match req(&base("luks2", cipher, ks)).unwrap().plan {
+                Plan::Encrypted(p) => assert_eq!(p.weak_cipher, None, "{cipher}"),
+                p => panic!("{p:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_at_every_level_naming_the_closest_known_one() {
+        let cases = [
+            (
+                r#"{"volume_id":"v","device_path":"/dev/sdb","optons":{}}"#,
+                r#"unknown field "optons" in the request (did you mean "options"?)"#,
+            ),
+            (
+                r#"{"volume_id":"v","device_path":"/dev/sdb","encryption":{"cypher":"aes-cbc-essiv:sha256"}}"#,
+                r#"unknown field "cypher" in encryption (did you mean "cipher"?)"#,
+            ),
+            (
+                r#"{"volume_id":"v","device_path":"/dev/sdb","encryption":{"keysize":512}}"#,
+                r#"unknown field "keysize" in encryption (did you mean "key_size"?)"#,
+            ),
+            (
+                r#"{"volume_id":"v","device_path":"/dev/sdb","options":{"allow_discard":true}}"#,
+                r#"unknown field "allow_discard" in options (did you mean "allow_discards"?)"#,
+            ),
+            (
+                r#"{"volume_id":"v","device":{"serail":"s"}}"#,
+                r#"unknown field "serail" in device (did you mean "serial"?)"#,
+            ),
+            (
+                r#"{"volume_id":"v","device_path":"/dev/sdb","wait_for_device":{"timeout":5}}"#,
+                r#"unknown field "timeout" in wait_for_device (did you mean "timeout_secs"?)"#,
+            ),
+            (
+                r#"{"volume_id":"v","device_path":"/dev/sdb","encryption":{"created_at":"x"}}"#,
+                r#"unknown field "created_at" in encryption"#,
+            ),
+        ];
+        for (json, want) in cases {
+            let msg = req(json).unwrap_err().to_string();
+            assert!(msg.contains(want), "{json}: {msg}");
+        }
+        assert_eq!(closest("zzzzzz", &["cipher", "key_size"]), None);
         let wrong_type =
             r#"{"volume_id":"v","device_path":"/dev/sdb","encryption":{"key_size":"256"}}"#;
         assert!(
@@ -1049,7 +1303,7 @@ mod tests {
             assert!(
                 matches!(
                     AttachRequest::from_json(bad.as_bytes()),
-                    Err(Error::Json(_))
+                    Err(Error::UnknownField { .. })
                 ),
                 "{bad}"
             );

@@ -116,9 +116,37 @@ fn bad_requests_get_400_or_413_naming_the_field() {
     let (s, v) = post(br#"{"volume_id": "v1", "device_path": "/dev/x", "optons": {}}"#);
     assert_error(s, &v, 400, "invalid_json", Some("optons"));
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("optons"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"unknown field "optons" in the request (did you mean "options"?)"#),
         "{v}"
     );
+    // Every level, the HTTP path saying exactly what the command line says.
+    for (body, field, message) in [
+        (
+            GOOD.replace("\"cipher\"", "\"cypher\""),
+            "encryption.cypher",
+            r#"unknown field "cypher" in encryption (did you mean "cipher"?)"#,
+        ),
+        (
+            GOOD.replace("\"key_size\"", "\"keysize\""),
+            "encryption.keysize",
+            r#"unknown field "keysize" in encryption (did you mean "key_size"?)"#,
+        ),
+        (
+            r#"{"volume_id": "v1", "device_path": "/dev/x", "options": {"sectorsize": 4096}}"#
+                .to_owned(),
+            "options.sectorsize",
+            r#"unknown field "sectorsize" in options (did you mean "sector_size"?)"#,
+        ),
+    ] {
+        assert!(body != GOOD, "the test body must differ from GOOD");
+        let (s, v) = post(body.as_bytes());
+        assert_error(s, &v, 400, "invalid_json", Some(field));
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(message), "{m}");
+    }
 
     let unknown_provider = GOOD.replace("\"luks\"", "\"rot13\"");
     let (s, v) = post(unknown_provider.as_bytes());
@@ -337,10 +365,27 @@ fn attach_without_device_mapper_is_503_with_the_engine_message() {
 }
 
 #[test]
-fn cli_socket_mode_maps_404_to_exit_4() {
+fn cli_socket_mode_repeated_detach_is_success_and_other_404s_exit_4() {
     let agent = Agent::start("");
+    // Detaching a volume the agent does not know (already detached): exit 0, was_active false,
+    // exactly like the command line without --socket.
     let out = Command::new(BIN)
         .args(["detach", "gone-vol", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["was_active"], false, "{v}");
+    assert_eq!(v["volume_id"], "gone-vol", "{v}");
+    // Any other unknown volume is the wrong-device exit.
+    let out = Command::new(BIN)
+        .args(["extend", "gone-vol", "--socket"])
         .arg(&agent.socket)
         .output()
         .unwrap();
@@ -351,6 +396,36 @@ fn cli_socket_mode_maps_404_to_exit_4() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_volume"));
+}
+
+/// An agent that reads the request and dies before answering: the client exits 8 (its own
+/// code, not 4 "wrong device"), saying the request may or may not have been carried out.
+#[test]
+fn cli_exits_6_when_the_agent_dies_mid_request() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("dying.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        // Read the request head, then close without a word.
+        let _ = conn.read(&mut buf);
+        drop(conn);
+    });
+    let out = Command::new(BIN)
+        .args(["detach", "some-vol", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    server.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{err}");
+    assert!(
+        err.contains("closed the connection before answering"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
 }
 
 #[test]
@@ -365,7 +440,8 @@ fn socket_and_directory_permissions() {
 }
 
 /// Run the CLI as another uid/gid (setpriv), asking the agent to detach an unknown volume:
-/// an allowed peer gets 404 (exit 4), a refused one 403 (exit 1).
+/// an allowed peer gets 404, which the CLI reports as the expected repeated detach (exit 0,
+/// `was_active: false`), a refused one 403 (exit 1). Returns stdout and stderr together.
 fn detach_as(agent: &Agent, uid: u32, gid: u32) -> (Option<i32>, String) {
     let out = Command::new("setpriv")
         .arg(format!("--reuid={uid}"))
@@ -378,7 +454,11 @@ fn detach_as(agent: &Agent, uid: u32, gid: u32) -> (Option<i32>, String) {
         .unwrap();
     (
         out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -404,9 +484,9 @@ fn peers_outside_root_and_the_group_get_403_and_are_logged() {
     );
 
     // In the configured group (primary gid): allowed, reaches the route.
-    let (code, err) = detach_as(&agent, 65533, 65534);
-    assert_eq!(code, Some(4), "{err}");
-    assert!(err.contains("unknown_volume"), "{err}");
+    let (code, out) = detach_as(&agent, 65533, 65534);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"was_active\": false"), "{out}");
 
     let log = agent.log_text();
     let refused = log

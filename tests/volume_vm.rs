@@ -823,8 +823,9 @@ fn stale_mapping_is_reported_and_replaced_only_when_unused() {
     std::os::unix::fs::symlink(&disk, &v.link).unwrap();
     let k = keys();
     let ctx = v.ctx(&k);
-    // scsi_debug disks share one store: zero its start so it probes blank.
-    write_at(&disk, 0, &vec![0u8; 1 << 20]);
+    // scsi_debug disks share one store: zero the 2 MiB a LUKS1 format overwrites, which a
+    // blank device must read as zeros.
+    write_at(&disk, 0, &vec![0u8; 2 << 20]);
     volume::attach(&ctx, &v.request("luks", "sym-1", "", "")).unwrap();
     let base = disk.file_name().unwrap().to_string_lossy().into_owned();
     std::fs::write(format!("/sys/block/{base}/device/delete"), "1").unwrap();

@@ -98,6 +98,25 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
             ));
         }
     };
+    // A repeated detach is expected (os-brick retries): the agent answers 404 unknown_volume
+    // (REST), the command line reports the same success as without --socket.
+    if let VolumeCommand::Detach(a) = cmd
+        && reply.status == 404
+        && reply
+            .json()
+            .is_ok_and(|v| v["error"]["code"] == "unknown_volume")
+    {
+        let value = serde_json::json!({
+            "volume_id": a.volume_id,
+            "was_active": false,
+            "waited_ms": 0,
+            "note": "the agent has no record of this volume: nothing is attached",
+        });
+        let text = serde_json::to_string_pretty(&value)
+            .map_err(|e| Error::Usage(format!("cannot encode output: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
     let value = reply.into_result()?;
     let value = match cmd {
         VolumeCommand::Status(_) => value["attachments"].clone(),

@@ -96,10 +96,14 @@ pub async fn call_async(
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| err(format!("bad request {method} {path}: {e}")))?;
+    let lost = |detail: String| Error::AgentLost {
+        socket: socket.to_owned(),
+        detail,
+    };
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| err(format!("{method} {path}: {e}")))?;
+        .map_err(|e| lost(format!("{method} {path}: {e}")))?;
     let status = resp.status().as_u16();
     let content_type = resp
         .headers()
@@ -109,7 +113,15 @@ pub async fn call_async(
     let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
         .collect()
         .await
-        .map_err(|e| err(format!("reading the response: {e}")))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                err(format!(
+                    "the response is larger than {MAX_RESPONSE_BYTES} bytes"
+                ))
+            } else {
+                lost(format!("reading the response: {e}"))
+            }
+        })?
         .to_bytes()
         .to_vec();
     Ok(Reply {

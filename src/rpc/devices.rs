@@ -346,7 +346,15 @@ async fn reactivate(app: &Arc<App>, volume_id: &str, device: BlockDevice) {
             return;
         }
     };
-    let span = tracing::info_span!("udev", volume_id, device = ?device.devnode);
+    let span = tracing::info_span!(
+        "udev",
+        volume_id,
+        device = device
+            .devnode
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .as_deref()
+    );
     let _enter = span.enter();
     match attach_locked(app, valid, guard).await {
         Ok(o) => {
@@ -354,8 +362,8 @@ async fn reactivate(app: &Arc<App>, volume_id: &str, device: BlockDevice) {
             tracing::info!(
                 volume_id,
                 was = %record.phase,
-                device = ?o.backing_device,
-                mapping = ?o.mapping_name,
+                device = o.backing_device.as_ref().map(|p| p.display().to_string()).as_deref(),
+                mapping = o.mapping_name.as_deref(),
                 "device appeared: attachment active again"
             );
         }

@@ -86,7 +86,7 @@ impl ApiError {
 impl From<&crate::request::Error> for ApiError {
     fn from(e: &crate::request::Error) -> ApiError {
         let mut a = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
-        a.field = e.field().map(str::to_owned);
+        a.field = e.field_path();
         a
     }
 }
@@ -127,7 +127,9 @@ impl From<&volume::Error> for ApiError {
             E::NoDevice { .. } => (StatusCode::NOT_FOUND, "unknown_device"),
             E::NameConflict { .. } => (StatusCode::CONFLICT, "name_conflict"),
             E::OwnedByOther { .. } => (StatusCode::CONFLICT, "attached_elsewhere"),
-            E::StaleBusy { .. } | E::Busy { .. } => (StatusCode::CONFLICT, "busy"),
+            E::StaleBusy { .. } | E::Busy { .. } | E::InUse { .. } => {
+                (StatusCode::CONFLICT, "busy")
+            }
             E::RefuseFormat { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_luks"),
             E::Crypt { kind, .. } => match kind {
                 Kind::NoKey => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_key"),
@@ -137,6 +139,8 @@ impl From<&volume::Error> for ApiError {
                 Kind::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "crypt_failed"),
                 Kind::Mismatch => (StatusCode::UNPROCESSABLE_ENTITY, "mismatch"),
                 Kind::CannotVerify => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_verify"),
+                // Only the client reports this kind; the engine never does.
+                Kind::AgentLost => (StatusCode::INTERNAL_SERVER_ERROR, "crypt_failed"),
             },
             E::Dm { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "dm_error"),
             E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),

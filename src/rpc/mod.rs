@@ -79,6 +79,11 @@ pub enum Error {
     Runtime(String),
     #[error("agent at {socket}: {detail}")]
     Client { socket: PathBuf, detail: String },
+    /// Connected and sent, but the agent closed the connection before its answer was complete.
+    #[error(
+        "agent at {socket} closed the connection before answering ({detail}): it died or was stopped mid-request; the request may or may not have been carried out"
+    )]
+    AgentLost { socket: PathBuf, detail: String },
     /// The agent answered with an error.
     #[error("agent: {message} (HTTP {status}, {code}{})", field.as_deref().map(|f| format!(", field {f}")).unwrap_or_default())]
     Remote {
@@ -95,6 +100,7 @@ impl Error {
             Error::Remote { status, code, .. } => errors::ApiError::kind_for(*status, code),
             Error::AlreadyServing { .. } => Kind::Busy,
             Error::Client { .. } => Kind::WrongDevice,
+            Error::AgentLost { .. } => Kind::AgentLost,
             _ => Kind::Invalid,
         }
     }

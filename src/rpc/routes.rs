@@ -245,6 +245,10 @@ fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
     let req = parsed.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.inner().to_string();
+        if let Some(u) = request::unknown_field(&path, &inner) {
+            let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", u.to_string());
+            return err.with_field(u.field_path().unwrap_or_default());
+        }
         let err = ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",

@@ -130,7 +130,7 @@ pub async fn serve(
     let app = Arc::new(App::new(config, Access::new(listener.gid), keys));
     tracing::info!(
         socket = %listener.path.display(),
-        group = ?listener.gid,
+        group = listener.gid,
         kdf_budget_mib = app.config.server.kdf_budget_mib(),
         "volcrypt agent listening"
     );

@@ -80,7 +80,16 @@ fn run(socket: &udev::MonitorSocket, tx: &UnboundedSender<DeviceEvent>) {
                 .map(|a| Action::parse(&a.to_string_lossy()))
                 .unwrap_or(Action::Other);
             let device = snapshot(&event.device());
-            tracing::debug!(?action, devnode = ?device.devnode, devno = ?device.devno, "udev event");
+            tracing::debug!(
+                ?action,
+                devnode = device
+                    .devnode
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .as_deref(),
+                devno = device.devno.map(|d| d.to_string()).as_deref(),
+                "udev event"
+            );
             if tx.send(DeviceEvent { action, device }).is_err() {
                 return;
             }

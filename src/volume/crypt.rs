@@ -406,6 +406,14 @@ fn cipher_and_key(
     Ok((c.to_owned(), m.to_owned(), (bits / 8) as usize))
 }
 
+/// The volume key size (bits) a format with `cipher` and `key_bits` gives: the request's, or
+/// cryptsetup's default for the mode.
+pub fn format_key_bits(cipher: Option<&str>, key_bits: Option<u32>) -> u32 {
+    cipher_and_key(cipher, key_bits, LUKS_DEFAULT_CIPHER)
+        .map(|(_, _, bytes)| (bytes * 8) as u32)
+        .unwrap_or(512)
+}
+
 fn pbkdf_type(cfg: &PbkdfConfig, luks1: bool) -> CryptPbkdfType {
     let kind = match cfg.kind.as_str() {
         _ if luks1 => CryptKdf::Pbkdf2,

@@ -8,14 +8,15 @@
 
 use std::path::{Path, PathBuf};
 
-use super::crypt::{Activation, LuksVersion, NewHeader, Unlock};
+use super::crypt::{self, Activation, LuksVersion, NewHeader, Unlock};
 use super::dm::DevNo;
 use super::header::DeviceHeader;
 use super::journal::{Phase, Record};
-use super::probe::Probe;
+use super::probe::{self, Probe};
 use super::system::System;
 use super::timing::{AttachTimings, timed};
 use super::{Context, Error, PerfFlags};
+use crate::luks::Header;
 use crate::request::{EncryptedPlan, ValidRequest, VolumeFormat};
 
 /// Whether `real` holds the LUKS header an interrupted first attach of this volume was writing
@@ -79,11 +80,17 @@ pub(super) fn open_mapping(
         key_id: &plan.key_id,
     };
     if plan.format == VolumeFormat::Plain {
+        if let Some(why) = &plan.weak_cipher {
+            tracing::warn!(device = %real.display(), volume_id = %v.volume_id, "opening plain dm-crypt with a weak cipher: {why}");
+        }
         let (cipher, bits) = (plan.cipher.as_deref(), plan.key_size);
         timed(&mut t.dm, || {
             sys.open_plain(real, cipher, bits, passphrase, to)
         })?;
         return Ok(false);
+    }
+    if let Some(h) = &target.header {
+        header_cipher_is_encryption(real, &v.volume_id, &h.header)?;
     }
     let header = target.header.as_ref().map(|h| h.header.clone());
     let redo = match sys.open_luks(real, header, passphrase, to, Unlock::Userspace, t) {
@@ -96,10 +103,18 @@ pub(super) fn open_mapping(
         Err(e) => return Err(e),
     };
     // Not LUKS. Format only if nothing at all is recognizable on it and nobody uses it.
-    if !redo && let Probe::Signature(found) = sys.probe(real)? {
+    if !redo && let Probe::Signature(found) = sys.probe(real, probe_expect(ctx, plan))? {
         return Err(Error::RefuseFormat {
             device: real.to_owned(),
             found,
+        });
+    }
+    if let Some(why) = &plan.weak_cipher {
+        return Err(Error::Crypt {
+            op: "format",
+            target: real.display().to_string(),
+            detail: format!("refusing to format a new volume with this cipher: {why}"),
+            kind: crate::kind::Kind::Invalid,
         });
     }
     let Some(uuid) = format.uuid else {
@@ -111,6 +126,7 @@ pub(super) fn open_mapping(
         });
     };
     ensure_unused(sys, real, target.devno)?;
+    kernel_runs(sys, real, plan)?;
     let (version, sector_size) = match plan.format {
         VolumeFormat::Luks2 => (
             LuksVersion::Luks2,
@@ -181,19 +197,71 @@ pub(super) fn roll_back(sys: &dyn System, device: &Path, uuid: &str) {
     }
 }
 
+/// An existing header whose data cipher is `cipher_null` is not an encrypted volume and is
+/// refused as one; a weak-but-real cipher (ECB, a 64-bit block) still opens, so the user's
+/// data is never stranded, with a warning.
+fn header_cipher_is_encryption(real: &Path, volume_id: &str, h: &Header) -> Result<(), Error> {
+    let Some(spec) = h.summary().cipher else {
+        return Ok(());
+    };
+    let (c, m) = crate::request::split_cipher(&spec).unwrap_or((spec.as_str(), ""));
+    match crate::cipher_policy::judge(c, m) {
+        crate::cipher_policy::Verdict::Null(why) => Err(Error::Crypt {
+            op: "open",
+            target: real.display().to_string(),
+            detail: format!("not an encrypted volume: its LUKS header's cipher {why}"),
+            kind: crate::kind::Kind::Invalid,
+        }),
+        crate::cipher_policy::Verdict::Weak(why) => {
+            tracing::warn!(device = %real.display(), volume_id, cipher = %spec, "opening an existing volume with a weak cipher: {why}");
+            Ok(())
+        }
+        crate::cipher_policy::Verdict::Accepted => Ok(()),
+    }
+}
+
+/// The kernel must run the cipher with the key size, or the format is refused naming both
+/// (instead of a bare "Input/output error" from libcryptsetup or dm-crypt).
+fn kernel_runs(sys: &dyn System, real: &Path, plan: &EncryptedPlan) -> Result<(), Error> {
+    let spec = plan.cipher.as_deref().unwrap_or(crypt::LUKS_DEFAULT_CIPHER);
+    let Some((c, m)) = crate::request::split_cipher(spec) else {
+        return Ok(());
+    };
+    let bits = crypt::format_key_bits(plan.cipher.as_deref(), plan.key_size);
+    match sys.kernel_cipher(c, m, bits) {
+        super::kcapi::Answer::Refused(why) => Err(Error::Crypt {
+            op: "format",
+            target: real.display().to_string(),
+            detail: why,
+            kind: crate::kind::Kind::Invalid,
+        }),
+        super::kcapi::Answer::Runs | super::kcapi::Answer::Unknown => Ok(()),
+    }
+}
+
+/// What the probe must see before this plan's format: the LUKS header area it overwrites read
+/// as zeros (unless the operator's `allow_nonzero_blank` says otherwise).
+fn probe_expect(ctx: &Context<'_>, plan: &EncryptedPlan) -> probe::Expect {
+    let key_bytes = u64::from(crypt::format_key_bits(plan.cipher.as_deref(), plan.key_size) / 8);
+    probe::Expect {
+        header_bytes: probe::header_area(plan.format == VolumeFormat::Luks2, key_bytes),
+        allow_nonzero: ctx.config.allow_nonzero_blank,
+    }
+}
+
 /// A device that is mounted, held by a mapping or opened exclusively is never formatted: an
 /// `O_EXCL` open fails with EBUSY exactly then.
 fn ensure_unused(sys: &dyn System, real: &Path, devno: DevNo) -> Result<(), Error> {
     let holders = sys.holders(devno);
     if !holders.is_empty() {
-        return Err(Error::RefuseFormat {
+        return Err(Error::InUse {
             device: real.to_owned(),
-            found: format!("holders ({})", holders.join(", ")),
+            by: format!("held by {}", holders.join(", ")),
         });
     }
-    sys.exclusive_open(real).map_err(|e| Error::RefuseFormat {
+    sys.exclusive_open(real).map_err(|e| Error::InUse {
         device: real.to_owned(),
-        found: format!("a user (exclusive open failed: {e})"),
+        by: format!("opened exclusively by another user: {e}"),
     })
 }
 

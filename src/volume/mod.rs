@@ -17,6 +17,7 @@
 //! - [`dm`]: read-only device-mapper and sysfs queries (list, deps, open count, holders). dm
 //!   tables carry key material, so this module never reads or logs them;
 //! - [`probe`]: the signature probe that must find nothing before a device is formatted;
+//! - [`kcapi`]: whether the kernel runs a cipher and key size, asked before a format;
 //! - [`links`]: the device-path symlink and the stable `/dev/disk/by-id/volcrypt-<id>` link;
 //! - [`system`]: the one boundary through which the operations reach all of the above, so
 //!   unit tests can run them on a simulated host that crashes at any step;
@@ -42,6 +43,7 @@ pub mod format;
 pub mod header;
 pub mod hotplug;
 pub mod journal;
+pub mod kcapi;
 pub mod links;
 pub mod probe;
 pub mod reconcile;
@@ -81,6 +83,10 @@ pub struct VolumeConfig {
     /// KDF for new keyslots: `None` keeps libcryptsetup's benchmarked default
     /// (argon2id for LUKS2, PBKDF2 for LUKS1).
     pub pbkdf: Option<PbkdfConfig>,
+    /// Format a first attach's device even when the LUKS header area it overwrites is not all
+    /// zeros (signatures and a backup GPT still refuse it). Only for storage backends that hand
+    /// out non-zeroed blank volumes; every format it lets through is logged as a warning.
+    pub allow_nonzero_blank: bool,
 }
 
 /// A fixed-cost KDF for new keyslots (tests and benchmarks use PBKDF2 with few iterations).
@@ -107,6 +113,7 @@ impl Default for VolumeConfig {
             luks2_sector_size: 512,
             detach_timeout_ms: 10_000,
             pbkdf: None,
+            allow_nonzero_blank: false,
         }
     }
 }
@@ -233,6 +240,8 @@ pub enum Error {
     },
     #[error("refusing to format {device}: it is not LUKS but holds {found}")]
     RefuseFormat { device: PathBuf, found: String },
+    #[error("refusing to format {device}: it is in use ({by})")]
+    InUse { device: PathBuf, by: String },
     #[error("{op} failed for {target}: {detail}")]
     Crypt {
         op: &'static str,
@@ -282,7 +291,8 @@ impl Error {
             Error::NameConflict { .. }
             | Error::OwnedByOther { .. }
             | Error::StaleBusy { .. }
-            | Error::Busy { .. } => Kind::Busy,
+            | Error::Busy { .. }
+            | Error::InUse { .. } => Kind::Busy,
             Error::RefuseFormat { .. } => Kind::Invalid,
             Error::Crypt { kind, .. } => *kind,
             Error::Dm { .. } | Error::Io { .. } | Error::State { .. } => Kind::Invalid,
@@ -297,7 +307,9 @@ impl Error {
         match self {
             Error::Request(e) => e.field(),
             Error::Key { .. } | Error::WrongKey { .. } => Some("encryption.encryption_key_id"),
-            Error::NoDevice { .. } | Error::RefuseFormat { .. } => Some("device_path"),
+            Error::NoDevice { .. } | Error::RefuseFormat { .. } | Error::InUse { .. } => {
+                Some("device_path")
+            }
             _ => None,
         }
     }

@@ -217,7 +217,11 @@ fn remove_half_created(sys: &dyn System, name: &str) -> Result<(), Error> {
     if !is_half_created(&info, name) {
         return Ok(());
     }
-    tracing::warn!(mapping = name, uuid = ?info.uuid, "removing the table-less device an interrupted activation left");
+    tracing::warn!(
+        mapping = name,
+        uuid = info.uuid.as_deref(),
+        "removing the table-less device an interrupted activation left"
+    );
     if !sys.dm_remove(name)? {
         tracing::warn!(mapping = name, "table-less device is busy: left in place");
     }
@@ -592,7 +596,7 @@ pub fn log(report: &Report) {
         tracing::error!(
             file = %c.file.display(),
             reason = %c.reason,
-            moved_to = ?c.moved_to,
+            moved_to = c.moved_to.as_ref().map(|p| p.display().to_string()).as_deref(),
             "corrupt state record moved aside (its attachment is not managed until repaired)"
         );
     }

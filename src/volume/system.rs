@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use super::crypt::{self, Activation, ActiveInfo, Closed, NewHeader, Unlock};
 use super::dm::{self, DevNo, Dm, MapInfo};
 use super::header::{self, DeviceHeader};
-use super::probe::{self, Probe};
+use super::kcapi;
+use super::probe::{self, Expect, Probe};
 use super::timing::AttachTimings;
 use super::{Error, links};
 use crate::request::Selector;
@@ -39,7 +40,9 @@ pub trait System: Send + Sync {
     /// Whether anyone holds `device` open exclusively or mounted (an `O_EXCL` open fails).
     fn exclusive_open(&self, device: &Path) -> std::io::Result<()>;
     /// The signature probe a device must pass before it is formatted.
-    fn probe(&self, device: &Path) -> Result<Probe, Error>;
+    fn probe(&self, device: &Path, expect: Expect) -> Result<Probe, Error>;
+    /// Whether the kernel's crypto API runs `cipher`-`mode` with a `bits`-bit key.
+    fn kernel_cipher(&self, cipher: &str, mode: &str, bits: u32) -> kcapi::Answer;
     /// The LUKS header the engine reads (`None`: none it reads).
     fn read_header(&self, device: &Path) -> Option<DeviceHeader>;
     /// The device node of the block device present now that `selector` names (udev's view).
@@ -134,8 +137,11 @@ impl System for Host {
             .open(device)
             .map(drop)
     }
-    fn probe(&self, device: &Path) -> Result<Probe, Error> {
-        probe::probe(device)
+    fn probe(&self, device: &Path, expect: Expect) -> Result<Probe, Error> {
+        probe::probe(device, expect)
+    }
+    fn kernel_cipher(&self, cipher: &str, mode: &str, bits: u32) -> kcapi::Answer {
+        kcapi::check(cipher, mode, bits)
     }
     fn read_header(&self, device: &Path) -> Option<DeviceHeader> {
         header::read(device)
