@@ -73,6 +73,8 @@ pub struct AttachOutcome {
     pub derivation: Option<String>,
     pub flags: PerfFlags,
     pub device_link: LinkChange,
+    /// For the client: e.g. the volume opened with a weak-but-real cipher.
+    pub warnings: Vec<String>,
     /// Where the engine spent its time (for metrics and logs; not part of the API's JSON).
     pub timings: AttachTimings,
 }
@@ -116,6 +118,8 @@ struct Wire<'a> {
     derivation: Option<&'a str>,
     flags: PerfFlags,
     device_link: String,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
 }
 
 impl Serialize for AttachOutcome {
@@ -137,6 +141,7 @@ impl Serialize for AttachOutcome {
             derivation: self.derivation.as_deref(),
             flags: self.flags,
             device_link: self.device_link.to_string(),
+            warnings: &self.warnings,
         }
         .serialize(s)
     }
@@ -284,6 +289,7 @@ fn raw_outcome(v: &ValidRequest, reason: &str) -> AttachOutcome {
         derivation: None,
         flags: PerfFlags::default(),
         device_link: LinkChange::NotReplaced("no dm-crypt"),
+        warnings: Vec::new(),
         timings: AttachTimings::default(),
     }
 }
@@ -492,9 +498,9 @@ fn open_new(
         format,
         &mut t,
     );
-    let how = match opened {
-        Ok(true) => How::Formatted,
-        Ok(false) => How::Opened,
+    let (how, warning) = match opened {
+        Ok(o) if o.formatted => (How::Formatted, o.warning),
+        Ok(o) => (How::Opened, o.warning),
         Err(e) => {
             restore(journal, &v.volume_id, prior.as_ref());
             return Err(e);
@@ -515,7 +521,9 @@ fn open_new(
         Ok(device_link) => {
             t.total = started.elapsed();
             t.log(&v.volume_id);
-            Ok(mapped_outcome(&record, how, device_link, t))
+            let mut o = mapped_outcome(&record, how, device_link, t);
+            o.warnings.extend(warning);
+            Ok(o)
         }
         Err(e) => {
             undo.run();
@@ -648,6 +656,7 @@ fn mapped_outcome(
         derivation: Some(record.derivation.clone()),
         flags: record.flags,
         device_link,
+        warnings: Vec::new(),
         timings,
     }
 }

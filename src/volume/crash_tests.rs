@@ -434,3 +434,38 @@ fn concurrent_operations_on_the_same_volume_serialise() {
     fx.check_attached("a", "final attach");
     assert!(fx.uuid("a").unwrap().1);
 }
+
+/// A plain dm-crypt request with a weak-but-real cipher still opens (a user's data is never
+/// stranded) and the client is told in the response's `warnings`; an allowed cipher gets none.
+#[test]
+fn a_weak_but_real_cipher_opens_with_a_warning_for_the_client() {
+    let fx = Fixture::new(Content::Blank);
+    let plain = |v: &str, cipher: &str| {
+        let json = format!(
+            r#"{{"volume_id":"vol-{v}","device_path":"/dev/disk/by-path/{v}","encryption":{{"provider":"plain","control_location":"front-end","cipher":"{cipher}","encryption_key_id":"k"}}}}"#
+        );
+        attach(
+            &fx.ctx(),
+            &AttachRequest::from_json(json.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let weak = plain("a", "des3_ede-cbc-plain");
+    assert_eq!(weak.warnings.len(), 1, "{:?}", weak.warnings);
+    assert!(
+        weak.warnings[0].contains("weak cipher"),
+        "{:?}",
+        weak.warnings
+    );
+    let wire = serde_json::to_value(&weak).unwrap();
+    assert_eq!(wire["warnings"][0], weak.warnings[0].as_str());
+    let fine = plain("b", "aes-xts-plain64");
+    assert!(fine.warnings.is_empty());
+    assert!(
+        serde_json::to_value(&fine)
+            .unwrap()
+            .get("warnings")
+            .is_none()
+    );
+    fx.check_attached("a", "weak");
+}

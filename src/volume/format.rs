@@ -59,8 +59,15 @@ pub(super) struct Format<'a> {
     pub(super) prior: Option<&'a Record>,
 }
 
-/// Open (and on first attach, format) the mapping on `target`. Returns whether the device was
-/// formatted.
+/// What opening a new attachment's mapping did.
+pub(super) struct Opened {
+    /// The blank device was formatted first.
+    pub(super) formatted: bool,
+    /// For the client: the volume opened, but with a weak-but-real cipher.
+    pub(super) warning: Option<String>,
+}
+
+/// Open (and on first attach, format) the mapping on `target`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn open_mapping(
     ctx: &Context<'_>,
@@ -71,7 +78,7 @@ pub(super) fn open_mapping(
     flags: PerfFlags,
     format: Format<'_>,
     t: &mut AttachTimings,
-) -> Result<bool, Error> {
+) -> Result<Opened, Error> {
     let sys = &*ctx.sys;
     let real = target.real.as_path();
     let to = Activation {
@@ -80,21 +87,31 @@ pub(super) fn open_mapping(
         key_id: &plan.key_id,
     };
     if plan.format == VolumeFormat::Plain {
-        if let Some(why) = &plan.weak_cipher {
+        let warning = plan.weak_cipher.as_ref().map(|why| {
             tracing::warn!(device = %real.display(), volume_id = %v.volume_id, "opening plain dm-crypt with a weak cipher: {why}");
-        }
+            format!("weak cipher: {why}")
+        });
         let (cipher, bits) = (plan.cipher.as_deref(), plan.key_size);
         timed(&mut t.dm, || {
             sys.open_plain(real, cipher, bits, passphrase, to)
         })?;
-        return Ok(false);
+        return Ok(Opened {
+            formatted: false,
+            warning,
+        });
     }
-    if let Some(h) = &target.header {
-        header_cipher_is_encryption(real, &v.volume_id, &h.header)?;
-    }
+    let warning = match &target.header {
+        Some(h) => header_cipher_is_encryption(real, &v.volume_id, &h.header)?,
+        None => None,
+    };
     let header = target.header.as_ref().map(|h| h.header.clone());
     let redo = match sys.open_luks(real, header, passphrase, to, Unlock::Userspace, t) {
-        Ok(true) => return Ok(false),
+        Ok(true) => {
+            return Ok(Opened {
+                formatted: false,
+                warning,
+            });
+        }
         Ok(false) => false,
         Err(e) if interrupted_format(sys, real, target.devno, format.prior)? => {
             tracing::warn!(device = %real.display(), error = %e, "LUKS header without a keyslot left by an interrupted first attach (its UUID is the journaled one): formatting it again");
@@ -146,7 +163,10 @@ pub(super) fn open_mapping(
     };
     tracing::info!(device = %real.display(), format = %plan.format, "formatting blank device on first attach");
     format_and_open(sys, real, &new, passphrase, to, t)?;
-    Ok(true)
+    Ok(Opened {
+        formatted: true,
+        warning: None,
+    })
 }
 
 /// Format the blank device `real` and open what was written; if the open fails, the format is
@@ -199,10 +219,14 @@ pub(super) fn roll_back(sys: &dyn System, device: &Path, uuid: &str) {
 
 /// An existing header whose data cipher is `cipher_null` is not an encrypted volume and is
 /// refused as one; a weak-but-real cipher (ECB, a 64-bit block) still opens, so the user's
-/// data is never stranded, with a warning.
-fn header_cipher_is_encryption(real: &Path, volume_id: &str, h: &Header) -> Result<(), Error> {
+/// data is never stranded, with a warning (logged, and returned for the response).
+fn header_cipher_is_encryption(
+    real: &Path,
+    volume_id: &str,
+    h: &Header,
+) -> Result<Option<String>, Error> {
     let Some(spec) = h.summary().cipher else {
-        return Ok(());
+        return Ok(None);
     };
     let (c, m) = crate::request::split_cipher(&spec).unwrap_or((spec.as_str(), ""));
     match crate::cipher_policy::judge(c, m) {
@@ -214,9 +238,9 @@ fn header_cipher_is_encryption(real: &Path, volume_id: &str, h: &Header) -> Resu
         }),
         crate::cipher_policy::Verdict::Weak(why) => {
             tracing::warn!(device = %real.display(), volume_id, cipher = %spec, "opening an existing volume with a weak cipher: {why}");
-            Ok(())
+            Ok(Some(format!("weak cipher {spec}: {why}")))
         }
-        crate::cipher_policy::Verdict::Accepted => Ok(()),
+        crate::cipher_policy::Verdict::Accepted => Ok(None),
     }
 }
 
