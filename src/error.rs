@@ -9,8 +9,8 @@ use std::fmt;
 use crate::kind::Kind;
 
 /// Process exit statuses, numbered exactly as cryptsetup's (see cryptsetup(8), "RETURN CODES"),
-/// plus one of volcrypt's own after them for what cryptsetup never meets (an agent lost
-/// mid-request).
+/// plus volcrypt's own after them for what cryptsetup never meets (a verify verdict, an agent
+/// lost mid-request). `--help` lists them (`cli::EXIT_CODES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Ok = 0,
