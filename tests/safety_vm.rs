@@ -160,8 +160,15 @@ impl Dev {
             "mapping {} left",
             self.name
         );
+        // Records are `<volume_id>.json`; the engine's lock file (`.lock`) is not one.
         let state = self.dir.path().join("state");
-        let records = std::fs::read_dir(&state).map(|d| d.count()).unwrap_or(0);
+        let records = std::fs::read_dir(&state)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0);
         assert_eq!(records, 0, "journal records left in {}", state.display());
         let links = std::fs::read_dir(self.dir.path().join("by-id"))
             .map(|d| d.count())
