@@ -4,6 +4,7 @@
 #   scripts/barbican-test-server.sh start  [WORKDIR]   # idempotent; prints `export VOLCRYPT_TEST_BARBICAN_URL=...`
 #   scripts/barbican-test-server.sh stop   [WORKDIR]
 #   scripts/barbican-test-server.sh status [WORKDIR]   # exit 0 and print the URL when it answers
+#   BARBICAN_TEST_PORTS="HTTP_PORT TLS_PORT" ... start: restart on those ports (default: free ones)
 #
 # Typical use:  eval "$(scripts/barbican-test-server.sh start)"; cargo test --test keys_barbican
 #
@@ -168,8 +169,13 @@ start() {
     install_venv
     make_tls
     local port tls_port
-    port="$(free_port)"
-    tls_port="$(free_port)"
+    if [[ -n "${BARBICAN_TEST_PORTS:-}" ]]; then
+        # A restart in place (the Vagrant stage's guest keeps forwarding to the old ports).
+        read -r port tls_port <<<"$BARBICAN_TEST_PORTS"
+    else
+        port="$(free_port)"
+        tls_port="$(free_port)"
+    fi
     write_config "$port"
     if ! launch barbican "$port" "http://127.0.0.1:$port" ||
        ! launch barbican-tls "$tls_port" "https://127.0.0.1:$tls_port" \

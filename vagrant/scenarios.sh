@@ -408,7 +408,9 @@ sc_journal() {
 # kept (nothing formatted), and opens them by itself once the server is back (retry with
 # backoff); the file system and its data are intact.
 sc_barbican_down_reboot() {
-  local bdir=${VOLCRYPT_E2E_BARBICAN_DIR:?}
+  local bdir=${VOLCRYPT_E2E_BARBICAN_DIR:?} ports
+  # The guest's forwards point at these ports: the server comes back on the same ones.
+  ports="$(sed 's/.*://' "$bdir/url") $(sed 's/.*://' "$bdir/tls-url")" || return 1
   "$here/../scripts/barbican-test-server.sh" stop "$bdir" >/dev/null || return 1
   (cd "$here" && timeout 900 vagrant reload >"$run/reload2.log" 2>&1) || { tail -n 20 "$run/reload2.log"; return 1; }
   wait_ssh || return 1
@@ -429,7 +431,7 @@ sc_barbican_down_reboot() {
     [ "$(jq -r .reconcile.progress.failed <<<"$health")" -ge 2 ] || fail "progress does not count the failures"
     echo "records kept, nothing opened, progress $(jq -c .reconcile.progress <<<"$health")"
   ' || return 1
-  eval "$("$here/../scripts/barbican-test-server.sh" start "$bdir")" >/dev/null || return 1
+  eval "$(BARBICAN_TEST_PORTS="$ports" "$here/../scripts/barbican-test-server.sh" start "$bdir")" >/dev/null || return 1
   g '
     ok=""
     for _ in $(seq 180); do mapping_exists crypt-bb-pp && mapping_exists crypt-bb-sym && { ok=1; break; }; sleep 1; done
