@@ -8,6 +8,8 @@
 //! (the stable `volcrypt-<id>` link and the replaced `device_path` symlink), the record's
 //! phase, that data written before the crash is intact, and that attach and detach through the
 //! API work afterwards. The semantics per point are in README.md ("Crash safety").
+//! Rekey: a kill at each of its steps leaves a volume that the key its record names opens,
+//! online (the mapping never closes), and the same request finishes it after the restart.
 //! Also: a kill inside the activation (simulated: the table-less device it leaves), a second
 //! kill during the restart's own recovery, the formatted flag of a first attach, and a truncated
 //! record beside the others (reported under `corrupt`, moved aside byte for byte).
@@ -23,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::agent::Agent;
+use common::agent::{Agent, assert_error};
 use common::{need, sh};
 use serde_json::{Value, json};
 use volcrypt::keys::{Keystore, Secret};
@@ -47,6 +49,10 @@ struct Vol {
 
 impl Vol {
     fn new(point: &str) -> Vol {
+        Vol::with_provider(point, "luks2")
+    }
+
+    fn with_provider(point: &str, provider: &str) -> Vol {
         let agent = Agent::start_with("", FAST_KDF);
         let ks = Keystore::create(agent.dir.path().join("keys")).unwrap();
         ks.put(
@@ -69,7 +75,7 @@ impl Vol {
         let id = format!("jvol-{point}");
         let body = format!(
             r#"{{"volume_id": "{id}", "device_path": "{}",
-                "encryption": {{"provider": "luks2", "control_location": "front-end",
+                "encryption": {{"provider": "{provider}", "control_location": "front-end",
                                 "encryption_key_id": "pass"}},
                 "options": {{"replace_device_symlink": true}}}}"#,
             link.display()
@@ -688,4 +694,241 @@ fn kill9_inside_the_first_format_formats_the_half_written_header_again() {
             );
         }
     }
+}
+
+/// The secret `rekey` tests move volumes to: symmetric, so its passphrase is the lowercase hex
+/// of these bytes (the old key is a passphrase secret: the derivation changes too).
+const NEW_KEY: [u8; 32] = [0x5a; 32];
+
+impl Vol {
+    /// Put the rekey target `new` into the agent's keystore.
+    fn add_new_key(&self) {
+        Keystore::open(self.agent.dir.path().join("keys"))
+            .unwrap()
+            .put(
+                "new",
+                &Secret::new(SecretType::Symmetric, SecretBytes::new(NEW_KEY.to_vec())),
+            )
+            .unwrap();
+    }
+
+    /// The LUKS passphrase of keystore key `id` (`pass` or `new`).
+    fn passphrase_of(&self, id: &str) -> Vec<u8> {
+        match id {
+            "new" => common::hex(&NEW_KEY).into_bytes(),
+            "pass" => format!("crash at {}", &self.id["jvol-".len()..]).into_bytes(),
+            other => panic!("unknown key {other}"),
+        }
+    }
+
+    /// Whether the passphrase of key `id` opens a keyslot (`cryptsetup open --test-passphrase`).
+    fn opens(&self, id: &str) -> bool {
+        let mut child = Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file=-"])
+            .arg(&self.loop_dev)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&self.passphrase_of(id))
+            .unwrap();
+        child.wait().unwrap().success()
+    }
+
+    fn record_key(&self) -> String {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.record_path()).unwrap()).unwrap();
+        assert_eq!(
+            v["key_id"], v["request"]["encryption"]["encryption_key_id"],
+            "the re-attach request names another key than the record: {v}"
+        );
+        v["key_id"].as_str().unwrap().to_owned()
+    }
+
+    fn rekey(&self, new_key_id: &str) -> (u16, Value) {
+        let path = format!("/v1/attachments/{}/rekey", self.id);
+        let body = format!(r#"{{"new_key_id": "{new_key_id}"}}"#);
+        self.agent.checked(
+            "POST",
+            "/v1/attachments/{volume_id}/rekey",
+            &path,
+            Some(body.as_bytes()),
+        )
+    }
+
+    /// The device number of the active mapping (it must not change: rekey is online).
+    fn mapping_devno(&self) -> String {
+        sh(&format!(
+            "dmsetup info -c --noheadings -o major,minor {}",
+            self.mapping
+        ))
+    }
+}
+
+/// Rekey through the agent, killed (-9) after each of its steps — new keyslot added, new key
+/// journaled, old keyslot removed: the mapping stays open with the data intact, the key the
+/// record names opens the header, the restart's reconcile is clean, and the same request then
+/// finishes the rekey (only the new key opens the volume). The volume then detaches and attaches
+/// again with the new key, and an attach naming the old key is refused.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn kill9_rekey_at_every_step_leaves_a_volume_the_journaled_key_opens() {
+    need::require_dm_crypt();
+    for (point, journaled) in [
+        ("rekey-added", "pass"),
+        ("rekey-journaled", "new"),
+        ("rekey-removed", "new"),
+    ] {
+        let mut v = Vol::new(point);
+        v.add_new_key();
+        v.attach_and_write();
+        let devno = v.mapping_devno();
+        let from = v.restart_paused(point);
+        let path = format!("/v1/attachments/{}/rekey", v.id);
+        let sent = send_in_background(
+            &v.agent,
+            "POST",
+            path,
+            Some(r#"{"new_key_id": "new"}"#.into()),
+        );
+        v.kill_at(point, from, Some("attached"));
+        sent.join().unwrap();
+
+        assert_eq!(
+            v.mapping_devno(),
+            devno,
+            "{point}: the mapping was reopened"
+        );
+        v.assert_data();
+        assert_eq!(v.record_key(), journaled, "{point}");
+        assert!(
+            v.opens(journaled),
+            "{point}: the journaled key {journaled} opens nothing"
+        );
+        assert!(v.opens("new"), "{point}: the new keyslot is missing");
+        assert_eq!(
+            v.opens("pass"),
+            point != "rekey-removed",
+            "{point}: old keyslot"
+        );
+
+        v.restart_after_crash();
+        v.assert_attached();
+        let (s, out) = v.rekey("new");
+        assert_eq!(s, 200, "{point}: {out}");
+        assert_eq!(out["key_id"], "new", "{out}");
+        assert_eq!(out["previous_key_id"], "pass", "{out}");
+        assert_eq!(out["resumed"], journaled == "new", "{point}: {out}");
+        assert!(
+            v.opens("new") && !v.opens("pass"),
+            "{point}: after finishing"
+        );
+        assert_eq!(v.record_key(), "new");
+        assert_eq!(
+            v.mapping_devno(),
+            devno,
+            "{point}: the mapping was reopened"
+        );
+        v.assert_data();
+
+        let (s, out) = v.rekey("new");
+        assert_error(s, &out, 409, "refused", None);
+        let (s, out) = v.detach();
+        assert_eq!(s, 200, "{out}");
+        // The orchestrator's stale request (old key) is refused; the updated one attaches.
+        let (s, out) = v.attach();
+        assert_error(
+            s,
+            &out,
+            422,
+            "wrong_key",
+            Some("encryption.encryption_key_id"),
+        );
+        let body = v.body.replace(
+            r#""encryption_key_id": "pass""#,
+            r#""encryption_key_id": "new""#,
+        );
+        let (s, out) = v.agent.checked(
+            "POST",
+            "/v1/attachments",
+            "/v1/attachments",
+            Some(body.as_bytes()),
+        );
+        assert_eq!(s, 201, "{point}: {out}");
+        assert_eq!(out["formatted"], false, "{out}");
+        v.assert_data();
+    }
+}
+
+/// LUKS1 rekey by the CLI while the agent runs (the volume lock is shared across processes):
+/// online, the old keyslot replaced; a key the key manager does not have changes nothing; a
+/// plain volume is refused with the reason, nothing changed.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn rekey_luks1_by_the_cli_and_refusals() {
+    need::require_dm_crypt();
+    let v = Vol::with_provider("rk-luks1", "luks");
+    v.add_new_key();
+    v.attach_and_write();
+    let devno = v.mapping_devno();
+    let config = v.agent.dir.path().join("volcrypt.toml");
+    let cli = |new: &str| {
+        Command::new(env!("CARGO_BIN_EXE_volcrypt"))
+            .args(["rekey", &v.id, "--new-key-id", new, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let dump = || sh(&format!("cryptsetup luksDump {}", v.loop_dev.display()));
+    let before = dump();
+    let out = cli("missing-key");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing-key"), "{err}");
+    assert_eq!(dump(), before, "a failed rekey changed the header");
+    assert_eq!(v.record_key(), "pass");
+
+    let out = cli("new");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["keyslot"].as_u64(), r["removed_keyslot"].as_u64()),
+        (Some(1), Some(0)),
+        "{r}"
+    );
+    assert!(v.opens("new") && !v.opens("pass"));
+    let version = dump()
+        .lines()
+        .find(|l| l.starts_with("Version:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned());
+    assert_eq!(version.as_deref(), Some("1"), "not LUKS1");
+    assert_eq!(v.mapping_devno(), devno);
+    v.assert_data();
+    let (s, got) = v.get();
+    assert_eq!(s, 200, "{got}");
+    assert_eq!(got["key_id"], "new", "{got}");
+
+    let p = Vol::with_provider("rk-plain", "plain");
+    let (s, out) = p.attach();
+    assert_eq!(s, 201, "{out}");
+    p.add_new_key();
+    let (s, out) = p.rekey("new");
+    assert_error(s, &out, 409, "refused", None);
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("plain dm-crypt"),
+        "{out}"
+    );
+    assert_eq!(p.record_key(), "pass");
 }

@@ -41,6 +41,7 @@ pub fn remote(cmd: &VolumeCommand) -> Option<Result<(), Error>> {
         VolumeCommand::Attach(a) => a.opts.socket.as_deref(),
         VolumeCommand::Detach(a) => a.opts.socket.as_deref(),
         VolumeCommand::Extend(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Rekey(a) => a.opts.socket.as_deref(),
         VolumeCommand::Status(a) => a.opts.socket.as_deref(),
         VolumeCommand::Reconcile(a) => a.opts.socket.as_deref(),
         VolumeCommand::Verify(a) => a.opts.socket.as_deref(),
@@ -75,6 +76,15 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
             &format!("/v1/attachments/{}/extend", percent_encode(&a.volume_id)),
             None,
         )?,
+        VolumeCommand::Rekey(a) => {
+            let body = serde_json::json!({ "new_key_id": a.new_key_id }).to_string();
+            client::call(
+                socket,
+                "POST",
+                &format!("/v1/attachments/{}/rekey", percent_encode(&a.volume_id)),
+                Some(body.into_bytes()),
+            )?
+        }
         VolumeCommand::Status(_) => client::call(socket, "GET", "/v1/attachments", None)?,
         VolumeCommand::Verify(a) => {
             let body = crate::volume::verify::Request {

@@ -1,4 +1,5 @@
-//! `volcrypt attach | detach | extend | status | verify`: the attach engine from the command line.
+//! `volcrypt attach | detach | extend | rekey | status | verify`: the attach engine from the
+//! command line.
 //!
 //! attach/detach/extend print their outcome as one JSON object on stdout (what the RPC will
 //! return too); status prints a table, or JSON with `--json`. Nothing printed ever holds keys.
@@ -62,6 +63,16 @@ pub struct DetachArgs {
 #[derive(Debug, Args)]
 pub struct ExtendArgs {
     pub volume_id: String,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    pub volume_id: String,
+    /// The key manager id of the new secret (the same passphrase rule as attach applies).
+    #[arg(long, value_name = "ID")]
+    pub new_key_id: String,
     #[command(flatten)]
     pub opts: VolumeOpts,
 }
@@ -220,6 +231,14 @@ pub fn extend(args: ExtendArgs) -> Result<(), Error> {
     let keys = key_manager(&config)?;
     let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::extend(&ctx, &args.volume_id)?;
+    print_json(&outcome)
+}
+
+pub fn rekey(args: RekeyArgs) -> Result<(), Error> {
+    let (config, volume) = load_config(&args.opts)?;
+    let keys = key_manager(&config)?;
+    let ctx = Context::new(keys.as_ref(), volume);
+    let outcome = volume::rekey(&ctx, &args.volume_id, &args.new_key_id)?;
     print_json(&outcome)
 }
 
@@ -416,6 +435,7 @@ pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
         VolumeCommand::Attach(a) => attach(a),
         VolumeCommand::Detach(a) => detach(a),
         VolumeCommand::Extend(a) => extend(a),
+        VolumeCommand::Rekey(a) => rekey(a),
         VolumeCommand::Status(a) => status(a),
         VolumeCommand::Reconcile(a) => reconcile(a),
         VolumeCommand::Verify(a) => verify(a),
@@ -431,6 +451,11 @@ pub enum VolumeCommand {
     Detach(DetachArgs),
     /// Grow a volume's mapping after its backing device grew.
     Extend(ExtendArgs),
+    /// Give a LUKS volume a new key from the key manager, as Cinder does for a volume created
+    /// from an image (luksChangeKey): adds a keyslot for the new key, checks it, journals the
+    /// new key, removes the old key's keyslot. Online; a crash at any step leaves a volume the
+    /// journaled key opens, and the same command again finishes it. Plain volumes are refused.
+    Rekey(RekeyArgs),
     /// Show the volumes volcrypt manages (never key material).
     Status(StatusArgs),
     /// Bring the journal and the kernel back in line after a crash or reboot, as the agent does

@@ -147,6 +147,7 @@ impl From<&volume::Error> for ApiError {
             E::State { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "state_error"),
             E::NotManaged { .. } => (StatusCode::NOT_FOUND, "unknown_volume"),
             E::NotEncrypted { .. } => (StatusCode::CONFLICT, "not_encrypted"),
+            E::Refused { .. } => (StatusCode::CONFLICT, "refused"),
             E::ReconcileFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "reconcile_failed"),
         };
         let field = e.field().map(str::to_owned);

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::app::{App, Held, attach_resolved, engine_err, request_timeout, run_engine, take_kdf};
@@ -58,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/attachments/{volume_id}"),
     ("POST", "/v1/attachments/{volume_id}/extend"),
     ("POST", "/v1/attachments/{volume_id}/verify"),
+    ("POST", "/v1/attachments/{volume_id}/rekey"),
 ];
 
 /// Serve one request from an allowed peer: a span with the peer and the volume (and, once the
@@ -174,8 +175,15 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
                 verify(app, id, req.into_body(), declared).await,
             )
         }
+        (["v1", "attachments", id, "rekey"], &Method::POST) => {
+            let declared = header_len(&req_len(&req));
+            (
+                "/v1/attachments/{volume_id}/rekey",
+                rekey(app, id, req.into_body(), declared).await,
+            )
+        }
         (["v1", "health"] | ["metrics"] | ["v1", "attachments"], _)
-        | (["v1", "attachments", _, "verify"], _)
+        | (["v1", "attachments", _, "verify" | "rekey"], _)
         | (["v1", "attachments", _], _)
         | (["v1", "attachments", _, "extend"], _) => (
             "method_not_allowed",
@@ -473,6 +481,40 @@ async fn verify(
     })
     .await?;
     Ok(json_response(StatusCode::OK, &report))
+}
+
+/// The body of `POST /v1/attachments/{volume_id}/rekey`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RekeyRequest {
+    new_key_id: String,
+}
+
+/// Rekey a volume (`volume::rekey`): admitted like extend (it unlocks keyslots), under the
+/// volume's lock; the mapping stays active.
+async fn rekey(
+    app: &Arc<App>,
+    id: &str,
+    body: Incoming,
+    declared: Option<u64>,
+) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let body = read_body(app, body, declared).await?;
+    let req: RekeyRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("rekey request (expected {{\"new_key_id\": \"...\"}}): {e}"),
+        )
+    })?;
+    let held = admit_unlock(app, id).await?;
+    let id2 = id.to_owned();
+    let outcome = run_engine(app, "rekey", held, move |ctx| {
+        volume::rekey(ctx, &id2, &req.new_key_id).map_err(engine_err)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &outcome))
 }
 
 #[derive(Serialize)]

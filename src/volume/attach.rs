@@ -576,6 +576,10 @@ fn new_record(
         phase: Phase::Attaching,
         format_uuid: format_uuid.map(|u| u.to_string()),
         request: Some(v.request().clone()),
+        // A rekey interrupted before it removed the old keyslot stays to be finished.
+        rekey: prior
+            .filter(|p| p.backing_devno == target.devno && p.key_id == plan.key_id)
+            .and_then(|p| p.rekey.clone()),
     };
     Ok((record, format_uuid))
 }
@@ -746,6 +750,7 @@ fn finish_existing(
             phase: Phase::Attached,
             format_uuid: None,
             request: Some(v.request().clone()),
+            rekey: None,
         },
     };
     record.stable_link = Some(stable);

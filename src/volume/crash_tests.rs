@@ -16,6 +16,8 @@ use crate::request::AttachRequest;
 use crate::secret::{SecretBytes, SecretType};
 
 const PASSPHRASE: &[u8] = b"correct horse";
+/// The secret of key `k2`, what a rekey moves volumes to.
+const NEW_PASSPHRASE: &[u8] = b"battery staple";
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -34,6 +36,11 @@ impl Fixture {
             SecretBytes::new(PASSPHRASE.to_vec()),
         );
         ks.put("k", &secret).unwrap();
+        let new = Secret::new(
+            SecretType::Passphrase,
+            SecretBytes::new(NEW_PASSPHRASE.to_vec()),
+        );
+        ks.put("k2", &new).unwrap();
         let sim = Arc::new(Sim::new());
         for (i, v) in ["a", "b", "c", "d"].iter().enumerate() {
             sim.add_device(&format!("/dev/sim/{v}"), i as u32 + 1, content.clone());
@@ -76,6 +83,19 @@ impl Fixture {
         detach(&self.ctx(), &format!("vol-{v}"), None)
     }
 
+    fn rekey(&self, v: &str) -> Result<super::RekeyOutcome, super::Error> {
+        super::rekey(&self.ctx(), &format!("vol-{v}"), "k2")
+    }
+
+    /// The keyslots of volume `v`'s header that `passphrase` opens.
+    fn opens(&self, v: &str, passphrase: &[u8]) -> bool {
+        let s = self.sim.state();
+        s.devices[Path::new(&format!("/dev/sim/{v}"))]
+            .content
+            .keyslot_for(passphrase)
+            .is_some()
+    }
+
     fn reconcile(&self) -> reconcile::Report {
         reconcile(&self.ctx().keyless(), Ok(self.keys.clone()))
     }
@@ -104,7 +124,7 @@ impl Fixture {
 
     fn uuid(&self, v: &str) -> Option<(String, bool)> {
         match &self.sim.state().devices[Path::new(&format!("/dev/sim/{v}"))].content {
-            Content::Luks { uuid, passphrase } => Some((uuid.clone(), passphrase.is_some())),
+            Content::Luks { uuid, slots } => Some((uuid.clone(), !slots.is_empty())),
             _ => None,
         }
     }
@@ -213,10 +233,7 @@ fn first_attach_survives_a_crash_at_every_step() {
 /// The same for an existing volume: its header is never touched whatever the crash point.
 #[test]
 fn attach_of_an_existing_volume_survives_a_crash_at_every_step() {
-    let existing = Content::Luks {
-        uuid: "3f1c4a9e-0000-4000-8000-000000000001".into(),
-        passphrase: Some(PASSPHRASE.to_vec()),
-    };
+    let existing = Content::luks("3f1c4a9e-0000-4000-8000-000000000001", PASSPHRASE);
     let start = || Fixture::new(existing.clone());
     let n = Fixture::steps_of(start, |fx| {
         assert_eq!(fx.attach("a").unwrap().how, How::Opened);
@@ -332,10 +349,7 @@ fn failures_after_the_format_of_a_first_attach_are_rolled_back() {
 /// attach's own fresh header.
 #[test]
 fn failures_attaching_an_existing_volume_leave_its_header() {
-    let existing = Content::Luks {
-        uuid: "3f1c4a9e-0000-4000-8000-000000000002".into(),
-        passphrase: Some(PASSPHRASE.to_vec()),
-    };
+    let existing = Content::luks("3f1c4a9e-0000-4000-8000-000000000002", PASSPHRASE);
     for step in ["activate: load table", "set link"] {
         let fx = Fixture::new(existing.clone());
         fx.sim.fail_step(Some(step));
@@ -468,4 +482,109 @@ fn a_weak_but_real_cipher_opens_with_a_warning_for_the_client() {
             .is_none()
     );
     fx.check_attached("a", "weak");
+}
+
+/// Rekey (add the new key's keyslot, journal the new key, remove the old keyslot, journal the
+/// end): a crash before any step leaves a volume that the key its record names opens and the
+/// same header (volume key) as before; a restart re-activates it with that key; the same rekey
+/// again finishes it, after which only the new key opens it and the record and the request it
+/// re-attaches with both name the new key.
+#[test]
+fn rekey_survives_a_crash_at_every_step() {
+    let start = || {
+        let fx = Fixture::new(Content::Blank);
+        fx.attach("a").unwrap();
+        fx
+    };
+    let steps = Fixture::steps_of(start, |fx| {
+        let out = fx.rekey("a").unwrap();
+        assert_eq!((out.keyslot, out.removed_keyslot), (1, Some(0)));
+    });
+    for s in ["add keyslot", "remove keyslot"] {
+        assert!(steps.contains(&s), "{s} missing from {steps:?}");
+    }
+    let passphrase_of = |id: &str| {
+        if id == "k2" {
+            NEW_PASSPHRASE
+        } else {
+            PASSPHRASE
+        }
+    };
+    let n = steps.len();
+    for k in 1..=n {
+        let fx = start();
+        let why = format!("crash before step {k} of {n} ({})", steps[k - 1]);
+        let uuid = fx.uuid("a");
+        assert!(fx.crash(k, || fx.rekey("a")), "{why}: did not crash");
+        let record = fx.ctx().journal().get("vol-a").unwrap().unwrap();
+        assert!(
+            fx.opens("a", passphrase_of(&record.key_id)),
+            "{why}: the journaled key {} does not open the volume",
+            record.key_id
+        );
+        assert_eq!(fx.uuid("a"), uuid, "{why}: header changed");
+
+        // A reboot: the mapping is gone; the restart re-activates with the journaled key.
+        fx.sim.with_state(|s| s.maps.clear());
+        let report = fx.reconcile();
+        assert!(report.failed.is_empty(), "{why}: {report:?}");
+        fx.check_attached("a", &why);
+
+        let out = fx
+            .rekey("a")
+            .unwrap_or_else(|e| panic!("{why}: retry: {e}"));
+        assert_eq!(out.key_id, "k2", "{why}");
+        assert!(fx.opens("a", NEW_PASSPHRASE), "{why}");
+        assert!(!fx.opens("a", PASSPHRASE), "{why}: the old key still opens");
+        let record = fx.ctx().journal().get("vol-a").unwrap().unwrap();
+        assert_eq!(record.key_id, "k2", "{why}");
+        assert_eq!(record.rekey, None, "{why}");
+        let request_key = record
+            .request
+            .and_then(|r| r.encryption)
+            .and_then(|e| e.encryption_key_id);
+        assert_eq!(request_key.as_deref(), Some("k2"), "{why}");
+        // Done: the same rekey again changes nothing and says so.
+        let again = fx.rekey("a").unwrap_err().to_string();
+        assert!(
+            again.contains("already opens with key k2"),
+            "{why}: {again}"
+        );
+    }
+}
+
+/// An unfinished rekey refuses another new key (naming how to finish it), and plain volumes
+/// are refused before anything changes.
+#[test]
+fn rekey_refuses_a_second_new_key_and_plain_volumes() {
+    let fx = Fixture::new(Content::Blank);
+    fx.attach("a").unwrap();
+    let steps = Fixture::steps_of(
+        || {
+            let fx = Fixture::new(Content::Blank);
+            fx.attach("a").unwrap();
+            fx
+        },
+        |fx| drop(fx.rekey("a").unwrap()),
+    );
+    let removal = steps.iter().position(|s| *s == "remove keyslot").unwrap() + 1;
+    assert!(fx.crash(removal, || fx.rekey("a")));
+    let err = super::rekey(&fx.ctx(), "vol-a", "k")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unfinished") && err.contains("--new-key-id k2"),
+        "{err}"
+    );
+
+    let json = r#"{"volume_id":"vol-b","device_path":"/dev/disk/by-path/b","encryption":{"provider":"plain","control_location":"front-end","encryption_key_id":"k"}}"#;
+    attach(
+        &fx.ctx(),
+        &AttachRequest::from_json(json.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let before = fx.sim.state();
+    let err = fx.rekey("b").unwrap_err().to_string();
+    assert!(err.contains("plain dm-crypt"), "{err}");
+    assert_eq!(fx.sim.state(), before);
 }

@@ -603,6 +603,74 @@ pub fn luks_uuid_and_keyslots(device: &Path) -> Result<Option<(String, bool)>, E
     Ok(Some((uuid.to_string(), in_use)))
 }
 
+/// The LUKS header on `device`, loaded; an error naming the device when it has none.
+fn load_luks_or_err(device: &Path, op: &'static str) -> Result<CryptDevice, Error> {
+    load_luks(device, &mut AttachTimings::default())?.ok_or_else(|| Error::Crypt {
+        op,
+        target: device.display().to_string(),
+        detail: "no LUKS header on the device".into(),
+        kind: Kind::WrongDevice,
+    })
+}
+
+/// The keyslot `passphrase` opens on `device`, `None` when it opens none: libcryptsetup's
+/// check without activation (`cryptsetup open --test-passphrase`), one keyslot KDF per slot
+/// it tries.
+pub fn keyslot_for(device: &Path, passphrase: &[u8]) -> Result<Option<u32>, Error> {
+    let mut cd = load_luks_or_err(device, "test passphrase")?;
+    match cd.activate_handle().activate_by_passphrase(
+        None,
+        None,
+        passphrase,
+        CryptActivate::empty(),
+    ) {
+        Ok(slot) => Ok(Some(slot)),
+        Err(e) if errno_of(&e) == Some(errno::EPERM) => Ok(None),
+        Err(e) => Err(crypt_err("test passphrase", device, &e)),
+    }
+}
+
+/// Whether keyslot `slot` of the LUKS header on `device` holds a key.
+pub fn keyslot_in_use(device: &Path, slot: u32) -> Result<bool, Error> {
+    let mut cd = load_luks_or_err(device, "read LUKS keyslot")?;
+    let status = cd
+        .keyslot_handle()
+        .status(slot)
+        .map_err(|e| crypt_err("read LUKS keyslot", device, &e))?;
+    Ok(matches!(
+        status,
+        KeyslotInfo::Active | KeyslotInfo::ActiveLast
+    ))
+}
+
+/// Add a keyslot for `new` to the LUKS header on `device`, unlocking the volume key with
+/// `existing` (`cryptsetup luksAddKey`); `pbkdf` as a format would use it. Returns the slot.
+pub fn add_keyslot(
+    device: &Path,
+    existing: &[u8],
+    new: &[u8],
+    pbkdf: Option<&PbkdfConfig>,
+) -> Result<u32, Error> {
+    let mut cd = load_luks_or_err(device, "add keyslot")?;
+    if let Some(p) = pbkdf {
+        let luks1 = matches!(cd.format_handle().get_type(), Ok(EncryptionFormat::Luks1));
+        cd.settings_handle()
+            .set_pbkdf_type(&pbkdf_type(p, luks1))
+            .map_err(|e| crypt_err("set PBKDF", device, &e))?;
+    }
+    cd.keyslot_handle()
+        .add_by_passphrase(None, existing, new)
+        .map_err(|e| crypt_err("add keyslot", device, &e))
+}
+
+/// Remove keyslot `slot` from the LUKS header on `device` (`cryptsetup luksKillSlot`).
+pub fn destroy_keyslot(device: &Path, slot: u32) -> Result<(), Error> {
+    let mut cd = load_luks_or_err(device, "remove keyslot")?;
+    cd.keyslot_handle()
+        .destroy(slot)
+        .map_err(|e| crypt_err("remove keyslot", device, &e))
+}
+
 /// Open `device` in plain mode: the passphrase is hashed (ripemd160) into the key by
 /// libcryptsetup, exactly like `cryptsetup create --key-file=-`.
 pub fn open_plain(

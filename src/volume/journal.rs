@@ -109,6 +109,18 @@ pub struct Record {
     /// can attach it again after a crash or reboot. Absent in records of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<AttachRequest>,
+    /// A rekey that switched `key_id` but has not yet removed the old key's keyslot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey: Option<PendingRekey>,
+}
+
+/// What a rekey still has to do once the record names the new key: remove `old_keyslot`,
+/// which `old_key_id` opened, keeping `new_keyslot`, which the new key opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRekey {
+    pub old_key_id: String,
+    pub old_keyslot: u32,
+    pub new_keyslot: u32,
 }
 
 impl Record {
@@ -205,6 +217,11 @@ impl Journal {
     pub fn detached(&self, volume_id: &str) -> Result<(), Error> {
         self.step("journal: remove record");
         remove(&self.dir, volume_id)
+    }
+
+    /// A rekey changed which key the record names, or finished (phase unchanged).
+    pub fn rekeyed(&self, record: &Record) -> Result<(), Error> {
+        self.write(record)
     }
 
     /// The backing device went away and the unused mapping was torn down: still desired.
@@ -517,6 +534,7 @@ mod tests {
             phase: Phase::Attached,
             format_uuid: None,
             request: None,
+            rekey: None,
         }
     }
 

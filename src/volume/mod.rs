@@ -47,6 +47,7 @@ pub mod kcapi;
 pub mod links;
 pub mod probe;
 pub mod reconcile;
+pub mod rekey;
 pub mod status;
 pub mod system;
 pub mod timing;
@@ -61,6 +62,7 @@ pub use attach::{AttachOutcome, How, LinkChange, Prepared, attach, attach_prepar
 pub use detach::{DetachOutcome, detach};
 pub use journal::Journal;
 pub use reconcile::{Report, run as reconcile};
+pub use rekey::{RekeyOutcome, rekey};
 pub use status::{ExtendOutcome, VolumeStatus, extend, status};
 pub use system::{HOST, Host, System};
 
@@ -272,6 +274,9 @@ pub enum Error {
         "reconcile: {failed} attachment(s) could not be repaired (records kept; see the report)"
     )]
     ReconcileFailed { failed: usize },
+    /// An operation that cannot apply to this volume as it is (the reason says why).
+    #[error("{detail}")]
+    Refused { detail: String },
     #[error("volume {volume_id} is attached without dm-crypt ({reason}); there is nothing to {op}")]
     NotEncrypted {
         volume_id: String,
@@ -297,7 +302,7 @@ impl Error {
             Error::Crypt { kind, .. } => *kind,
             Error::Dm { .. } | Error::Io { .. } | Error::State { .. } => Kind::Invalid,
             Error::NotManaged { .. } => Kind::WrongDevice,
-            Error::NotEncrypted { .. } => Kind::Invalid,
+            Error::NotEncrypted { .. } | Error::Refused { .. } => Kind::Invalid,
             Error::ReconcileFailed { .. } => Kind::Invalid,
         }
     }
@@ -368,7 +373,9 @@ impl PerfFlags {
 /// mapping yet), `formatted` (first attach: LUKS header written, no keyslot yet), `opened`
 /// (mapping open, no links), `linked` (links set, record still `attaching`), `detaching` (record
 /// `detaching` written, mapping still open), `closed` (mapping closed, links and record still
-/// there).
+/// there); rekey: `rekey-added` (new keyslot added, record names the old key), `rekey-journaled`
+/// (record names the new key, old keyslot still there), `rekey-removed` (old keyslot removed,
+/// record still marks the rekey pending).
 #[cfg(feature = "test-hooks")]
 pub(crate) fn test_pause(point: &str) {
     if std::env::var_os("VOLCRYPT_TEST_PAUSE_AT").is_some_and(|v| v == point) {

@@ -33,11 +33,33 @@ pub enum Content {
     Blank,
     /// Something libblkid would recognise.
     Signature(&'static str),
-    /// A LUKS header; `passphrase`: its one keyslot, `None` before the keyslot is written.
+    /// A LUKS header and the passphrase of each keyslot in use (none before a format's first
+    /// keyslot is written).
     Luks {
         uuid: String,
-        passphrase: Option<Vec<u8>>,
+        slots: BTreeMap<u32, Vec<u8>>,
     },
+}
+
+impl Content {
+    /// A LUKS header whose keyslot 0 `passphrase` opens.
+    pub fn luks(uuid: &str, passphrase: &[u8]) -> Content {
+        Content::Luks {
+            uuid: uuid.into(),
+            slots: BTreeMap::from([(0, passphrase.to_vec())]),
+        }
+    }
+
+    /// The keyslot `passphrase` opens, if this is a LUKS header.
+    pub fn keyslot_for(&self, passphrase: &[u8]) -> Option<u32> {
+        match self {
+            Content::Luks { slots, .. } => slots
+                .iter()
+                .find(|(_, p)| p.as_slice() == passphrase)
+                .map(|(n, _)| *n),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -354,7 +376,7 @@ impl System for Sim {
 
     fn luks_uuid_and_keyslots(&self, device: &Path) -> Result<Option<(String, bool)>, Error> {
         Ok(match self.device(device).map(|d| d.content) {
-            Some(Content::Luks { uuid, passphrase }) => Some((uuid, passphrase.is_some())),
+            Some(Content::Luks { uuid, slots }) => Some((uuid, !slots.is_empty())),
             _ => None,
         })
     }
@@ -367,29 +389,22 @@ impl System for Sim {
         _how: Unlock,
         _t: &mut AttachTimings,
     ) -> Result<bool, Error> {
-        let Some(Content::Luks {
-            uuid,
-            passphrase: slot,
-        }) = self.device(device).map(|d| d.content)
-        else {
+        let Some(Content::Luks { uuid, slots }) = self.device(device).map(|d| d.content) else {
             return Ok(false);
         };
-        match slot {
-            Some(p) if p == passphrase => {}
-            Some(_) => {
-                return Err(Error::WrongKey {
-                    key_id: to.key_id.to_owned(),
-                    device: device.to_owned(),
-                });
-            }
-            None => {
-                return Err(Error::Crypt {
-                    op: "activate",
-                    target: device.display().to_string(),
-                    detail: "the LUKS header has no usable keyslot".into(),
-                    kind: crate::kind::Kind::WrongDevice,
-                });
-            }
+        if slots.is_empty() {
+            return Err(Error::Crypt {
+                op: "activate",
+                target: device.display().to_string(),
+                detail: "the LUKS header has no usable keyslot".into(),
+                kind: crate::kind::Kind::WrongDevice,
+            });
+        }
+        if !slots.values().any(|p| p == passphrase) {
+            return Err(Error::WrongKey {
+                key_id: to.key_id.to_owned(),
+                device: device.to_owned(),
+            });
         }
         let hex = uuid.replace('-', "");
         self.activate(device, to, format!("CRYPT-LUKS2-{hex}-{}", to.name))?;
@@ -417,16 +432,12 @@ impl System for Sim {
     ) -> Result<(), Error> {
         self.enter("format: header")?;
         self.with_device(device, |d| {
-            if let Content::Luks {
-                passphrase: Some(_),
-                ..
-            } = d.content
-            {
+            if matches!(&d.content, Content::Luks { slots, .. } if !slots.is_empty()) {
                 return Err(());
             }
             d.content = Content::Luks {
                 uuid: h.uuid.to_string(),
-                passphrase: None,
+                slots: BTreeMap::new(),
             };
             Ok(())
         })
@@ -436,8 +447,8 @@ impl System for Sim {
         })?;
         self.enter("format: keyslot")?;
         let _ = self.with_device(device, |d| {
-            if let Content::Luks { passphrase: p, .. } = &mut d.content {
-                *p = Some(passphrase.to_vec());
+            if let Content::Luks { slots, .. } = &mut d.content {
+                slots.insert(0, passphrase.to_vec());
             }
             Ok(())
         });
@@ -454,6 +465,53 @@ impl System for Sim {
                 _ => Err(()),
             })
             .is_ok())
+    }
+    fn keyslot_for(&self, device: &Path, passphrase: &[u8]) -> Result<Option<u32>, Error> {
+        Ok(self
+            .device(device)
+            .and_then(|d| d.content.keyslot_for(passphrase)))
+    }
+    fn keyslot_in_use(&self, device: &Path, slot: u32) -> Result<bool, Error> {
+        Ok(matches!(
+            self.device(device).map(|d| d.content),
+            Some(Content::Luks { slots, .. }) if slots.contains_key(&slot)
+        ))
+    }
+    fn add_keyslot(
+        &self,
+        device: &Path,
+        existing: &[u8],
+        new: &[u8],
+        _pbkdf: Option<&super::PbkdfConfig>,
+    ) -> Result<u32, Error> {
+        let wrong = || Error::WrongKey {
+            key_id: "(existing)".into(),
+            device: device.to_owned(),
+        };
+        self.device(device)
+            .and_then(|d| d.content.keyslot_for(existing))
+            .ok_or_else(wrong)?;
+        self.enter("add keyslot")?;
+        let mut added = None;
+        let _ = self.with_device(device, |d| {
+            if let Content::Luks { slots, .. } = &mut d.content {
+                let n = (0..).find(|n| !slots.contains_key(n)).unwrap_or(0);
+                slots.insert(n, new.to_vec());
+                added = Some(n);
+            }
+            Ok(())
+        });
+        added.ok_or_else(wrong)
+    }
+    fn destroy_keyslot(&self, device: &Path, slot: u32) -> Result<(), Error> {
+        self.enter("remove keyslot")?;
+        let _ = self.with_device(device, |d| {
+            if let Content::Luks { slots, .. } = &mut d.content {
+                slots.remove(&slot);
+            }
+            Ok(())
+        });
+        Ok(())
     }
     fn close(&self, name: &str) -> Result<Closed, Error> {
         self.enter("close")?;

@@ -18,7 +18,7 @@ use super::header::{self, DeviceHeader};
 use super::kcapi;
 use super::probe::{self, Expect, Probe};
 use super::timing::AttachTimings;
-use super::{Error, links};
+use super::{Error, PbkdfConfig, links};
 use crate::request::Selector;
 
 /// The host as the engine sees it. Queries first, then the steps that change something.
@@ -81,6 +81,18 @@ pub trait System: Send + Sync {
     -> Result<(), Error>;
     /// Wipe the LUKS header on `device` if its UUID is `uuid`; returns whether it did.
     fn wipe_own_header(&self, device: &Path, uuid: &str) -> Result<bool, Error>;
+    /// The keyslot `passphrase` opens on `device`; `None`: it opens none.
+    fn keyslot_for(&self, device: &Path, passphrase: &[u8]) -> Result<Option<u32>, Error>;
+    fn keyslot_in_use(&self, device: &Path, slot: u32) -> Result<bool, Error>;
+    /// Add a keyslot for `new`, unlocking the volume key with `existing`; returns its number.
+    fn add_keyslot(
+        &self,
+        device: &Path,
+        existing: &[u8],
+        new: &[u8],
+        pbkdf: Option<&PbkdfConfig>,
+    ) -> Result<u32, Error>;
+    fn destroy_keyslot(&self, device: &Path, slot: u32) -> Result<(), Error>;
     fn close(&self, name: &str) -> Result<Closed, Error>;
     fn resize(&self, name: &str, passphrase: &[u8], key_id: &str) -> Result<(), Error>;
     fn active_info(&self, name: &str) -> Result<Option<ActiveInfo>, Error>;
@@ -199,6 +211,24 @@ impl System for Host {
     }
     fn wipe_own_header(&self, device: &Path, uuid: &str) -> Result<bool, Error> {
         crypt::wipe_own_header(device, uuid)
+    }
+    fn keyslot_for(&self, device: &Path, passphrase: &[u8]) -> Result<Option<u32>, Error> {
+        crypt::keyslot_for(device, passphrase)
+    }
+    fn keyslot_in_use(&self, device: &Path, slot: u32) -> Result<bool, Error> {
+        crypt::keyslot_in_use(device, slot)
+    }
+    fn add_keyslot(
+        &self,
+        device: &Path,
+        existing: &[u8],
+        new: &[u8],
+        pbkdf: Option<&PbkdfConfig>,
+    ) -> Result<u32, Error> {
+        crypt::add_keyslot(device, existing, new, pbkdf)
+    }
+    fn destroy_keyslot(&self, device: &Path, slot: u32) -> Result<(), Error> {
+        crypt::destroy_keyslot(device, slot)
     }
     fn close(&self, name: &str) -> Result<Closed, Error> {
         crypt::close(name)
