@@ -1,0 +1,209 @@
+//! Volumes created from encrypted images, as Cinder does it: a raw LUKS image (made by
+//! `volcrypt image encrypt` as LUKS1 and LUKS2, and by `qemu-img convert -O luks`) is written
+//! onto a block device, the agent attaches it with the image's secret (a `passphrase` secret
+//! used verbatim, a `symmetric` one hexlified), the plaintext reads back, and a rekey then gives
+//! the volume its own key (the image's key no longer opens it; the volume's does, after a
+//! detach and attach too).
+//!
+//! Needs root and dm-crypt: natively every test is reported *ignored*; the VM stage runs them
+//! (`tests/vm/attach-suite.sh image_`), and there a missing prerequisite fails.
+#![cfg(feature = "system")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::agent::Agent;
+use common::{check, hex, need, qemu_img, random_bytes, sh};
+use volcrypt::keys::{Keystore, Secret};
+use volcrypt::secret::{SecretBytes, SecretType};
+
+const FAST_KDF: &str = "[volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n";
+const PLAIN_LEN: usize = 4 << 20;
+
+/// A loop device over a file, detached at the end.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn over(file: &Path) -> Loop {
+        Loop(PathBuf::from(sh(&format!(
+            "losetup --find --show {}",
+            file.display()
+        ))))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// Make the encrypted image of `plain` at `out` with `maker`, whose LUKS passphrase is
+/// `passphrase` (what the image's secret derives to).
+fn make_image(maker: &str, plain: &Path, out: &Path, passphrase: &[u8], dir: &Path) {
+    let pass_file = dir.join("image.pass");
+    std::fs::write(&pass_file, passphrase).unwrap();
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"];
+    match maker {
+        "volcrypt-luks1" | "volcrypt-luks2" => {
+            let kind = &maker["volcrypt-".len()..];
+            check(
+                Command::new(common::VOLCRYPT)
+                    .args(["image", "encrypt", "--type", kind])
+                    .args(fast)
+                    .arg("--key-file")
+                    .arg(&pass_file)
+                    .arg("--output")
+                    .arg(out)
+                    .arg(plain),
+            );
+        }
+        "qemu-img" => {
+            common::check_qemu_img_luks(
+                Command::new(qemu_img())
+                    .args(["convert", "-f", "raw", "-O", "luks"])
+                    .arg("--object")
+                    .arg(format!("secret,id=sec0,file={}", pass_file.display()))
+                    .args(["-o", "key-secret=sec0,iter-time=10"])
+                    .arg(plain)
+                    .arg(out),
+            );
+        }
+        other => panic!("unknown image maker {other}"),
+    }
+}
+
+/// Images of each maker, opened with each secret type, read back, then rekeyed to the volume's
+/// own key.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn image_volumes_open_with_the_image_secret_and_rekey_to_their_own() {
+    need::require_dm_crypt();
+    let agent = Agent::start_with("", FAST_KDF);
+    let dir = agent.dir.path();
+    let ks = Keystore::create(dir.join("keys")).unwrap();
+    let volume_key = [0x3cu8; 32];
+    ks.put(
+        "volume-key",
+        &Secret::new(SecretType::Symmetric, SecretBytes::new(volume_key.to_vec())),
+    )
+    .unwrap();
+    let plain_path = dir.join("plain.raw");
+    let plain = random_bytes(PLAIN_LEN, 0x1a9e);
+    std::fs::write(&plain_path, &plain).unwrap();
+
+    let secrets: [(SecretType, Vec<u8>); 2] = [
+        // Nova-style passphrase text, trailing newline and all: used byte for byte.
+        (
+            SecretType::Passphrase,
+            b"image passphrase \xc3\xa9\n".to_vec(),
+        ),
+        (SecretType::Symmetric, (0u8..32).collect()),
+    ];
+    for maker in ["volcrypt-luks1", "volcrypt-luks2", "qemu-img"] {
+        for (n, (kind, payload)) in secrets.iter().enumerate() {
+            let what = format!("{maker}/{kind:?}");
+            let key_id = format!("image-key-{maker}-{n}");
+            ks.put(
+                &key_id,
+                &Secret::new(kind.clone(), SecretBytes::new(payload.clone())),
+            )
+            .unwrap();
+            let passphrase = match kind {
+                SecretType::Passphrase => payload.clone(),
+                _ => hex(payload).into_bytes(),
+            };
+            let image = dir.join(format!("{maker}-{n}.img"));
+            make_image(maker, &plain_path, &image, &passphrase, dir);
+
+            // Cinder's copy of the image onto the new volume.
+            let disk = dir.join(format!("{maker}-{n}.disk"));
+            let image_len = std::fs::metadata(&image).unwrap().len();
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(image_len + (1 << 20))
+                .unwrap();
+            sh(&format!(
+                "dd if={} of={} bs=1M conv=notrunc status=none",
+                image.display(),
+                disk.display()
+            ));
+            let lo = Loop::over(&disk);
+            let id = format!("img-{n}-{maker}");
+            let body = |key: &str| {
+                format!(
+                    r#"{{"volume_id": "{id}", "device_path": "{}",
+                        "encryption": {{"provider": "luks", "control_location": "front-end",
+                                        "encryption_key_id": "{key}"}}}}"#,
+                    lo.0.display()
+                )
+            };
+            let attach = |key: &str| {
+                agent.checked(
+                    "POST",
+                    "/v1/attachments",
+                    "/v1/attachments",
+                    Some(body(key).as_bytes()),
+                )
+            };
+            let (s, v) = attach(&key_id);
+            assert_eq!(s, 201, "{what}: {v}");
+            assert_eq!(
+                v["formatted"], false,
+                "{what}: an image volume was formatted: {v}"
+            );
+            let mapper = PathBuf::from(v["device"].as_str().unwrap());
+            let read_back = std::fs::read(&mapper).unwrap();
+            assert!(
+                read_back.len() >= PLAIN_LEN && read_back[..PLAIN_LEN] == plain[..],
+                "{what}: the volume does not hold the image's plaintext"
+            );
+
+            let path = format!("/v1/attachments/{id}/rekey");
+            let (s, v) = agent.checked(
+                "POST",
+                "/v1/attachments/{volume_id}/rekey",
+                &path,
+                Some(br#"{"new_key_id": "volume-key"}"#),
+            );
+            assert_eq!(s, 200, "{what}: {v}");
+            assert_eq!(v["previous_key_id"], key_id.as_str(), "{what}: {v}");
+            let opens = |pass: &[u8]| {
+                common::sh_in(
+                    &format!(
+                        "cryptsetup open --test-passphrase --key-file=- {}",
+                        lo.0.display()
+                    ),
+                    pass,
+                )
+                .status
+                .success()
+            };
+            assert!(
+                !opens(&passphrase),
+                "{what}: the image key still opens the volume"
+            );
+            assert!(
+                opens(hex(&volume_key).as_bytes()),
+                "{what}: the volume key does not open it"
+            );
+
+            let path = format!("/v1/attachments/{id}");
+            let (s, v) = agent.checked("DELETE", "/v1/attachments/{volume_id}", &path, None);
+            assert_eq!(s, 200, "{what}: {v}");
+            let (s, v) = attach("volume-key");
+            assert_eq!(s, 201, "{what}: {v}");
+            assert_eq!(v["formatted"], false, "{what}: {v}");
+            let read_back = std::fs::read(&mapper).unwrap();
+            assert!(
+                read_back[..PLAIN_LEN] == plain[..],
+                "{what}: after the rekey"
+            );
+            let (s, v) = agent.checked("DELETE", "/v1/attachments/{volume_id}", &path, None);
+            assert_eq!(s, 200, "{what}: {v}");
+            std::fs::remove_file(&image).unwrap();
+        }
+    }
+}
