@@ -207,3 +207,62 @@ fn image_volumes_open_with_the_image_secret_and_rekey_to_their_own() {
         }
     }
 }
+
+/// With `register_consumers = true`, the agent registers this host as a consumer of a
+/// volume's Barbican secret while the volume is attached, moves it to the new secret on a
+/// rekey, and removes it on detach.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn barbican_consumers_follow_the_attachment() {
+    need::require_dm_crypt();
+    let url = common::barbican::require_url();
+    let km = common::barbican::key_manager_toml(&url)
+        .replace("retries = 1\n", "retries = 1\nregister_consumers = true\n");
+    let agent = Agent::start_with("", &format!("{FAST_KDF}{km}"));
+    let first = common::barbican::create_secret(&url, "symmetric", &[0x11; 32]);
+    let second = common::barbican::create_secret(&url, "passphrase", b"second secret");
+    let disk = agent.dir.path().join("consumer.disk");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let lo = Loop::over(&disk);
+    let id = "6f1d2c0a-3b4e-4c5d-8e9f-consumer0001";
+    let body = format!(
+        r#"{{"volume_id": "{id}", "device_path": "{}",
+            "encryption": {{"provider": "luks2", "control_location": "front-end",
+                            "encryption_key_id": "{first}"}}}}"#,
+        lo.0.display()
+    );
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(s, 201, "{v}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let me = (
+        format!("volcrypt@{}", host.trim()),
+        "volume".to_owned(),
+        id.to_owned(),
+    );
+    assert_eq!(common::barbican::consumers(&url, &first), [me.clone()]);
+
+    let path = format!("/v1/attachments/{id}/rekey");
+    let rekey = format!(r#"{{"new_key_id": "{second}"}}"#);
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments/{volume_id}/rekey",
+        &path,
+        Some(rekey.as_bytes()),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(common::barbican::consumers(&url, &first), []);
+    assert_eq!(common::barbican::consumers(&url, &second), [me]);
+
+    let path = format!("/v1/attachments/{id}");
+    let (s, v) = agent.checked("DELETE", "/v1/attachments/{volume_id}", &path, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(common::barbican::consumers(&url, &second), []);
+}

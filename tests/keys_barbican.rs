@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use volcrypt::config::{BarbicanAuth, BarbicanConfig, HeaderAuth};
-use volcrypt::keys::{Barbican, Error, KeyManager};
-use volcrypt::secret::SecretType;
+use volcrypt::keys::{Barbican, Consumer, Error, KeyManager, Secret};
+use volcrypt::secret::{SecretBytes, SecretType};
 
 use common::{barbican, hex, os_random};
 
@@ -392,4 +392,153 @@ fn https_with_an_untrusted_certificate_fails_fast_and_clearly() {
         "{text}"
     );
     assert!(text.to_lowercase().contains("certificate"), "{text}");
+}
+
+/// What a `GET` of a JSON document of the REST API answers.
+fn get_json(rest: &Rest, path: &str) -> serde_json::Value {
+    let (status, body) = rest.get(path, "application/json");
+    assert_eq!(
+        status,
+        200,
+        "GET {path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Secrets volcrypt creates (`KeyManager::create`, behind `volcrypt secret create`): Barbican
+/// assigns the id, stores the type and, for symmetric keys, the algorithm and bit length; the
+/// payload fetched back is byte for byte the one created.
+#[test]
+fn created_secrets_round_trip_with_their_type() {
+    let url = barbican::require_url();
+    let project = new_project();
+    let c = client(&url, &project);
+    let rest = Rest::new(&url, &project);
+    for (secret_type, payload, bits) in [
+        (SecretType::Symmetric, os_random(32), Some(256)),
+        (
+            SecretType::Passphrase,
+            b"base64+text/of=random\n".to_vec(),
+            None,
+        ),
+    ] {
+        let secret = Secret::new(secret_type.clone(), SecretBytes::new(payload));
+        let id = c.create(Some("volcrypt-created"), &secret).unwrap();
+        assert_eq!(c.get(&id).unwrap(), secret, "{secret_type}");
+        let meta = get_json(&rest, &format!("/v1/secrets/{id}"));
+        assert_eq!(meta["secret_type"], secret_type.to_string(), "{meta}");
+        assert_eq!(meta["name"], "volcrypt-created", "{meta}");
+        if let Some(bits) = bits {
+            assert_eq!(meta["bit_length"], bits, "{meta}");
+            assert_eq!(meta["algorithm"], "aes", "{meta}");
+        }
+    }
+}
+
+/// `volcrypt secret create` prints the new secret's id and nothing else (never the payload);
+/// the secret is in Barbican with the asked type and size. Bad sizes are refused.
+#[test]
+fn cli_secret_create_prints_only_the_id() {
+    let url = barbican::require_url();
+    let dir = common::tempdir();
+    let cfg = dir.path().join("volcrypt.toml");
+    std::fs::write(&cfg, barbican::key_manager_toml(&url)).unwrap();
+    let c = client(&url, barbican::PROJECT);
+    for (kind, bits, len) in [("symmetric", "512", 64), ("passphrase", "256", 44)] {
+        let out = common::check(
+            common::volcrypt([
+                "secret", "create", "--type", kind, "--bits", bits, "--config",
+            ])
+            .arg(&cfg),
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let id = stdout.trim();
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        let got = c.get(id).unwrap();
+        assert_eq!(got.secret_type.to_string(), kind);
+        assert_eq!(got.payload.len(), len, "{kind}");
+        if kind == "passphrase" {
+            assert!(got.payload.expose().iter().all(u8::is_ascii_graphic));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let payload_text = String::from_utf8_lossy(got.payload.expose()).into_owned();
+        for shown in [&stdout, &stderr.to_string()] {
+            assert!(
+                !shown.contains(&hex(got.payload.expose())),
+                "payload printed"
+            );
+            assert!(
+                !shown.contains(&b64(got.payload.expose())),
+                "payload printed"
+            );
+            assert!(
+                kind != "passphrase" || !shown.contains(&payload_text),
+                "payload printed"
+            );
+        }
+    }
+    let out = common::run(
+        common::volcrypt([
+            "secret",
+            "create",
+            "--type",
+            "symmetric",
+            "--bits",
+            "100",
+            "--config",
+        ])
+        .arg(&cfg),
+    );
+    assert_eq!(common::code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bits 100"));
+}
+
+/// Consumers (`register_consumers = true`): registering is idempotent (one consumer after two
+/// registrations), removal removes it and a second removal is fine; with the option off (the
+/// default) nothing is registered; a secret that does not exist is named.
+#[test]
+fn consumers_are_registered_idempotently_and_removed() {
+    let url = barbican::require_url();
+    let project = new_project();
+    let rest = Rest::new(&url, &project);
+    let id = rest.store(serde_json::json!({
+        "secret_type": "symmetric", "algorithm": "aes", "bit_length": 256, "mode": "xts",
+        "payload": b64(&os_random(32)), "payload_content_type": "application/octet-stream",
+        "payload_content_encoding": "base64",
+    }));
+    let consumers = || get_json(&rest, &format!("/v1/secrets/{id}/consumers"))["consumers"].clone();
+    let consumer = Consumer {
+        service: "volcrypt@test-host".into(),
+        resource_type: "volume".into(),
+        resource_id: "6f1d2c0a-3b4e-4c5d-8e9f-0a1b2c3d4e5f".into(),
+    };
+
+    client(&url, &project).add_consumer(&id, &consumer).unwrap();
+    assert_eq!(
+        consumers(),
+        serde_json::json!([]),
+        "registered with the option off"
+    );
+
+    let mut cfg = config(&url, &project);
+    cfg.register_consumers = true;
+    let c = Barbican::from_config(&cfg).unwrap();
+    c.add_consumer(&id, &consumer).unwrap();
+    c.add_consumer(&id, &consumer).unwrap();
+    let list = consumers();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["service"], consumer.service, "{list}");
+    assert_eq!(list[0]["resource_type"], "volume", "{list}");
+    assert_eq!(list[0]["resource_id"], consumer.resource_id, "{list}");
+
+    c.remove_consumer(&id, &consumer).unwrap();
+    assert_eq!(consumers(), serde_json::json!([]));
+    c.remove_consumer(&id, &consumer).unwrap();
+
+    let missing = "00000000-0000-4000-8000-000000000000";
+    match c.add_consumer(missing, &consumer) {
+        Err(Error::NotFound { key_id, .. }) => assert_eq!(key_id, missing),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
 }

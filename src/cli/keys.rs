@@ -220,3 +220,102 @@ fn decode(raw: &[u8], encoding: Encoding, trim_newline: bool) -> Result<SecretBy
     }
     Ok(bytes)
 }
+
+/// `volcrypt secret …`: secrets in the configured key manager (Barbican, or the keystore).
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// Config file naming the key manager (default /etc/volcrypt/volcrypt.toml if it exists).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: SecretCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Create a secret with a random payload in the key manager and print its id (never the
+    /// payload): what an image or a volume is then encrypted with (`--key-id`,
+    /// `encryption_key_id`).
+    Create {
+        /// passphrase: printable text (base64 of random bytes, used verbatim as the LUKS
+        /// passphrase); symmetric: random key bytes (used as their lowercase hex).
+        #[arg(long = "type", value_name = "passphrase|symmetric")]
+        secret_type: NewSecretType,
+        /// Random bits in the payload: the key size of a symmetric secret (128 to 4096, whole
+        /// bytes), the entropy of a passphrase.
+        #[arg(long, default_value_t = 256)]
+        bits: u32,
+        /// A name for the secret (Barbican: its `name`; keystore: its id).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NewSecretType {
+    Passphrase,
+    Symmetric,
+}
+
+pub fn run_secret(args: SecretArgs) -> Result<(), Error> {
+    let SecretCommand::Create {
+        secret_type,
+        bits,
+        name,
+    } = args.command;
+    if !(128..=4096).contains(&bits) || bits % 8 != 0 {
+        return Err(Error::Usage(format!(
+            "--bits {bits}: must be a multiple of 8 from 128 to 4096"
+        )));
+    }
+    let config = Config::load_or_default(args.config.as_deref())?;
+    let km = keys::from_config(&config.key_manager)?;
+    let secret = random_secret(secret_type, bits)?;
+    let id = km.create(name.as_deref(), &secret)?;
+    eprintln!(
+        "created {} secret ({} bits of randomness) in the {}",
+        secret.secret_type,
+        bits,
+        km.kind()
+    );
+    println!("{id}");
+    Ok(())
+}
+
+/// A secret of `bits` random bits: the bytes themselves (symmetric) or their base64 text
+/// (passphrase: printable, as Nova's own passphrase secrets are).
+fn random_secret(kind: NewSecretType, bits: u32) -> Result<Secret, Error> {
+    let mut raw = Zeroizing::new(vec![0u8; bits as usize / 8]);
+    getrandom::fill(&mut raw)
+        .map_err(|e| Error::Usage(format!("the system's random source failed: {e}")))?;
+    Ok(match kind {
+        NewSecretType::Symmetric => {
+            Secret::new(SecretType::Symmetric, SecretBytes::new(raw.to_vec()))
+        }
+        NewSecretType::Passphrase => {
+            use base64::Engine;
+            let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*raw));
+            Secret::new(
+                SecretType::Passphrase,
+                SecretBytes::new(text.as_bytes().to_vec()),
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_secrets_have_the_asked_size_and_differ() {
+        let a = random_secret(NewSecretType::Symmetric, 256).unwrap();
+        let b = random_secret(NewSecretType::Symmetric, 256).unwrap();
+        assert_eq!(a.payload.len(), 32);
+        assert_ne!(a.payload, b.payload);
+        let p = random_secret(NewSecretType::Passphrase, 256).unwrap();
+        assert_eq!(p.secret_type, SecretType::Passphrase);
+        assert_eq!(p.payload.len(), 44);
+        assert!(p.payload.expose().iter().all(|c| c.is_ascii_graphic()));
+    }
+}

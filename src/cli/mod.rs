@@ -53,6 +53,8 @@ pub enum Command {
     Volume(volume::VolumeCommand),
     /// Manage the local keystore: add, list, remove secrets, show their metadata.
     Keystore(keys::KeystoreArgs),
+    /// Secrets in the configured key manager: `secret create` makes one with a random payload.
+    Secret(keys::SecretArgs),
     /// Measure the userspace engine (AES-XTS, PBKDF2, Argon2) on one core; ratios vs OpenSSL
     /// with `--features bench-openssl`.
     Bench(bench::BenchArgs),
@@ -74,6 +76,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         #[cfg(feature = "system")]
         Command::Volume(cmd) => volume::run(cmd),
         Command::Keystore(args) => keys::run(args),
+        Command::Secret(args) => keys::run_secret(args),
         Command::Bench(args) => bench::run(args),
         #[cfg(feature = "system")]
         Command::Serve(args) => serve::run(args),

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::keys::config::{BarbicanAuth, BarbicanConfig};
 use crate::keys::keystone::Keystone;
-use crate::keys::{Error, KeyManager, Secret, validate_key_id};
+use crate::keys::{Consumer, Error, KeyManager, Secret, validate_key_id};
 use crate::secret::{SecretBytes, SecretType};
 
 /// Largest secret payload accepted (keys are bytes to a few KiB).
@@ -243,6 +243,33 @@ pub struct Barbican {
     interface: String,
     region: Option<String>,
     auth: Auth,
+    /// Register the volumes attached here as consumers of their secrets (opt-in).
+    register_consumers: bool,
+}
+
+/// An authenticated request's method, with the JSON body of those that carry one.
+#[derive(Clone, Copy)]
+enum Call<'a> {
+    Get,
+    Post(&'a [u8]),
+    Delete(&'a [u8]),
+}
+
+/// The body of a secret's creation (`POST /v1/secrets`).
+#[derive(serde::Serialize)]
+struct NewSecret<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    secret_type: String,
+    payload: &'a str,
+    payload_content_type: &'static str,
+    payload_content_encoding: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    algorithm: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bit_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
 }
 
 /// Secret metadata as Barbican returns it (only the fields used).
@@ -324,6 +351,7 @@ impl Barbican {
             interface: cfg.interface.clone(),
             region: cfg.region.clone(),
             auth,
+            register_consumers: cfg.register_consumers,
         })
     }
 
@@ -342,9 +370,20 @@ impl Barbican {
         }
     }
 
-    /// GET `url` with our authentication; on a 401 under Keystone auth, drop the cached token
-    /// and try once more (the token may have been revoked early).
+    /// GET `url` with our authentication (see [`Self::authed`]).
     fn get_authed(&self, url: &str, accept: &str, key_id: Option<&str>) -> Result<Answer, Error> {
+        self.authed(Call::Get, url, accept, key_id)
+    }
+
+    /// Send `call` to `url` with our authentication; on a 401 under Keystone auth, drop the
+    /// cached token and try once more (the token may have been revoked early).
+    fn authed(
+        &self,
+        call: Call<'_>,
+        url: &str,
+        accept: &str,
+        key_id: Option<&str>,
+    ) -> Result<Answer, Error> {
         let mut reauthed = false;
         loop {
             let token = match &self.auth {
@@ -359,29 +398,16 @@ impl Barbican {
                 })?),
                 None => None,
             };
-            let answer = self.http.send(url, key_id, |agent| {
-                let mut req = agent
-                    .get(url)
-                    .header("Accept", accept)
-                    .header("OpenStack-API-Version", "key-manager 1.0");
-                if let Some(t) = token_str {
-                    req = req.header("X-Auth-Token", t);
-                }
-                if let Auth::Headers {
-                    project_id,
-                    roles,
-                    user_id,
-                } = &self.auth
-                {
-                    req = req
-                        .header("X-Identity-Status", "Confirmed")
-                        .header("X-Project-Id", project_id.as_str())
-                        .header("X-Roles", roles.as_str());
-                    if let Some(u) = user_id {
-                        req = req.header("X-User-Id", u.as_str());
-                    }
-                }
-                req.call()
+            let answer = self.http.send(url, key_id, |agent| match call {
+                Call::Get => self.headers(agent.get(url), accept, token_str).call(),
+                Call::Post(body) => self
+                    .headers(agent.post(url), accept, token_str)
+                    .header("Content-Type", "application/json")
+                    .send(body),
+                Call::Delete(body) => self
+                    .headers(agent.delete(url).force_send_body(), accept, token_str)
+                    .header("Content-Type", "application/json")
+                    .send(body),
             })?;
             if answer.resp.status() == StatusCode::UNAUTHORIZED
                 && !reauthed
@@ -392,6 +418,86 @@ impl Barbican {
                 continue;
             }
             return Ok(answer);
+        }
+    }
+
+    /// The headers every request carries: what it accepts, the API version, authentication.
+    fn headers<B>(
+        &self,
+        req: ureq::RequestBuilder<B>,
+        accept: &str,
+        token: Option<&str>,
+    ) -> ureq::RequestBuilder<B> {
+        let mut req = req
+            .header("Accept", accept)
+            .header("OpenStack-API-Version", "key-manager 1.0");
+        if let Some(t) = token {
+            req = req.header("X-Auth-Token", t);
+        }
+        if let Auth::Headers {
+            project_id,
+            roles,
+            user_id,
+        } = &self.auth
+        {
+            req = req
+                .header("X-Identity-Status", "Confirmed")
+                .header("X-Project-Id", project_id.as_str())
+                .header("X-Roles", roles.as_str());
+            if let Some(u) = user_id {
+                req = req.header("X-User-Id", u.as_str());
+            }
+        }
+        req
+    }
+
+    /// Add (`remove: false`) or remove `consumer` on secret `key_id` (Barbican >= 17's secret
+    /// consumer API; both are idempotent on the server).
+    fn consumer(&self, key_id: &str, consumer: &Consumer, remove: bool) -> Result<(), Error> {
+        validate_key_id(key_id)?;
+        let url = format!("{}/v1/secrets/{key_id}/consumers", self.endpoint()?);
+        let body = serde_json::to_vec(consumer).map_err(|e| Error::Protocol {
+            url: url.clone(),
+            key_id: Some(key_id.into()),
+            reason: format!("cannot encode the consumer: {e}"),
+        })?;
+        let call = if remove {
+            Call::Delete(&body)
+        } else {
+            Call::Post(&body)
+        };
+        let answer = self.authed(call, &url, "application/json", Some(key_id))?;
+        let status = answer.resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if !matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        ) {
+            return Err(self.status_error(answer, &url, Some(key_id)));
+        }
+        // 404/405: the secret is gone, or this Barbican has no consumer API, or (removal) the
+        // consumer was not registered.
+        if !self.secret_exists(key_id)? {
+            return Err(self.status_error(answer, &url, Some(key_id)));
+        }
+        if remove {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            manager: url,
+            what: "the secret consumer API (Barbican 17.0.0 or later)",
+        })
+    }
+
+    fn secret_exists(&self, key_id: &str) -> Result<bool, Error> {
+        let url = format!("{}/v1/secrets/{key_id}", self.endpoint()?);
+        let answer = self.get_authed(&url, "application/json", Some(key_id))?;
+        match answer.resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.status_error(answer, &url, Some(key_id))),
         }
     }
 
@@ -489,6 +595,64 @@ impl KeyManager for Barbican {
         )?;
         tracing::debug!(key_id, %secret_type, bytes = payload.len(), "fetched secret from Barbican");
         Ok(Secret::new(secret_type, SecretBytes::new(payload.to_vec())))
+    }
+
+    /// POST a new secret (payload base64 in the JSON body, never logged); Barbican assigns the
+    /// id, returned from the `secret_ref` it answers with.
+    fn create(&self, name: Option<&str>, secret: &Secret) -> Result<String, Error> {
+        use base64::Engine;
+        let url = format!("{}/v1/secrets", self.endpoint()?);
+        let payload = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD.encode(secret.payload.expose()),
+        );
+        let symmetric = secret.secret_type == SecretType::Symmetric;
+        let doc = NewSecret {
+            name,
+            secret_type: secret.secret_type.to_string(),
+            payload: &payload,
+            payload_content_type: "application/octet-stream",
+            payload_content_encoding: "base64",
+            algorithm: symmetric.then_some("aes"),
+            bit_length: symmetric.then_some(secret.payload.expose().len() * 8),
+            mode: symmetric.then_some("xts"),
+        };
+        let body = Zeroizing::new(serde_json::to_vec(&doc).map_err(|e| Error::Protocol {
+            url: url.clone(),
+            key_id: None,
+            reason: format!("cannot encode the secret: {e}"),
+        })?);
+        let mut answer = self.authed(Call::Post(&body), &url, "application/json", None)?;
+        if answer.resp.status() != StatusCode::CREATED {
+            return Err(self.status_error(answer, &url, None));
+        }
+        let reply = read_body(&mut answer.resp, MAX_JSON_BYTES, &url, None)?;
+        let proto = |reason: String| Error::Protocol {
+            url: url.clone(),
+            key_id: None,
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&reply)
+            .map_err(|e| proto(format!("answer is not valid JSON: {e}")))?;
+        let id = v["secret_ref"]
+            .as_str()
+            .and_then(|r| r.trim_end_matches('/').rsplit('/').next())
+            .ok_or_else(|| proto("no secret_ref in the answer".into()))?;
+        validate_key_id(id)?;
+        Ok(id.to_owned())
+    }
+
+    fn add_consumer(&self, key_id: &str, consumer: &Consumer) -> Result<(), Error> {
+        if !self.register_consumers {
+            return Ok(());
+        }
+        self.consumer(key_id, consumer, false)
+    }
+
+    fn remove_consumer(&self, key_id: &str, consumer: &Consumer) -> Result<(), Error> {
+        if !self.register_consumers {
+            return Ok(());
+        }
+        self.consumer(key_id, consumer, true)
     }
 
     /// Lists at most one secret: proves the server answers and accepts our credentials.

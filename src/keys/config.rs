@@ -111,6 +111,10 @@ pub struct BarbicanConfig {
     pub backoff_initial: f64,
     pub backoff_max: f64,
     pub auth: Option<BarbicanAuth>,
+    /// Register each volume attached on this host as a consumer of its secret while it is
+    /// attached (service `volcrypt@<hostname>`, resource type `volume`, the volume id), so
+    /// Barbican warns before the secret of an attached volume is deleted. Off by default.
+    pub register_consumers: bool,
 }
 
 impl Default for BarbicanConfig {
@@ -126,6 +130,7 @@ impl Default for BarbicanConfig {
             backoff_initial: 0.2,
             backoff_max: 5.0,
             auth: None,
+            register_consumers: false,
         }
     }
 }

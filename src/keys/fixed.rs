@@ -11,7 +11,7 @@
 //! inner manager (keystore or Barbican); with no inner manager (backend `fixed-key`) it behaves
 //! like Cinder's plain ConfKeyManager and knows only the all-zero id.
 
-use crate::keys::{Error, KeyManager, Secret};
+use crate::keys::{Consumer, Error, KeyManager, Secret};
 use crate::secret::{SecretBytes, SecretType};
 
 /// The key id Cinder stores for volumes encrypted with the fixed key.
@@ -53,6 +53,30 @@ impl KeyManager for FixedKey {
                     manager: "fixed-key manager (it knows only the all-zero key id)",
                 })
             }
+        }
+    }
+
+    fn create(&self, name: Option<&str>, secret: &Secret) -> Result<String, Error> {
+        match &self.inner {
+            Some(inner) => inner.create(name, secret),
+            None => Err(Error::Unsupported {
+                manager: "the fixed-key manager".into(),
+                what: "creating secrets",
+            }),
+        }
+    }
+
+    fn add_consumer(&self, key_id: &str, consumer: &Consumer) -> Result<(), Error> {
+        match &self.inner {
+            Some(inner) if key_id != FIXED_KEY_ID => inner.add_consumer(key_id, consumer),
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_consumer(&self, key_id: &str, consumer: &Consumer) -> Result<(), Error> {
+        match &self.inner {
+            Some(inner) if key_id != FIXED_KEY_ID => inner.remove_consumer(key_id, consumer),
+            _ => Ok(()),
         }
     }
 

@@ -269,6 +269,33 @@ impl KeyManager for Keystore {
     fn health(&self) -> Result<(), Error> {
         check_dir(&self.dir)
     }
+
+    fn create(&self, name: Option<&str>, secret: &Secret) -> Result<String, Error> {
+        let id = match name {
+            Some(n) => n.to_owned(),
+            None => new_uuid()?,
+        };
+        self.put(&id, secret)?;
+        Ok(id)
+    }
+}
+
+/// A random (version 4) UUID, the form Barbican gives its secret ids.
+fn new_uuid() -> Result<String, Error> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::io("/dev/urandom", std::io::Error::other(e.to_string())))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 fn invalid(key_id: &str, path: &Path, reason: &str) -> Error {

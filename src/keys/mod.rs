@@ -64,6 +64,32 @@ pub trait KeyManager: Send + Sync {
     /// Is the backend usable right now (directory present and private; server reachable and
     /// accepting our credentials)? Used by `GET /v1/health`.
     fn health(&self) -> Result<(), Error>;
+    /// Store a new secret and return its id: the one the manager assigns (Barbican's UUID), or
+    /// `name` where the caller names it (keystore; a new UUID without one).
+    fn create(&self, _name: Option<&str>, _secret: &Secret) -> Result<String, Error> {
+        Err(Error::Unsupported {
+            manager: self.kind().into(),
+            what: "creating secrets",
+        })
+    }
+    /// Record `consumer` as a user of secret `key_id`, so the secret is not deleted under it
+    /// (Barbican's consumer API). Managers without consumers have nothing to record.
+    fn add_consumer(&self, _key_id: &str, _consumer: &Consumer) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Remove `consumer` from secret `key_id`; not being registered is not an error.
+    fn remove_consumer(&self, _key_id: &str, _consumer: &Consumer) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// A user of a secret as Barbican records it: Glance registers the images a secret encrypts,
+/// Cinder its volumes, the agent (when configured to) the volumes it holds open.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Consumer {
+    pub service: String,
+    pub resource_type: String,
+    pub resource_id: String,
 }
 
 /// Build the key manager a configuration describes.
@@ -205,6 +231,8 @@ pub enum Error {
     AlreadyExists { key_id: String, path: PathBuf },
     #[error("configuration {field}: {reason}")]
     Config { field: String, reason: String },
+    #[error("{manager} does not support {what}")]
+    Unsupported { manager: String, what: &'static str },
 }
 
 impl Error {
@@ -225,7 +253,8 @@ impl Error {
             | Error::Invalid { .. }
             | Error::Io { .. }
             | Error::InsecurePermissions { .. }
-            | Error::Config { .. } => Kind::Invalid,
+            | Error::Config { .. }
+            | Error::Unsupported { .. } => Kind::Invalid,
         }
     }
 

@@ -636,6 +636,7 @@ fn link_and_commit(
     }
     test_pause("linked");
     timed(&mut t.journal, || journal.attached(record))?;
+    super::consumers::attached(ctx, &record.key_id, &record.volume_id);
     Ok(device_link)
 }
 

@@ -212,6 +212,7 @@ fn unlink_and_forget(
     }
     timed(&mut t.journal, || journal.detached(volume_id))?;
     journal::trace_phase(name, "detached");
+    super::consumers::detached(ctx, &r.key_id, volume_id);
     Ok(note)
 }
 

@@ -36,6 +36,7 @@ use crate::keys::KeyManager;
 use crate::kind::Kind;
 
 pub mod attach;
+pub mod consumers;
 pub mod crypt;
 pub mod detach;
 pub mod dm;

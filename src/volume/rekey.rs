@@ -147,6 +147,8 @@ fn finish(
     };
     record.rekey = None;
     ctx.journal().rekeyed(record)?;
+    super::consumers::detached(ctx, &pending.old_key_id, &record.volume_id);
+    super::consumers::attached(ctx, &record.key_id, &record.volume_id);
     tracing::info!(volume = %record.volume_id, key_id = %record.key_id, "volume rekeyed");
     Ok(RekeyOutcome {
         volume_id: record.volume_id.clone(),

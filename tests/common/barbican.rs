@@ -105,3 +105,33 @@ pub fn create_secret(url: &str, secret_type: &str, payload: &[u8]) -> String {
     let r = v["secret_ref"].as_str().expect("secret_ref");
     r.rsplit('/').next().expect("a secret id").to_owned()
 }
+
+/// The consumers Barbican records for secret `id` (in [`PROJECT`]), as `(service,
+/// resource_type, resource_id)`.
+pub fn consumers(url: &str, id: &str) -> Vec<(String, String, String)> {
+    let o = super::run(
+        Command::new("curl")
+            .args(["-sS", "--fail-with-body"])
+            .arg(format!("{url}/v1/secrets/{id}/consumers"))
+            .args(["-H", "Accept: application/json"])
+            .args(["-H", "X-Identity-Status: Confirmed"])
+            .args(["-H", &format!("X-Project-Id: {PROJECT}")])
+            .args(["-H", "X-Roles: member"]),
+    );
+    assert!(
+        o.status.success(),
+        "Barbican GET consumers: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("Barbican's JSON");
+    v["consumers"]
+        .as_array()
+        .expect("a consumers list")
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (s("service"), s("resource_type"), s("resource_id"))
+        })
+        .collect()
+}

@@ -5,8 +5,9 @@
 # N LUKS2 volumes (one argon2id cost: ARGON_MEMORY_KIB, 4 iterations, 1 lane) on loop devices;
 # the header is formatted once and copied (each copy gets its own LUKS UUID), so setting up
 # costs one KDF, not N. Measured in this one run: serial `cryptsetup open` of all of them, the
-# KDF of one volume (`cryptsetup open --test-passphrase`, median of 3) for the ideal, and the
-# agent's start-up re-activation of all of them after they were journaled and closed.
+# KDF of one volume by cryptsetup (`open --test-passphrase`) and by volcrypt's engine (`image
+# check-key`, the ideal's basis), medians of 3, and the agent's start-up re-activation of all of
+# them after they were journaled and closed.
 set -euo pipefail
 [ "${VOLCRYPT_VM:-}" = 1 ] || { echo "guest-bench-reactivate: run me inside the VM (tests/vm/bench-reactivate.sh)" >&2; exit 2; }
 [ $# -eq 3 ] || { echo "usage: guest-bench-reactivate.sh VOLCRYPT_BINARY N ARGON_MEMORY_KIB" >&2; exit 2; }
@@ -55,6 +56,14 @@ for _ in 1 2 3; do
     t0=$(now); cryptsetup open --test-passphrase --key-file "$dir/pass" "${loops[0]}"; kdfs+=("$(secs "$t0" "$(now)")")
 done
 kdf=$(printf '%s\n' "${kdfs[@]}" | sort -n | sed -n 2p)
+# The same KDF run by volcrypt's userspace engine, which is what the agent's re-activation
+# unlocks with: under emulation its Argon2 and libcryptsetup's do not slow down in the same
+# proportion, so the ideal is computed from this one (like with like).
+kdfs=()
+for _ in 1 2 3; do
+    t0=$(now); "$bin" image check-key "${loops[0]}" --key-file "$dir/pass" >/dev/null; kdfs+=("$(secs "$t0" "$(now)")")
+done
+kdf_engine=$(printf '%s\n' "${kdfs[@]}" | sort -n | sed -n 2p)
 
 # Serial baseline: cryptsetup opens them one after another.
 t0=$(now)
@@ -110,12 +119,12 @@ got=$(jq '.reconcile.reactivated | length' <<<"$h")
 [ "$got" = "$n" ] || { echo "re-activated $got of $n: $(jq -c .reconcile <<<"$h")"; exit 1; }
 [ "$(dmsetup ls --target crypt | grep -c '^crypt-loop')" = "$n" ] || { echo "not every mapping is active"; exit 1; }
 
-awk -v n="$n" -v kdf="$kdf" -v serial="$serial" -v took="$took" -v cpus="$cpus" \
-    -v budget="$budget" -v mem="$mem_mib" 'BEGIN {
+awk -v n="$n" -v kdf="$kdf" -v kdf_engine="$kdf_engine" -v serial="$serial" -v took="$took" \
+    -v cpus="$cpus" -v budget="$budget" -v mem="$mem_mib" 'BEGIN {
     par = int(budget / mem); if (cpus < par) par = cpus; if (par < 1) par = 1
-    ideal = n * kdf / par
-    printf "KDF of one volume: %.2f s (median of 3); parallelism min(%d vCPU, %d MiB / %d MiB) = %d\n", kdf, cpus, budget, mem, par
-    printf "serial cryptsetup open: %.2f s; ideal: %.2f s; volcrypt start-up re-activation: %.2f s\n", serial, ideal, took
-    printf "ratio volcrypt / serial: %.2f (goal <= 0.55)\n", took / serial
+    ideal = n * kdf_engine / par
+    printf "KDF of one volume (median of 3): cryptsetup %.2f s, volcrypt engine %.2f s; parallelism min(%d vCPU, %d MiB / %d MiB) = %d\n", kdf, kdf_engine, cpus, budget, mem, par
+    printf "serial cryptsetup open: %.2f s; ideal (engine KDF): %.2f s; volcrypt start-up re-activation: %.2f s\n", serial, ideal, took
     printf "ratio volcrypt / ideal:  %.2f (goal <= 1.15)\n", took / ideal
+    printf "ratio volcrypt / serial: %.2f (goal <= 0.55; mixes two KDF implementations, see the engine/cryptsetup KDF ratio %.2f)\n", took / serial, kdf_engine / kdf
 }'
