@@ -41,6 +41,7 @@ pub fn remote(cmd: &VolumeCommand) -> Option<Result<(), Error>> {
         VolumeCommand::Attach(a) => a.opts.socket.as_deref(),
         VolumeCommand::Detach(a) => a.opts.socket.as_deref(),
         VolumeCommand::Extend(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Tune(a) => a.opts.socket.as_deref(),
         VolumeCommand::Status(a) => a.opts.socket.as_deref(),
         VolumeCommand::Reconcile(a) => a.opts.socket.as_deref(),
         VolumeCommand::Verify(a) => a.opts.socket.as_deref(),
@@ -75,6 +76,16 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
             &format!("/v1/attachments/{}/extend", percent_encode(&a.volume_id)),
             None,
         )?,
+        VolumeCommand::Tune(a) => {
+            let body = serde_json::to_vec(&a.request()?)
+                .map_err(|e| Error::Usage(format!("cannot encode the request: {e}")))?;
+            client::call(
+                socket,
+                "PATCH",
+                &format!("/v1/attachments/{}", percent_encode(&a.volume_id)),
+                Some(body),
+            )?
+        }
         VolumeCommand::Status(_) => client::call(socket, "GET", "/v1/attachments", None)?,
         VolumeCommand::Verify(a) => {
             let body = crate::volume::verify::Request {

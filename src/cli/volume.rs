@@ -66,6 +66,62 @@ pub struct ExtendArgs {
     pub opts: VolumeOpts,
 }
 
+/// `volcrypt tune`: each flag is switched on or off by its pair of options
+/// (`--allow-discards`/`--no-allow-discards`, `--no-read-workqueue`/`--read-workqueue`, ...);
+/// a flag not named stays as it is. The last of a pair wins.
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    pub volume_id: String,
+    /// Pass discards (TRIM) through to the backing device.
+    #[arg(long, overrides_with = "no_allow_discards")]
+    pub allow_discards: bool,
+    /// Stop passing discards through.
+    #[arg(long)]
+    pub no_allow_discards: bool,
+    /// Decrypt reads in the I/O's context instead of dm-crypt's workqueue (less latency).
+    #[arg(long, overrides_with = "read_workqueue")]
+    pub no_read_workqueue: bool,
+    /// Use dm-crypt's read workqueue again.
+    #[arg(long)]
+    pub read_workqueue: bool,
+    /// Encrypt writes in the I/O's context instead of dm-crypt's workqueue.
+    #[arg(long, overrides_with = "write_workqueue")]
+    pub no_write_workqueue: bool,
+    /// Use dm-crypt's write workqueue again.
+    #[arg(long)]
+    pub write_workqueue: bool,
+    /// Refused: the sector size of an active mapping cannot change (accepted so the refusal
+    /// can say why).
+    #[arg(long, value_name = "BYTES")]
+    pub sector_size: Option<u32>,
+    /// Also store the resulting flags in the LUKS2 header, so any later `cryptsetup open`
+    /// applies them (LUKS2 only: LUKS1 and plain volumes have no place for them).
+    #[arg(long)]
+    pub persistent: bool,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+impl TuneArgs {
+    /// The request the options make (the same body `PATCH /v1/attachments/{id}` takes).
+    pub fn request(&self) -> Result<crate::request::TuneRequest, Error> {
+        let pick = |on: bool, off: bool| match (on, off) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
+        };
+        let req = crate::request::TuneRequest {
+            allow_discards: pick(self.allow_discards, self.no_allow_discards),
+            no_read_workqueue: pick(self.no_read_workqueue, self.read_workqueue),
+            no_write_workqueue: pick(self.no_write_workqueue, self.write_workqueue),
+            sector_size: self.sector_size,
+            persistent: self.persistent,
+        };
+        req.validate()?;
+        Ok(req)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     pub volume_id: String,
@@ -220,6 +276,27 @@ pub fn extend(args: ExtendArgs) -> Result<(), Error> {
     let keys = key_manager(&config)?;
     let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::extend(&ctx, &args.volume_id)?;
+    print_json(&outcome)
+}
+
+/// `volcrypt tune`: prints the outcome as JSON.
+pub fn tune(args: TuneArgs) -> Result<(), Error> {
+    let req = args.request()?;
+    let (config, volume) = load_config(&args.opts)?;
+    // An unknown volume is named as such before any key manager is built or asked.
+    if volume::Journal::new(&volume.state_dir)
+        .get(&args.volume_id)?
+        .is_none()
+    {
+        return Err(volume::Error::NotManaged {
+            volume_id: args.volume_id.clone(),
+            state_dir: volume.state_dir.clone(),
+        }
+        .into());
+    }
+    let keys = key_manager(&config)?;
+    let ctx = Context::new(keys.as_ref(), volume);
+    let outcome = volume::tune(&ctx, &args.volume_id, &req)?;
     print_json(&outcome)
 }
 
@@ -416,6 +493,7 @@ pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
         VolumeCommand::Attach(a) => attach(a),
         VolumeCommand::Detach(a) => detach(a),
         VolumeCommand::Extend(a) => extend(a),
+        VolumeCommand::Tune(a) => tune(a),
         VolumeCommand::Status(a) => status(a),
         VolumeCommand::Reconcile(a) => reconcile(a),
         VolumeCommand::Verify(a) => verify(a),
@@ -431,6 +509,10 @@ pub enum VolumeCommand {
     Detach(DetachArgs),
     /// Grow a volume's mapping after its backing device grew.
     Extend(ExtendArgs),
+    /// Change an attached volume's dm-crypt performance flags while it is in use (like
+    /// `cryptsetup refresh`): only the flags named change; --persistent also stores them in
+    /// the LUKS2 header for every later opener. The sector size cannot change online.
+    Tune(TuneArgs),
     /// Show the volumes volcrypt manages (never key material).
     Status(StatusArgs),
     /// Bring the journal and the kernel back in line after a crash or reboot, as the agent does
