@@ -847,6 +847,26 @@ fn tune_changes_flags_online_and_persistent_flags_reach_plain_cryptsetup() {
         "luksDump Flags: {flags_line:?}"
     );
     assert!(!flags_line.contains("allow-discards"), "{flags_line:?}");
+    // A refresh libcryptsetup refuses (here: the key manager now hands out another key)
+    // changes nothing: the header's flags were stored first and are put back, the table and
+    // the journal stay as they were.
+    let ks = Keystore::open(k._dir.as_ref().unwrap().path().join("keys")).unwrap();
+    let secret = |b: Vec<u8>| Secret::new(SecretType::Symmetric, SecretBytes::new(b));
+    ks.put("sym-1", &secret(vec![0x42; 32])).unwrap();
+    let before = std::fs::read(v.state_file()).unwrap();
+    let e = tune(r#"{"allow_discards": true, "persistent": true}"#).unwrap_err();
+    ks.put("sym-1", &secret((0u8..32).collect())).unwrap();
+    assert!(matches!(e, volume::Error::WrongKey { .. }), "{e}");
+    let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
+    assert_eq!(
+        dump.lines()
+            .find(|l| l.starts_with("Flags:"))
+            .unwrap_or_default(),
+        flags_line,
+        "a refused refresh changed the header's flags"
+    );
+    assert!(!table_has(&v.name, "allow_discards"));
+    assert_eq!(std::fs::read(v.state_file()).unwrap(), before);
     let o = cli("--sector-size 4096");
     assert_eq!(
         o.status.code(),

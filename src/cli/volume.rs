@@ -71,6 +71,7 @@ pub struct ExtendArgs {
 /// a flag not named stays as it is. The last of a pair wins.
 #[derive(Debug, Args)]
 pub struct TuneArgs {
+    /// The attached volume whose mapping is tuned.
     pub volume_id: String,
     /// Pass discards (TRIM) through to the backing device.
     #[arg(long, overrides_with = "no_allow_discards")]
@@ -525,4 +526,41 @@ pub enum VolumeCommand {
     /// O_DIRECT, no exclusive open. Prints a JSON report; exit 0 agree, 6 mismatch, 7 cannot
     /// verify (cipher not in the userspace engine, key unavailable or not opening the header).
     Verify(VerifyArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use super::VolumeCommand;
+
+    fn tune(args: &[&str]) -> Result<crate::request::TuneRequest, crate::error::Error> {
+        let cli = Cli::try_parse_from([&["volcrypt", "tune", "vol-1"], args].concat()).unwrap();
+        match cli.command {
+            Command::Volume(VolumeCommand::Tune(a)) => a.request(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tune_options_name_each_flag_on_or_off_and_leave_the_others() {
+        let r = tune(&["--allow-discards", "--read-workqueue", "--persistent"]).unwrap();
+        assert_eq!(r.allow_discards, Some(true));
+        assert_eq!(r.no_read_workqueue, Some(false));
+        assert_eq!(r.no_write_workqueue, None);
+        assert!(r.persistent);
+        // The last of a pair wins.
+        let r = tune(&["--allow-discards", "--no-allow-discards"]).unwrap();
+        assert_eq!(r.allow_discards, Some(false));
+        let r = tune(&["--no-write-workqueue"]).unwrap();
+        assert_eq!(r.no_write_workqueue, Some(true));
+        let e = tune(&["--sector-size", "4096", "--allow-discards"]).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot change on an active mapping"),
+            "{e}"
+        );
+        let e = tune(&[]).unwrap_err();
+        assert!(e.to_string().contains("nothing to change"), "{e}");
+    }
 }
