@@ -250,6 +250,11 @@ pub struct AttachOptions {
     /// Encryption sector size for a new LUKS2 format (512 or 4096).
     #[serde(default)]
     pub sector_size: Option<u32>,
+    /// Also store the flags in the LUKS2 header (`cryptsetup open --persistent`), so any later
+    /// opener (plain `cryptsetup open`, systemd-cryptsetup) applies them too. LUKS2 only:
+    /// LUKS1 and plain volumes have nowhere to keep them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub persistent: bool,
     /// Point `device_path` at `/dev/mapper/<name>` after opening (os-brick's behaviour).
     #[serde(default = "default_true")]
     pub replace_device_symlink: bool,
@@ -259,6 +264,95 @@ fn default_true() -> bool {
     true
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Why `persistent` is refused for anything but LUKS2 (the attach request and tune say it alike).
+pub const NOT_PERSISTABLE: &str = "LUKS1 and plain volumes have no place to store activation \
+     flags; they apply per activation only (persistent needs a LUKS2 volume)";
+
+/// A change of an active mapping's performance flags (`volcrypt tune`, `PATCH
+/// /v1/attachments/{volume_id}`): the flags given change, the others stay as they are. Unknown
+/// fields are refused naming the closest known one, like the attach request's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_discards: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_read_workqueue: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_write_workqueue: Option<bool>,
+    /// Accepted by the parser only to be refused with the reason (see [`TuneRequest::validate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sector_size: Option<u32>,
+    /// Store the resulting flags in the LUKS2 header as well.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub persistent: bool,
+}
+
+const TUNE_FIELDS: [&str; 5] = [
+    "allow_discards",
+    "no_read_workqueue",
+    "no_write_workqueue",
+    "sector_size",
+    "persistent",
+];
+
+impl TuneRequest {
+    /// Parse a tune request body; an empty body is not a request.
+    pub fn from_json(bytes: &[u8]) -> Result<TuneRequest, Error> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let req: TuneRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let inner = e.into_inner().to_string();
+            match inner
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                Some(name) => Error::UnknownField {
+                    request: "tune",
+                    name: name.to_owned(),
+                    within: "the request".into(),
+                    closest: closest(name, &TUNE_FIELDS).map(str::to_owned),
+                },
+                None => Error::Json(format!("tune request: {inner}")),
+            }
+        })?;
+        de.end()
+            .map_err(|e| Error::Json(format!("tune request: {e}")))?;
+        Ok(req)
+    }
+
+    /// What can change on an active mapping: the three flags (and storing them). The sector
+    /// size is the mapping's geometry, fixed when it is created, so it is refused rather than
+    /// ignored; a request that changes nothing is refused too.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.sector_size.is_some() {
+            return Err(Error::Tune {
+                field: "sector_size",
+                message: "cannot change on an active mapping: dm-crypt fixes the sector size \
+                          when the mapping is created (LUKS2 keeps it in the header from the \
+                          format on)"
+                    .into(),
+            });
+        }
+        if !self.persistent
+            && self.allow_discards.is_none()
+            && self.no_read_workqueue.is_none()
+            && self.no_write_workqueue.is_none()
+        {
+            return Err(Error::Tune {
+                field: "allow_discards",
+                message: "nothing to change: give allow_discards, no_read_workqueue, \
+                          no_write_workqueue or persistent"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for AttachOptions {
     fn default() -> Self {
         AttachOptions {
@@ -266,6 +360,7 @@ impl Default for AttachOptions {
             no_read_workqueue: None,
             no_write_workqueue: None,
             sector_size: None,
+            persistent: false,
             replace_device_symlink: true,
         }
     }
@@ -284,8 +379,10 @@ pub enum Error {
     #[error("attach request is not valid JSON for the attach model: {0}")]
     Json(String),
     /// A field no level of the model knows: a typo, named with the closest known field.
-    #[error("invalid attach request: unknown field {name:?} in {within}{}", closest.as_ref().map(|c| format!(" (did you mean {c:?}?)")).unwrap_or_default())]
+    #[error("invalid {request} request: unknown field {name:?} in {within}{}", closest.as_ref().map(|c| format!(" (did you mean {c:?}?)")).unwrap_or_default())]
     UnknownField {
+        /// `attach` or `tune`.
+        request: &'static str,
         name: String,
         /// `the request`, or the object's path (`encryption`, `device`).
         within: String,
@@ -293,6 +390,11 @@ pub enum Error {
     },
     #[error("invalid attach request: field `{field}`: {message}")]
     Field {
+        field: &'static str,
+        message: String,
+    },
+    #[error("invalid tune request: field `{field}`: {message}")]
+    Tune {
         field: &'static str,
         message: String,
     },
@@ -317,7 +419,7 @@ impl Error {
     /// The offending field, for the RPC's `{"error": {"field": …}}`.
     pub fn field(&self) -> Option<&'static str> {
         match self {
-            Error::Field { field, .. } => Some(field),
+            Error::Field { field, .. } | Error::Tune { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -535,6 +637,19 @@ impl AttachRequest {
             ));
         }
         let plan = plan(self.encryption.as_ref())?;
+        if self.options.persistent {
+            match &plan {
+                Plan::Encrypted(p) if p.format == VolumeFormat::Luks2 => {}
+                Plan::Encrypted(_) => return Err(field("options.persistent", NOT_PERSISTABLE)),
+                Plan::Raw { .. } => {
+                    return Err(field(
+                        "options.persistent",
+                        "this request attaches the raw device (no dm-crypt): there are no \
+                         activation flags to store",
+                    ));
+                }
+            }
+        }
         let mut options = self.options.clone();
         if selector.is_some() {
             // udev owns the links of a device named by identity: never replaced.
@@ -595,6 +710,7 @@ const KNOWN_FIELDS: [(&str, &[&str]); 5] = [
             "no_read_workqueue",
             "no_write_workqueue",
             "sector_size",
+            "persistent",
             "replace_device_symlink",
         ],
     ),
@@ -621,6 +737,7 @@ pub fn unknown_field(path: &str, message: &str) -> Option<Error> {
         .map(|(_, k)| *k)
         .unwrap_or(&[]);
     Some(Error::UnknownField {
+        request: "attach",
         name: name.to_owned(),
         within: if parent == "." {
             "the request".into()
@@ -1353,5 +1470,69 @@ mod tests {
         ));
         let missing = AttachRequest::read(&dir.path().join("nope.json")).unwrap_err();
         assert!(missing.to_string().contains("nope.json"), "{missing}");
+    }
+
+    #[test]
+    fn persistent_flags_need_a_luks2_request() {
+        let with = |provider: &str| {
+            enc(provider, "front-end").replace(
+                r#""encryption_key_id":"k1"}"#,
+                r#""encryption_key_id":"k1"},"options":{"persistent":true,"no_read_workqueue":true}"#,
+            )
+        };
+        let r = req(&with("luks2")).unwrap();
+        assert!(r.options.persistent);
+        // A stored request without it serialises as before.
+        let plain = req(&enc("luks2", "front-end")).unwrap();
+        assert!(
+            !serde_json::to_string(plain.request())
+                .unwrap()
+                .contains("persistent")
+        );
+        for provider in ["luks", "plain"] {
+            let e = req(&with(provider)).unwrap_err();
+            assert_eq!(e.field(), Some("options.persistent"));
+            assert!(
+                e.to_string().contains(
+                    "LUKS1 and plain volumes have no place to store activation flags; they \
+                     apply per activation only"
+                ),
+                "{e}"
+            );
+        }
+        let e = req(&with("luks2").replace("front-end", "back-end")).unwrap_err();
+        assert_eq!(e.field(), Some("options.persistent"));
+    }
+
+    #[test]
+    fn tune_requests_are_parsed_strictly_and_refuse_what_cannot_change_online() {
+        let t = TuneRequest::from_json(br#"{"no_read_workqueue":true,"persistent":true}"#).unwrap();
+        assert_eq!(t.no_read_workqueue, Some(true));
+        assert!(t.persistent && t.allow_discards.is_none());
+        t.validate().unwrap();
+        let e = TuneRequest::from_json(br#"{"allow_discard":true}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"invalid tune request: unknown field "allow_discard" in the request (did you mean "allow_discards"?)"#
+        );
+        assert_eq!(e.field_path().as_deref(), Some("allow_discard"));
+        let e = TuneRequest::from_json(br#"{"persistant":true}"#).unwrap_err();
+        assert!(
+            e.to_string().contains(r#"did you mean "persistent"?"#),
+            "{e}"
+        );
+        assert!(TuneRequest::from_json(br#"{"allow_discards":"yes"}"#).is_err());
+        assert!(TuneRequest::from_json(br#"{} x"#).is_err());
+        let e = TuneRequest::from_json(br#"{"sector_size":4096,"allow_discards":true}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.field(), Some("sector_size"));
+        assert!(
+            e.to_string().contains("cannot change on an active mapping"),
+            "{e}"
+        );
+        let e = TuneRequest::default().validate().unwrap_err();
+        assert!(e.to_string().contains("nothing to change"), "{e}");
     }
 }

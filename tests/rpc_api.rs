@@ -257,6 +257,23 @@ fn unknown_volumes_are_404() {
         None,
     );
     assert_error(s, &v, 404, "unknown_volume", None);
+    // Tune: a malformed body is refused before anything is looked up, naming the field.
+    let tp = "/v1/attachments/no-such-vol";
+    let (s, v) = agent.checked("PATCH", r, tp, Some(br#"{"allow_discards": true}"#));
+    assert_error(s, &v, 404, "unknown_volume", None);
+    let (s, v) = agent.checked("PATCH", r, tp, Some(br#"{"no_read_workqeue": true}"#));
+    assert_error(s, &v, 400, "invalid_json", Some("no_read_workqeue"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"did you mean "no_read_workqueue"?"#),
+        "{v}"
+    );
+    let (s, v) = agent.checked("PATCH", r, tp, Some(br#"{"sector_size": 4096}"#));
+    assert_error(s, &v, 400, "invalid_request", Some("sector_size"));
+    let (s, v) = agent.checked("PATCH", r, tp, Some(b"{}"));
+    assert_error(s, &v, 400, "invalid_request", Some("allow_discards"));
     let vr = "/v1/attachments/{volume_id}/verify";
     let (s, v) = agent.checked("POST", vr, "/v1/attachments/no-such-vol/verify", None);
     assert_error(s, &v, 404, "unknown_volume", None);

@@ -272,6 +272,128 @@ fn verify_through_the_api() {
     assert_eq!(s, 200);
 }
 
+/// `PATCH /v1/attachments/{volume_id}` and `volcrypt tune --socket`: the flags change on the
+/// live mapping (dmsetup table, status); typos, a sector size and persistence on LUKS1 are
+/// refused naming why, changing nothing.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn tune_through_the_api() {
+    need::require_dm_crypt();
+    let agent = Agent::start_with("", FAST_KDF);
+    let ks = keystore(&agent);
+    put(&ks, "pass-t", SecretType::Passphrase, b"tune horse");
+    let loops = Loops::new(agent.dir.path(), 2, 24);
+    let has = |name: &str, flag: &str| {
+        sh(&format!("dmsetup table {name}"))
+            .split_whitespace()
+            .any(|f| f == flag)
+    };
+    let attach = |id: &str, dev: &Path, provider: &str| {
+        let body = request(id, dev, provider, "pass-t");
+        let (s, v) = agent.checked(
+            "POST",
+            "/v1/attachments",
+            "/v1/attachments",
+            Some(body.as_bytes()),
+        );
+        assert_eq!(s, 201, "{v}");
+        v["mapping_name"].as_str().unwrap().to_owned()
+    };
+    let route = "/v1/attachments/{volume_id}";
+    let name = attach("vm-vol-t", &loops.0[0], "luks2");
+    let path = "/v1/attachments/vm-vol-t";
+
+    let (s, v) = agent.checked(
+        "PATCH",
+        route,
+        path,
+        Some(br#"{"no_read_workqueue": true}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["flags"]["no_read_workqueue"], true, "{v}");
+    assert_eq!(v["previous_flags"]["no_read_workqueue"], false, "{v}");
+    assert!(has(&name, "no_read_workqueue"));
+    let (s, v) = agent.checked("GET", route, path, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["flags"], serde_json::json!(["no_read_workqueue"]), "{v}");
+
+    let (s, v) = agent.checked("PATCH", route, path, Some(br#"{"allow_discard": true}"#));
+    assert_error(s, &v, 400, "invalid_json", Some("allow_discard"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"did you mean "allow_discards"?"#),
+        "{v}"
+    );
+    let (s, v) = agent.checked("PATCH", route, path, Some(br#"{"sector_size": 4096}"#));
+    assert_error(s, &v, 400, "invalid_request", Some("sector_size"));
+    let (s, v) = agent.checked(
+        "PATCH",
+        route,
+        "/v1/attachments/vm-nope",
+        Some(br#"{"allow_discards": true}"#),
+    );
+    assert_error(s, &v, 404, "unknown_volume", None);
+    assert!(!has(&name, "allow_discards"));
+
+    // The CLI through the agent.
+    let out = Command::new(BIN)
+        .args([
+            "tune",
+            "vm-vol-t",
+            "--allow-discards",
+            "--read-workqueue",
+            "--socket",
+        ])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(o["flags"]["allow_discards"], true, "{o}");
+    assert!(has(&name, "allow_discards") && !has(&name, "no_read_workqueue"));
+
+    // LUKS1 cannot keep flags: 422, the mapping and its record as they were.
+    let name1 = attach("vm-vol-t1", &loops.0[1], "luks");
+    let path1 = "/v1/attachments/vm-vol-t1";
+    let state = agent.dir.path().join("state").join("vm-vol-t1.json");
+    let before = std::fs::read(&state).unwrap();
+    let (s, v) = agent.checked(
+        "PATCH",
+        route,
+        path1,
+        Some(br#"{"no_write_workqueue": true, "persistent": true}"#),
+    );
+    assert_error(s, &v, 422, "crypt_failed", None);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(
+            "LUKS1 and plain volumes have no place to store activation flags; they apply per activation only"
+        ),
+        "{v}"
+    );
+    assert!(!has(&name1, "no_write_workqueue"));
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    // Without persistence the LUKS1 mapping is tuned for this activation.
+    let (s, v) = agent.checked(
+        "PATCH",
+        route,
+        path1,
+        Some(br#"{"no_write_workqueue": true}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(has(&name1, "no_write_workqueue"));
+
+    for p in [path, path1] {
+        let (s, v) = agent.checked("DELETE", route, p, None);
+        assert_eq!(s, 200, "{v}");
+    }
+}
+
 /// 20 attaches at once, each an Argon2id keyslot of 8 MiB, with a 24 MiB budget (3 at a time): all succeed
 /// and the KDF memory admitted never exceeds the budget (sampled from /metrics meanwhile).
 #[test]

@@ -750,6 +750,229 @@ fn perf_flags_reach_the_kernel_and_status_and_4k_sectors_for_luks2() {
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
 }
 
+/// Whether the kernel's table of `name` (no keys: without --showkeys) carries `flag`.
+fn table_has(name: &str, flag: &str) -> bool {
+    sh(&format!("dmsetup table {name}"))
+        .split_whitespace()
+        .any(|f| f == flag)
+}
+
+const PERF_FLAGS: [&str; 3] = ["allow_discards", "no_read_workqueue", "no_write_workqueue"];
+
+/// `tune` of an active LUKS2 mapping: the kernel's table changes online (the data stays
+/// readable through the same mapping), the journal and status follow; a sector size is refused
+/// and changes nothing; `--persistent` stores the flags in the header, so a plain `cryptsetup
+/// open` applies them later. Both the engine call and the CLI.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn tune_changes_flags_online_and_persistent_flags_reach_plain_cryptsetup() {
+    need::require_dm_crypt();
+    let v = Vol::new("tune", 32);
+    let k = keys();
+    let ctx = v.ctx(&k);
+    volume::attach(&ctx, &v.request("luks2", "sym-1", "", "")).unwrap();
+    for f in PERF_FLAGS {
+        assert!(!table_has(&v.name, f), "{f} set before any was asked");
+    }
+    let data = pattern(9, 1 << 20);
+    write_at(&v.mapper(), 8192, &data);
+    let mut holder = std::fs::File::open(v.mapper()).unwrap(); // in use while tuned
+
+    let tune = |json: &str| {
+        let req = volcrypt::request::TuneRequest::from_json(json.as_bytes()).unwrap();
+        volume::tune(&ctx, &v.volume_id(), &req)
+    };
+    let out = tune(r#"{"allow_discards": true, "no_read_workqueue": true}"#).unwrap();
+    assert!(
+        out.flags.allow_discards && out.flags.no_read_workqueue,
+        "{out:?}"
+    );
+    assert!(!out.flags.no_write_workqueue && !out.persistent, "{out:?}");
+    for (f, want) in PERF_FLAGS.iter().zip([true, true, false]) {
+        assert_eq!(table_has(&v.name, f), want, "{f} after tune");
+    }
+    let mut buf = vec![0u8; data.len()];
+    holder.seek(SeekFrom::Start(8192)).unwrap();
+    holder.read_exact(&mut buf).unwrap();
+    assert!(buf == data, "data changed across the refresh");
+    let st = volume::status(&ctx).unwrap();
+    assert_eq!(st[0].flags, vec!["allow_discards", "no_read_workqueue"]);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v.state_file()).unwrap()).unwrap();
+    assert_eq!(record["flags"]["allow_discards"], true);
+    assert_eq!(record["request"]["options"]["no_read_workqueue"], true);
+    assert!(
+        !sh(&format!("cryptsetup luksDump {}", v.loopdev.display())).contains("allow-discards"),
+        "a tune without persistent wrote the header"
+    );
+
+    // The sector size cannot change online: refused, nothing changed.
+    let before = std::fs::read(v.state_file()).unwrap();
+    let e = tune(r#"{"sector_size": 4096, "allow_discards": false}"#).unwrap_err();
+    assert!(
+        e.to_string().contains("cannot change on an active mapping"),
+        "{e}"
+    );
+    assert!(table_has(&v.name, "allow_discards"));
+    assert_eq!(std::fs::read(v.state_file()).unwrap(), before);
+
+    // The CLI, persistent: the header carries the resulting flags.
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let (cfg, _) = cli_files(&v, &k, "");
+    let cli = |args: &str| {
+        sh_in(
+            &format!(
+                "{bin} tune {} {args} --config {}",
+                v.volume_id(),
+                cfg.display()
+            ),
+            b"",
+        )
+    };
+    let o = cli("--no-allow-discards --no-write-workqueue --persistent");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(printed["persistent"], true);
+    assert_eq!(printed["flags"]["no_write_workqueue"], true);
+    assert!(!table_has(&v.name, "allow_discards"));
+    assert!(table_has(&v.name, "no_write_workqueue"));
+    let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
+    let flags_line = dump
+        .lines()
+        .find(|l| l.starts_with("Flags:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        flags_line.contains("no-read-workqueue") && flags_line.contains("no-write-workqueue"),
+        "luksDump Flags: {flags_line:?}"
+    );
+    assert!(!flags_line.contains("allow-discards"), "{flags_line:?}");
+    // A refresh libcryptsetup refuses (here: the key manager now hands out another key)
+    // changes nothing: the header's flags were stored first and are put back, the table and
+    // the journal stay as they were.
+    let ks = Keystore::open(k._dir.as_ref().unwrap().path().join("keys")).unwrap();
+    let secret = |b: Vec<u8>| Secret::new(SecretType::Symmetric, SecretBytes::new(b));
+    ks.put("sym-1", &secret(vec![0x42; 32])).unwrap();
+    let before = std::fs::read(v.state_file()).unwrap();
+    let e = tune(r#"{"allow_discards": true, "persistent": true}"#).unwrap_err();
+    ks.put("sym-1", &secret((0u8..32).collect())).unwrap();
+    assert!(matches!(e, volume::Error::WrongKey { .. }), "{e}");
+    let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
+    assert_eq!(
+        dump.lines()
+            .find(|l| l.starts_with("Flags:"))
+            .unwrap_or_default(),
+        flags_line,
+        "a refused refresh changed the header's flags"
+    );
+    assert!(!table_has(&v.name, "allow_discards"));
+    assert_eq!(std::fs::read(v.state_file()).unwrap(), before);
+    let o = cli("--sector-size 4096");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    drop(holder);
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    v.assert_nothing_left();
+
+    // A plain cryptsetup open, no flag options: the header's flags are applied.
+    let p = k.km.get("sym-1").unwrap().passphrase();
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} vc-tune-ref",
+            v.loopdev.display()
+        ),
+        p.expose(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let applied = (
+        table_has("vc-tune-ref", "no_read_workqueue"),
+        table_has("vc-tune-ref", "no_write_workqueue"),
+        table_has("vc-tune-ref", "allow_discards"),
+    );
+    sh("cryptsetup close vc-tune-ref");
+    assert_eq!(
+        applied,
+        (true, true, false),
+        "flags of a plain cryptsetup open"
+    );
+    assert_eq!(read_at(&v.loopdev, 0, 4), b"LUKS");
+}
+
+/// `persistent` at attach: stored in a LUKS2 header (a plain `cryptsetup open` applies it),
+/// refused for a LUKS1 request and for a LUKS2 request that finds a LUKS1 header, before
+/// anything changed (no mapping, no record, header bytes unchanged).
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn persistent_flags_at_attach_for_luks2_and_a_clear_refusal_for_luks1() {
+    need::require_dm_crypt();
+    let k = keys();
+    let v = Vol::new("persist", 32);
+    let ctx = v.ctx(&k);
+    let opts = r#""no_read_workqueue": true, "persistent": true"#;
+    volume::attach(&ctx, &v.request("luks2", "sym-1", "", opts)).unwrap();
+    assert!(table_has(&v.name, "no_read_workqueue"));
+    let dump = sh(&format!("cryptsetup luksDump {}", v.loopdev.display()));
+    assert!(
+        dump.lines()
+            .any(|l| l.starts_with("Flags:") && l.contains("no-read-workqueue")),
+        "no Flags: line with no-read-workqueue in luksDump"
+    );
+    volume::detach(&ctx, &v.volume_id(), None).unwrap();
+    let p = k.km.get("sym-1").unwrap().passphrase();
+    let o = sh_in(
+        &format!(
+            "cryptsetup open --key-file=- {} vc-persist-ref",
+            v.loopdev.display()
+        ),
+        p.expose(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let applied = table_has("vc-persist-ref", "no_read_workqueue");
+    sh("cryptsetup close vc-persist-ref");
+    assert!(
+        applied,
+        "a plain cryptsetup open did not apply the stored flag"
+    );
+
+    // LUKS1: the request is refused before anything happens.
+    let w = Vol::new("persist1", 32);
+    let ctx1 = w.ctx(&k);
+    let e = AttachRequest::from_json(
+        serde_json::to_vec(&w.request("luks", "sym-2", "", r#""allow_discards": true"#))
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    let mut luks1 = e.clone();
+    luks1.options.persistent = true;
+    let err = volume::attach(&ctx1, &luks1).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "LUKS1 and plain volumes have no place to store activation flags; they apply per \
+             activation only"
+        ),
+        "{err}"
+    );
+    w.assert_nothing_left();
+    // A LUKS1 header under a LUKS2 request: refused once the header is read, before the open.
+    volume::attach(&ctx1, &e).unwrap();
+    volume::detach(&ctx1, &w.volume_id(), None).unwrap();
+    let header = read_at(&w.loopdev, 0, 4096);
+    let mut luks2_req = w.request("luks2", "sym-2", "", r#""persistent": true"#);
+    luks2_req.options.allow_discards = Some(true);
+    let err = volume::attach(&ctx1, &luks2_req).unwrap_err();
+    assert!(err.to_string().contains("the volume is LUKS1"), "{err}");
+    w.assert_nothing_left();
+    assert!(
+        read_at(&w.loopdev, 0, 4096) == header,
+        "the LUKS1 header changed"
+    );
+}
+
 /// The CLI end to end: malformed request → exit 1 and nothing changed; status --json.
 #[test]
 #[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]

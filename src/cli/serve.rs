@@ -42,6 +42,7 @@ pub fn remote(cmd: &VolumeCommand) -> Option<Result<(), Error>> {
         VolumeCommand::Detach(a) => a.opts.socket.as_deref(),
         VolumeCommand::Extend(a) => a.opts.socket.as_deref(),
         VolumeCommand::Rekey(a) => a.opts.socket.as_deref(),
+        VolumeCommand::Tune(a) => a.opts.socket.as_deref(),
         VolumeCommand::Status(a) => a.opts.socket.as_deref(),
         VolumeCommand::Reconcile(a) => a.opts.socket.as_deref(),
         VolumeCommand::Verify(a) => a.opts.socket.as_deref(),
@@ -83,6 +84,16 @@ fn remote_at(socket: &Path, cmd: &VolumeCommand) -> Result<(), Error> {
                 "POST",
                 &format!("/v1/attachments/{}/rekey", percent_encode(&a.volume_id)),
                 Some(body.into_bytes()),
+            )?
+        }
+        VolumeCommand::Tune(a) => {
+            let body = serde_json::to_vec(&a.request()?)
+                .map_err(|e| Error::Usage(format!("cannot encode the request: {e}")))?;
+            client::call(
+                socket,
+                "PATCH",
+                &format!("/v1/attachments/{}", percent_encode(&a.volume_id)),
+                Some(body),
             )?
         }
         VolumeCommand::Status(_) => client::call(socket, "GET", "/v1/attachments", None)?,

@@ -67,6 +67,63 @@ pub struct ExtendArgs {
     pub opts: VolumeOpts,
 }
 
+/// `volcrypt tune`: each flag is switched on or off by its pair of options
+/// (`--allow-discards`/`--no-allow-discards`, `--no-read-workqueue`/`--read-workqueue`, ...);
+/// a flag not named stays as it is. The last of a pair wins.
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    /// The attached volume whose mapping is tuned.
+    pub volume_id: String,
+    /// Pass discards (TRIM) through to the backing device.
+    #[arg(long, overrides_with = "no_allow_discards")]
+    pub allow_discards: bool,
+    /// Stop passing discards through.
+    #[arg(long)]
+    pub no_allow_discards: bool,
+    /// Decrypt reads in the I/O's context instead of dm-crypt's workqueue (less latency).
+    #[arg(long, overrides_with = "read_workqueue")]
+    pub no_read_workqueue: bool,
+    /// Use dm-crypt's read workqueue again.
+    #[arg(long)]
+    pub read_workqueue: bool,
+    /// Encrypt writes in the I/O's context instead of dm-crypt's workqueue.
+    #[arg(long, overrides_with = "write_workqueue")]
+    pub no_write_workqueue: bool,
+    /// Use dm-crypt's write workqueue again.
+    #[arg(long)]
+    pub write_workqueue: bool,
+    /// Refused: the sector size of an active mapping cannot change (accepted so the refusal
+    /// can say why).
+    #[arg(long, value_name = "BYTES")]
+    pub sector_size: Option<u32>,
+    /// Also store the resulting flags in the LUKS2 header, so any later `cryptsetup open`
+    /// applies them (LUKS2 only: LUKS1 and plain volumes have no place for them).
+    #[arg(long)]
+    pub persistent: bool,
+    #[command(flatten)]
+    pub opts: VolumeOpts,
+}
+
+impl TuneArgs {
+    /// The request the options make (the same body `PATCH /v1/attachments/{id}` takes).
+    pub fn request(&self) -> Result<crate::request::TuneRequest, Error> {
+        let pick = |on: bool, off: bool| match (on, off) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
+        };
+        let req = crate::request::TuneRequest {
+            allow_discards: pick(self.allow_discards, self.no_allow_discards),
+            no_read_workqueue: pick(self.no_read_workqueue, self.read_workqueue),
+            no_write_workqueue: pick(self.no_write_workqueue, self.write_workqueue),
+            sector_size: self.sector_size,
+            persistent: self.persistent,
+        };
+        req.validate()?;
+        Ok(req)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RekeyArgs {
     pub volume_id: String,
@@ -239,6 +296,27 @@ pub fn rekey(args: RekeyArgs) -> Result<(), Error> {
     let keys = key_manager(&config)?;
     let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::rekey(&ctx, &args.volume_id, &args.new_key_id)?;
+    print_json(&outcome)
+}
+
+/// `volcrypt tune`: prints the outcome as JSON.
+pub fn tune(args: TuneArgs) -> Result<(), Error> {
+    let req = args.request()?;
+    let (config, volume) = load_config(&args.opts)?;
+    // An unknown volume is named as such before any key manager is built or asked.
+    if volume::Journal::new(&volume.state_dir)
+        .get(&args.volume_id)?
+        .is_none()
+    {
+        return Err(volume::Error::NotManaged {
+            volume_id: args.volume_id.clone(),
+            state_dir: volume.state_dir.clone(),
+        }
+        .into());
+    }
+    let keys = key_manager(&config)?;
+    let ctx = Context::new(keys.as_ref(), volume);
+    let outcome = volume::tune(&ctx, &args.volume_id, &req)?;
     print_json(&outcome)
 }
 
@@ -436,6 +514,7 @@ pub fn run(cmd: VolumeCommand) -> Result<(), Error> {
         VolumeCommand::Detach(a) => detach(a),
         VolumeCommand::Extend(a) => extend(a),
         VolumeCommand::Rekey(a) => rekey(a),
+        VolumeCommand::Tune(a) => tune(a),
         VolumeCommand::Status(a) => status(a),
         VolumeCommand::Reconcile(a) => reconcile(a),
         VolumeCommand::Verify(a) => verify(a),
@@ -456,6 +535,10 @@ pub enum VolumeCommand {
     /// new key, removes the old key's keyslot. Online; a crash at any step leaves a volume the
     /// journaled key opens, and the same command again finishes it. Plain volumes are refused.
     Rekey(RekeyArgs),
+    /// Change an attached volume's dm-crypt performance flags while it is in use (like
+    /// `cryptsetup refresh`): only the flags named change; --persistent also stores them in
+    /// the LUKS2 header for every later opener. The sector size cannot change online.
+    Tune(TuneArgs),
     /// Show the volumes volcrypt manages (never key material).
     Status(StatusArgs),
     /// Bring the journal and the kernel back in line after a crash or reboot, as the agent does
@@ -468,4 +551,41 @@ pub enum VolumeCommand {
     /// O_DIRECT, no exclusive open. Prints a JSON report; exit 0 agree, 6 mismatch, 7 cannot
     /// verify (cipher not in the userspace engine, key unavailable or not opening the header).
     Verify(VerifyArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use super::VolumeCommand;
+
+    fn tune(args: &[&str]) -> Result<crate::request::TuneRequest, crate::error::Error> {
+        let cli = Cli::try_parse_from([&["volcrypt", "tune", "vol-1"], args].concat()).unwrap();
+        match cli.command {
+            Command::Volume(VolumeCommand::Tune(a)) => a.request(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tune_options_name_each_flag_on_or_off_and_leave_the_others() {
+        let r = tune(&["--allow-discards", "--read-workqueue", "--persistent"]).unwrap();
+        assert_eq!(r.allow_discards, Some(true));
+        assert_eq!(r.no_read_workqueue, Some(false));
+        assert_eq!(r.no_write_workqueue, None);
+        assert!(r.persistent);
+        // The last of a pair wins.
+        let r = tune(&["--allow-discards", "--no-allow-discards"]).unwrap();
+        assert_eq!(r.allow_discards, Some(false));
+        let r = tune(&["--no-write-workqueue"]).unwrap();
+        assert_eq!(r.no_write_workqueue, Some(true));
+        let e = tune(&["--sector-size", "4096", "--allow-discards"]).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot change on an active mapping"),
+            "{e}"
+        );
+        let e = tune(&[]).unwrap_err();
+        assert!(e.to_string().contains("nothing to change"), "{e}");
+    }
 }

@@ -56,6 +56,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/attachments"),
     ("GET", "/v1/attachments/{volume_id}"),
     ("DELETE", "/v1/attachments/{volume_id}"),
+    ("PATCH", "/v1/attachments/{volume_id}"),
     ("POST", "/v1/attachments/{volume_id}/extend"),
     ("POST", "/v1/attachments/{volume_id}/verify"),
     ("POST", "/v1/attachments/{volume_id}/rekey"),
@@ -165,6 +166,13 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
             "/v1/attachments/{volume_id}",
             detach(app, id, query.as_deref()).await,
         ),
+        (["v1", "attachments", id], &Method::PATCH) => {
+            let declared = header_len(&req_len(&req));
+            (
+                "/v1/attachments/{volume_id}",
+                tune(app, id, req.into_body(), declared).await,
+            )
+        }
         (["v1", "attachments", id, "extend"], &Method::POST) => {
             ("/v1/attachments/{volume_id}/extend", extend(app, id).await)
         }
@@ -433,6 +441,39 @@ async fn extend(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     let id2 = id.to_owned();
     let outcome = run_engine(app, "extend", held, move |ctx| {
         volume::extend(ctx, &id2).map_err(engine_err)
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, &outcome))
+}
+
+/// Change an attached volume's performance flags online (`volume::tune`): its keyslot is
+/// unlocked again, so it is admitted into the KDF budget like extend, under the volume's lock.
+async fn tune(
+    app: &Arc<App>,
+    id: &str,
+    body: Incoming,
+    declared: Option<u64>,
+) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let body = read_body(app, body, declared).await?;
+    let req = request::TuneRequest::from_json(&body).map_err(|e| {
+        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string());
+        match &e {
+            request::Error::UnknownField { name, .. } => err.with_field(name.clone()),
+            _ => err,
+        }
+    })?;
+    req.validate().map_err(|e| ApiError::from(&e))?;
+    let held = admit_unlock(app, id).await?;
+    let id2 = id.to_owned();
+    let not_found = unknown_volume(id, app);
+    let outcome = run_engine(app, "tune", held, move |ctx| {
+        match ctx.journal().get(&id2).map_err(engine_err)? {
+            Some(r) => record_phase(&r),
+            None => return Err(not_found),
+        }
+        volume::tune(ctx, &id2, &req).map_err(engine_err)
     })
     .await?;
     Ok(json_response(StatusCode::OK, &outcome))

@@ -588,3 +588,129 @@ fn rekey_refuses_a_second_new_key_and_plain_volumes() {
     assert!(err.contains("plain dm-crypt"), "{err}");
     assert_eq!(fx.sim.state(), before);
 }
+
+/// Tune on the simulated host: the live mapping, the journal's record and the request it
+/// keeps for re-activation follow the new flags; a refresh the kernel refuses, a sector size
+/// and persistence on a volume without a LUKS2 header change nothing.
+#[test]
+fn tune_changes_the_live_flags_and_the_journal_and_a_refusal_nothing() {
+    use super::{PerfFlags, tune};
+    use crate::request::TuneRequest;
+    let fx = Fixture::new(Content::Blank);
+    fx.attach("a").unwrap();
+    let ctx = fx.ctx();
+    let record = || ctx.journal().get("vol-a").unwrap().unwrap();
+    let name = record().mapping_name;
+    let req = TuneRequest {
+        allow_discards: Some(true),
+        no_read_workqueue: Some(true),
+        ..TuneRequest::default()
+    };
+    let unchanged = |why: &str, before: &super::sim::State, rec: &super::journal::Record| {
+        assert_eq!(&fx.sim.state(), before, "{why}: host changed");
+        assert_eq!(&record(), rec, "{why}: journal changed");
+    };
+
+    let (before, rec) = (fx.sim.state(), record());
+    fx.sim.fail_step(Some("refresh"));
+    let e = tune(&ctx, "vol-a", &req).unwrap_err();
+    fx.sim.fail_step(None);
+    assert!(e.to_string().contains("refresh"), "{e}");
+    unchanged("refused refresh", &before, &rec);
+
+    let e = tune(
+        &ctx,
+        "vol-a",
+        &TuneRequest {
+            sector_size: Some(4096),
+            ..req.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("sector_size"), "{e}");
+    unchanged("sector size", &before, &rec);
+
+    let o = tune(&ctx, "vol-a", &req).unwrap();
+    let want = PerfFlags {
+        allow_discards: true,
+        no_read_workqueue: true,
+        no_write_workqueue: false,
+    };
+    assert_eq!(
+        (o.previous_flags, o.flags, o.persistent),
+        (PerfFlags::default(), want, false)
+    );
+    assert_eq!(fx.sim.state().maps[&name].flags, want);
+    assert!(fx.sim.state().header_flags.is_empty());
+    let r = record();
+    assert_eq!(r.flags, want);
+    let stored = r.request.unwrap().options;
+    assert_eq!(
+        (
+            stored.allow_discards,
+            stored.no_read_workqueue,
+            stored.no_write_workqueue
+        ),
+        (Some(true), Some(true), Some(false))
+    );
+
+    // Only the named flag changes; persistent stores the result in the header.
+    let o = tune(
+        &ctx,
+        "vol-a",
+        &TuneRequest {
+            allow_discards: Some(false),
+            persistent: true,
+            ..TuneRequest::default()
+        },
+    )
+    .unwrap();
+    let want = PerfFlags {
+        allow_discards: false,
+        ..want
+    };
+    assert_eq!(o.flags, want);
+    assert_eq!(fx.sim.state().header_flags[Path::new("/dev/sim/a")], want);
+    assert_eq!(record().flags, want);
+    fx.check_at_rest("after tune");
+    assert!(matches!(
+        tune(&ctx, "vol-nope", &req),
+        Err(super::Error::NotManaged { .. })
+    ));
+}
+
+#[test]
+fn persistent_flags_are_refused_for_plain_volumes_before_anything_changes() {
+    use crate::request::TuneRequest;
+    let fx = Fixture::new(Content::Blank);
+    let json = r#"{"volume_id":"vol-p","device_path":"/dev/disk/by-path/b","encryption":{"provider":"plain","control_location":"front-end","encryption_key_id":"k"}}"#;
+    attach(
+        &fx.ctx(),
+        &AttachRequest::from_json(json.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let (before, rec) = (fx.sim.state(), fx.ctx().journal().get("vol-p").unwrap());
+    let req = TuneRequest {
+        no_write_workqueue: Some(true),
+        persistent: true,
+        ..TuneRequest::default()
+    };
+    let e = super::tune(&fx.ctx(), "vol-p", &req).unwrap_err();
+    assert!(
+        e.to_string().contains("no place to store activation flags"),
+        "{e}"
+    );
+    assert_eq!(fx.sim.state(), before);
+    assert_eq!(fx.ctx().journal().get("vol-p").unwrap(), rec);
+    // Without persistence the plain mapping is tuned like any other.
+    let o = super::tune(
+        &fx.ctx(),
+        "vol-p",
+        &TuneRequest {
+            persistent: false,
+            ..req
+        },
+    )
+    .unwrap();
+    assert!(o.flags.no_write_workqueue);
+}

@@ -124,8 +124,15 @@ fn init_by_name(name: &str) -> Result<CryptDevice, Error> {
         .map_err(|e| crypt_err("look up mapping", name, &e))
 }
 
-fn activate_flags(flags: PerfFlags) -> CryptActivate {
+/// libcryptsetup's activation flags for `flags`. A LUKS2 header's persistent flags are added
+/// by libcryptsetup on every activation (that is how other openers honour them) unless
+/// `exact`: then the mapping gets exactly `flags` (a tune that turns one off, an attach that
+/// stores its own).
+fn activate_flags(flags: PerfFlags, exact: bool) -> CryptActivate {
     let mut f = CryptActivate::empty();
+    if exact {
+        f |= CryptActivate::IGNORE_PERSISTENT;
+    }
     if flags.allow_discards {
         f |= CryptActivate::ALLOW_DISCARDS;
     }
@@ -186,6 +193,27 @@ pub struct Activation<'a> {
     pub name: &'a str,
     pub flags: PerfFlags,
     pub key_id: &'a str,
+    /// Also store `flags` in the LUKS2 header (`cryptsetup open --persistent`); a LUKS1 or
+    /// plain volume is refused before anything changes.
+    pub persistent: bool,
+    /// The mapping `name` is active already: load its table again with `flags`
+    /// (`cryptsetup refresh`), the same volume key checked against the active one.
+    pub refresh: bool,
+}
+
+impl Activation<'_> {
+    fn crypt_flags(&self) -> CryptActivate {
+        let f = activate_flags(self.flags, self.persistent || self.refresh);
+        if self.refresh {
+            f | CryptActivate::REFRESH
+        } else {
+            f
+        }
+    }
+
+    fn op(&self) -> &'static str {
+        if self.refresh { "refresh" } else { "activate" }
+    }
 }
 
 /// Open a LUKS device as `name` with the passphrase. A wrong passphrase is [`Error::WrongKey`].
@@ -205,15 +233,66 @@ pub fn open_luks(
     how: Unlock,
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
-    let Activation {
-        name,
-        flags,
-        key_id,
-    } = to;
     let (loaded, engine) = load_and_unlock(device, header, passphrase, how, t);
     let Some(mut cd) = loaded? else {
         return Ok(false);
     };
+    // Stored first so a refused activation can put the header's flags back: a flag the
+    // kernel refuses then changes nothing, on the mapping or in the header.
+    let stored = match to.persistent {
+        true => Some(store_persistent_flags(&mut cd, device, to.flags)?),
+        false => None,
+    };
+    let r = activate_loaded(&mut cd, device, engine, passphrase, to, t);
+    if let (Err(_), Some(previous)) = (&r, stored)
+        && let Err(e) = cd
+            .luks2_flag_handle::<CryptActivate>()
+            .persistent_flags_set(previous)
+    {
+        tracing::error!(device = %device.display(), error = %e, "the activation failed and the header's previous persistent flags could not be put back");
+    }
+    r
+}
+
+/// Store `flags` as the LUKS2 header's persistent activation flags; returns the ones it held.
+/// LUKS1 has no place for them: refused, naming why, before anything is written.
+fn store_persistent_flags(
+    cd: &mut CryptDevice,
+    device: &Path,
+    flags: PerfFlags,
+) -> Result<CryptActivate, Error> {
+    let refuse = |detail: String| Error::Crypt {
+        op: "store persistent flags",
+        target: device.display().to_string(),
+        detail,
+        kind: Kind::Invalid,
+    };
+    if !matches!(cd.format_handle().get_type(), Ok(EncryptionFormat::Luks2)) {
+        return Err(refuse(format!(
+            "the volume is LUKS1: {}",
+            crate::request::NOT_PERSISTABLE
+        )));
+    }
+    let mut handle = cd.luks2_flag_handle::<CryptActivate>();
+    let previous = handle
+        .persistent_flags_get()
+        .map_err(|e| crypt_err("read persistent flags", device, &e))?;
+    handle
+        .persistent_flags_set(activate_flags(flags, false))
+        .map_err(|e| crypt_err("store persistent flags", device, &e))?;
+    Ok(previous)
+}
+
+/// The activation (or refresh) of [`open_luks`], on the loaded header.
+fn activate_loaded(
+    cd: &mut CryptDevice,
+    device: &Path,
+    engine: Option<Engine>,
+    passphrase: &[u8],
+    to: Activation<'_>,
+    t: &mut AttachTimings,
+) -> Result<bool, Error> {
+    let Activation { name, key_id, .. } = to;
     let wrong_key = || Error::WrongKey {
         key_id: key_id.to_owned(),
         device: device.to_owned(),
@@ -225,7 +304,7 @@ pub fn open_luks(
                 cd.activate_handle().activate_by_volume_key(
                     Some(name),
                     Some(key.expose()),
-                    activate_flags(flags),
+                    to.crypt_flags(),
                 )
             }) {
                 Ok(()) => return Ok(true),
@@ -234,7 +313,7 @@ pub fn open_luks(
                 Err(e) if errno_of(&e) == Some(errno::EPERM) => {
                     tracing::warn!(device = %device.display(), "libcryptsetup refused the volume key volcrypt unlocked; retrying with libcryptsetup's own unlock");
                 }
-                Err(e) => return Err(crypt_err("activate", device, &e)),
+                Err(e) => return Err(crypt_err(to.op(), device, &e)),
             }
         }
         Some(Engine::WrongPassphrase) => return Err(wrong_key()),
@@ -245,23 +324,19 @@ pub fn open_luks(
     }
     t.kdf_split = false;
     match timed(&mut t.dm, || {
-        cd.activate_handle().activate_by_passphrase(
-            Some(name),
-            None,
-            passphrase,
-            activate_flags(flags),
-        )
+        cd.activate_handle()
+            .activate_by_passphrase(Some(name), None, passphrase, to.crypt_flags())
     }) {
         Ok(_) => Ok(true),
         Err(e) if errno_of(&e) == Some(errno::EPERM) => Err(wrong_key()),
         // libcryptsetup's "No usable keyslot is available": say so, not "no such file".
         Err(e) if errno_of(&e) == Some(errno::ENOENT) => Err(Error::Crypt {
-            op: "activate",
+            op: to.op(),
             target: device.display().to_string(),
             detail: format!("the LUKS header has no usable keyslot (libcryptsetup: {e})"),
             kind: Kind::WrongDevice,
         }),
-        Err(e) => Err(crypt_err("activate", device, &e)),
+        Err(e) => Err(crypt_err(to.op(), device, &e)),
     }
 }
 
@@ -675,12 +750,22 @@ pub fn destroy_keyslot(device: &Path, slot: u32) -> Result<(), Error> {
 /// libcryptsetup, exactly like `cryptsetup create --key-file=-`.
 pub fn open_plain(
     device: &Path,
-    name: &str,
     cipher: Option<&str>,
     key_bits: Option<u32>,
     passphrase: &[u8],
-    flags: PerfFlags,
+    to: Activation<'_>,
 ) -> Result<(), Error> {
+    if to.persistent {
+        return Err(Error::Crypt {
+            op: "store persistent flags",
+            target: device.display().to_string(),
+            detail: format!(
+                "the volume is plain dm-crypt: {}",
+                crate::request::NOT_PERSISTABLE
+            ),
+            kind: Kind::Invalid,
+        });
+    }
     let (c, m, key_bytes) = cipher_and_key(
         cipher,
         Some(key_bits.unwrap_or(PLAIN_DEFAULT_KEY_BITS)),
@@ -707,9 +792,45 @@ pub fn open_plain(
         )
         .map_err(|e| crypt_err("set up plain mode", device, &e))?;
     cd.activate_handle()
-        .activate_by_passphrase(Some(name), None, passphrase, activate_flags(flags))
-        .map_err(|e| crypt_err("activate", device, &e))?;
+        .activate_by_passphrase(Some(to.name), None, passphrase, to.crypt_flags())
+        .map_err(|e| crypt_err(to.op(), device, &e))?;
     Ok(())
+}
+
+/// A plain volume's parameters, for [`refresh`] (they are not in any header).
+#[derive(Debug, Clone, Copy)]
+pub struct Plain<'a> {
+    pub cipher: Option<&'a str>,
+    pub key_bits: Option<u32>,
+}
+
+/// Load the table of active mapping `to.name` on `device` again with `to.flags`, as `cryptsetup
+/// refresh` does: the key is unlocked again (libcryptsetup refuses a key other than the active
+/// one), the mapping never goes away and I/O is only suspended for the table swap. A flag the
+/// kernel refuses leaves the mapping, and a header `to.persistent` was to change, as they were.
+pub fn refresh(
+    device: &Path,
+    plain: Option<Plain<'_>>,
+    passphrase: &[u8],
+    to: Activation<'_>,
+) -> Result<(), Error> {
+    let to = Activation {
+        refresh: true,
+        ..to
+    };
+    if let Some(p) = plain {
+        return open_plain(device, p.cipher, p.key_bits, passphrase, to);
+    }
+    let mut t = AttachTimings::default();
+    match open_luks(device, None, passphrase, to, Unlock::Libcryptsetup, &mut t)? {
+        true => Ok(()),
+        false => Err(Error::Crypt {
+            op: "refresh",
+            target: device.display().to_string(),
+            detail: "the device carries no LUKS header".into(),
+            kind: Kind::WrongDevice,
+        }),
+    }
 }
 
 /// Outcome of a close attempt.

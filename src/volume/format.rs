@@ -85,6 +85,8 @@ pub(super) fn open_mapping(
         name: &target.name,
         flags,
         key_id: &plan.key_id,
+        persistent: v.options.persistent,
+        refresh: false,
     };
     if plan.format == VolumeFormat::Plain {
         let warning = plan.weak_cipher.as_ref().map(|why| {

@@ -224,6 +224,17 @@ impl Journal {
         self.write(record)
     }
 
+    /// An attached volume's flags changed (tune): same phase, new flags (and stored request).
+    pub fn tuned(&self, record: &Record) -> Result<(), Error> {
+        if record.phase != Phase::Attached {
+            return Err(Error::State {
+                path: record_path(&self.dir, &record.volume_id),
+                detail: format!("a {} record cannot be tuned", record.phase),
+            });
+        }
+        self.write(record)
+    }
+
     /// The backing device went away and the unused mapping was torn down: still desired.
     pub fn waiting(&self, record: &mut Record) -> Result<(), Error> {
         self.transition(record, Phase::Waiting)

@@ -2,18 +2,18 @@
 //! way os-brick does them and more safely, used identically by the CLI and the agent.
 //!
 //! The operations: [`attach`] (or [`prepare`] + [`attach_prepared`], so the agent can admit an
-//! attach into its KDF budget first), [`detach`], [`extend`], [`status`], [`reconcile`] (the
+//! attach into its KDF budget first), [`detach`], [`extend`], [`tune`], [`status`], [`reconcile`] (the
 //! journal against the kernel, after a crash or reboot) and [`hotplug::device_gone`] (teardown
 //! when a backing device is removed).
 //!
 //! Layout, one job per file:
-//! - [`attach`], [`detach`], [`status`]: the operations and their outcomes;
+//! - [`attach`], [`detach`], [`status`], [`tune`]: the operations and their outcomes;
 //! - [`format`]: opening a new attachment's mapping, formatting a provably blank device;
 //! - [`reconcile`]: the journal against the kernel, as a pure decision table and its actions;
 //! - [`hotplug`]: devices that come and go (selectors resolved now, teardown on removal);
 //! - [`journal`]: the per-volume records and every change of their phase;
 //! - [`header`]: the LUKS header read once per attach (KDF memory, userspace unlock);
-//! - [`crypt`]: the libcryptsetup wrapper (open LUKS/plain, format, close, resize, status);
+//! - [`crypt`]: the libcryptsetup wrapper (open LUKS/plain, refresh, format, close, resize, status);
 //! - [`dm`]: read-only device-mapper and sysfs queries (list, deps, open count, holders). dm
 //!   tables carry key material, so this module never reads or logs them;
 //! - [`probe`]: the signature probe that must find nothing before a device is formatted;
@@ -52,6 +52,7 @@ pub mod rekey;
 pub mod status;
 pub mod system;
 pub mod timing;
+pub mod tune;
 pub mod verify;
 
 #[cfg(test)]
@@ -66,6 +67,7 @@ pub use reconcile::{Report, run as reconcile};
 pub use rekey::{RekeyOutcome, rekey};
 pub use status::{ExtendOutcome, VolumeStatus, extend, status};
 pub use system::{HOST, Host, System};
+pub use tune::{TuneOutcome, tune};
 
 /// Settings of the attach engine: the `[volume]` part of the agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +350,15 @@ impl PerfFlags {
             no_write_workqueue: options
                 .no_write_workqueue
                 .unwrap_or(config.no_write_workqueue),
+        }
+    }
+
+    /// These flags with the ones a tune request gives replaced (the others stay).
+    pub fn with(self, t: &crate::request::TuneRequest) -> PerfFlags {
+        PerfFlags {
+            allow_discards: t.allow_discards.unwrap_or(self.allow_discards),
+            no_read_workqueue: t.no_read_workqueue.unwrap_or(self.no_read_workqueue),
+            no_write_workqueue: t.no_write_workqueue.unwrap_or(self.no_write_workqueue),
         }
     }
 

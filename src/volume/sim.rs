@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::Error;
-use super::crypt::{Activation, ActiveInfo, Closed, NewHeader, Unlock};
+use super::crypt::{Activation, ActiveInfo, Closed, NewHeader, Plain, Unlock};
 use super::dm::{DevNo, MapInfo};
 use super::header::DeviceHeader;
 use super::probe::Probe;
 use super::system::System;
 use super::timing::AttachTimings;
+use super::{Error, PerfFlags};
 
 /// The panic payload of a simulated crash.
 #[derive(Debug)]
@@ -76,6 +76,7 @@ pub struct Mapping {
     pub backing: Option<DevNo>,
     pub open_count: i32,
     pub uuid: String,
+    pub flags: PerfFlags,
 }
 
 /// Everything the simulated host holds.
@@ -85,6 +86,8 @@ pub struct State {
     pub devices: BTreeMap<PathBuf, Device>,
     pub maps: BTreeMap<String, Mapping>,
     pub links: BTreeMap<PathBuf, PathBuf>,
+    /// Persistent activation flags stored in a device's LUKS2 header, by canonical path.
+    pub header_flags: BTreeMap<PathBuf, PerfFlags>,
     /// Formats written over a header whose keyslot was in use: must stay 0.
     pub formats_over_data: usize,
     next_dm_minor: u32,
@@ -206,6 +209,7 @@ impl Sim {
                 backing: None,
                 open_count: 0,
                 uuid,
+                flags: to.flags,
             };
             s.maps.insert(to.name.to_owned(), m);
         }
@@ -535,14 +539,59 @@ impl System for Sim {
             }),
         }
     }
+    fn refresh(
+        &self,
+        device: &Path,
+        plain: Option<Plain<'_>>,
+        passphrase: &[u8],
+        to: Activation<'_>,
+    ) -> Result<(), Error> {
+        let refuse = |detail: &str| Error::Crypt {
+            op: "refresh",
+            target: to.name.to_owned(),
+            detail: detail.to_owned(),
+            kind: crate::kind::Kind::Invalid,
+        };
+        if !self.lock().maps.contains_key(to.name) {
+            return Err(refuse("the mapping is not active"));
+        }
+        match (plain, self.device(device).map(|d| d.content)) {
+            (Some(_), _) if to.persistent => return Err(refuse(crate::request::NOT_PERSISTABLE)),
+            (Some(_), _) => {}
+            (None, Some(c @ Content::Luks { .. })) if c.keyslot_for(passphrase).is_some() => {}
+            (None, Some(Content::Luks { .. })) => {
+                return Err(Error::WrongKey {
+                    key_id: to.key_id.to_owned(),
+                    device: device.to_owned(),
+                });
+            }
+            (None, _) => return Err(refuse("the device carries no LUKS header")),
+        }
+        // The real refresh stores the header's flags first and puts them back when the kernel
+        // refuses the table: either way a failed refresh changes nothing.
+        self.enter("refresh")?;
+        let mut s = self.lock();
+        if let Some(m) = s.maps.get_mut(to.name) {
+            m.flags = to.flags;
+        }
+        if to.persistent {
+            s.header_flags.insert(device.to_owned(), to.flags);
+        }
+        Ok(())
+    }
     fn active_info(&self, name: &str) -> Result<Option<ActiveInfo>, Error> {
-        Ok(self.lock().maps.get(name).map(|_| ActiveInfo {
-            kind: "LUKS2".into(),
+        Ok(self.lock().maps.get(name).map(|m| ActiveInfo {
+            kind: if m.uuid.starts_with("CRYPT-PLAIN") {
+                "PLAIN"
+            } else {
+                "LUKS2"
+            }
+            .into(),
             cipher: "aes-xts-plain64".into(),
             key_bits: 512,
             sector_size: 512,
             size_sectors: 1 << 21,
-            flags: Default::default(),
+            flags: m.flags,
             key_in_keyring: false,
         }))
     }

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::crypt::{self, Activation, ActiveInfo, Closed, NewHeader, Unlock};
+use super::crypt::{self, Activation, ActiveInfo, Closed, NewHeader, Plain, Unlock};
 use super::dm::{self, DevNo, Dm, MapInfo};
 use super::header::{self, DeviceHeader};
 use super::kcapi;
@@ -93,6 +93,16 @@ pub trait System: Send + Sync {
         pbkdf: Option<&PbkdfConfig>,
     ) -> Result<u32, Error>;
     fn destroy_keyslot(&self, device: &Path, slot: u32) -> Result<(), Error>;
+    /// Load active mapping `to.name`'s table again with `to.flags` (and with `to.persistent`,
+    /// store them in the LUKS2 header); `plain`: the volume is plain dm-crypt. A refusal
+    /// changes nothing.
+    fn refresh(
+        &self,
+        device: &Path,
+        plain: Option<Plain<'_>>,
+        passphrase: &[u8],
+        to: Activation<'_>,
+    ) -> Result<(), Error>;
     fn close(&self, name: &str) -> Result<Closed, Error>;
     fn resize(&self, name: &str, passphrase: &[u8], key_id: &str) -> Result<(), Error>;
     fn active_info(&self, name: &str) -> Result<Option<ActiveInfo>, Error>;
@@ -199,7 +209,7 @@ impl System for Host {
         passphrase: &[u8],
         to: Activation<'_>,
     ) -> Result<(), Error> {
-        crypt::open_plain(device, to.name, cipher, key_bits, passphrase, to.flags)
+        crypt::open_plain(device, cipher, key_bits, passphrase, to)
     }
     fn format_luks(
         &self,
@@ -229,6 +239,15 @@ impl System for Host {
     }
     fn destroy_keyslot(&self, device: &Path, slot: u32) -> Result<(), Error> {
         crypt::destroy_keyslot(device, slot)
+    }
+    fn refresh(
+        &self,
+        device: &Path,
+        plain: Option<Plain<'_>>,
+        passphrase: &[u8],
+        to: Activation<'_>,
+    ) -> Result<(), Error> {
+        crypt::refresh(device, plain, passphrase, to)
     }
     fn close(&self, name: &str) -> Result<Closed, Error> {
         crypt::close(name)
