@@ -12,6 +12,7 @@
 //! rather than silently padding it, because a padded image would not decrypt to the same bytes.
 
 pub mod bench;
+pub mod glance;
 pub mod params;
 pub mod stream;
 pub mod verify;
