@@ -335,6 +335,19 @@ fn luks_version(dev: &Path) -> Option<String> {
         .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_owned()))
 }
 
+/// Whether `passphrase` (exact bytes) unlocks a keyslot of the LUKS volume on `dev`.
+fn opens_with(dev: &Path, passphrase: &[u8]) -> bool {
+    common::sh_in(
+        &format!(
+            "cryptsetup open --test-passphrase --key-file=- {}",
+            dev.display()
+        ),
+        passphrase,
+    )
+    .status
+    .success()
+}
+
 fn ran(answer: &Value, sub: &str) -> bool {
     answer["commands"]
         .as_array()
@@ -391,6 +404,26 @@ fn os_brick_formats_volcrypt_opens(
         "os-brick leaves device_path pointing at the removed mapping (Nova's connector cleans up)"
     );
     v.relink();
+    if luks.is_some() {
+        // What os-brick gave cryptsetup: the passphrase byte for byte (its trailing newline
+        // too: `--key-file=-` keeps it), a symmetric key as lowercase hex.
+        let expected = match s.kind {
+            SecretType::Passphrase => s.payload.clone(),
+            _ => hex(&s.payload).into_bytes(),
+        };
+        assert!(
+            opens_with(&v.loopdev, &expected),
+            "{provider}/{}: os-brick's passphrase",
+            s.id
+        );
+        if let Some(stripped) = expected.strip_suffix(b"\n") {
+            assert!(
+                !opens_with(&v.loopdev, stripped),
+                "{provider}/{}: the trailing newline must be part of the passphrase",
+                s.id
+            );
+        }
+    }
 
     let ctx = v.ctx(ks);
     let out = volume::attach(&ctx, &v.request(provider, s.id, &enc)).unwrap();
@@ -532,12 +565,5 @@ fn passphrase_that_is_not_utf8_fails_in_os_brick_and_opens_with_volcrypt() {
     assert!(out.formatted());
     volume::detach(&ctx, &v.volume_id(), None).unwrap();
     // cryptsetup takes the same raw bytes.
-    let o = common::sh_in(
-        &format!(
-            "cryptsetup open --test-passphrase --key-file=- {}",
-            v.loopdev.display()
-        ),
-        &raw.payload,
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(opens_with(&v.loopdev, &raw.payload));
 }
