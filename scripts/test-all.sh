@@ -59,6 +59,7 @@ else
     /tmp/*|/var/tmp/*|/var/lib/*|/run/*) export VOLCRYPT_VM_DIR=${VOLCRYPT_VM_DIR:-/var/cache/volcrypt/vm} ;;
   esac
   tests/vm/prepare.sh
+  scripts/osbrick-venv.sh >/dev/null  # os-brick from PyPI for the interop tests (fails loudly)
   tests/vm/selftest.sh
   tests/vm/attach-suite.sh
 fi

@@ -15,16 +15,20 @@ cd "$(dirname "$0")/../.."
 
 filter=${1:-}
 echo "attach-suite: building test binaries"
-mapfile -t bins < <(cargo test --no-run --features test-hooks --message-format=json --test volume_vm --test volume_native --test rpc_vm --test journal_vm --test udev_vm --test safety_vm --test images_vm 2>/dev/null |
+mapfile -t bins < <(cargo test --no-run --features test-hooks --message-format=json --test volume_vm --test volume_native --test rpc_vm --test journal_vm --test udev_vm --test safety_vm --test images_vm --test osbrick_vm 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])')
-((${#bins[@]} == 7)) || { echo "attach-suite: expected 7 test binaries, built ${#bins[@]}" >&2; exit 1; }
+((${#bins[@]} == 8)) || { echo "attach-suite: expected 8 test binaries, built ${#bins[@]}" >&2; exit 1; }
+
+# os-brick from PyPI for osbrick_vm (pinned; made once, then reused): pip failing fails the stage.
+osbrick_venv=$(scripts/osbrick-venv.sh)
 
 # serpent: the fallback test opens a volume whose cipher volcrypt's own engine does not run.
-args=(--udev --timeout "${VOLCRYPT_VM_TIMEOUT:-2400}" --mem 1536 --module serpent_generic)
+args=(--udev --timeout "${VOLCRYPT_VM_TIMEOUT:-3600}" --mem 1536 --module serpent_generic
+      --env "VOLCRYPT_OSBRICK_VENV=$osbrick_venv")
 url=${VOLCRYPT_TEST_BARBICAN_URL:-}
 if [[ $url =~ ^https?://127\.0\.0\.1:([0-9]+)/?$ ]]; then
     args+=(--forward "10.0.2.100:9311=127.0.0.1:${BASH_REMATCH[1]}"

@@ -146,7 +146,21 @@ else
     failed "VM without dm_crypt: exit $rc"; tail -n 40 "$scratch/nodm.out" >&2
 fi
 
-# 8: Barbican configured but not answering: every Barbican test fails, none passes.
+# 8: os-brick's venv missing in the guest: the interop tests fail, they do not pass without it.
+t=$(now)
+rc=0
+VOLCRYPT_VM_RUN_ARGS="--env VOLCRYPT_OSBRICK_VENV=$scratch/no-such-venv" VOLCRYPT_VM_TIMEOUT=600 \
+    "$HERE/attach-suite.sh" passphrase_that_is_not_utf8 >"$scratch/novenv.out" 2>&1 || rc=$?
+if [[ $rc != 0 && $rc != 124 && $rc != 125 ]] &&
+   grep -q 'no-such-venv/bin/python missing: run scripts/osbrick-venv.sh' "$scratch/novenv.out" &&
+   grep -q 'run-counted: FAIL osbrick_vm' "$scratch/novenv.out" &&
+   ! grep -q 'run-counted: osbrick_vm: .* ran and passed' "$scratch/novenv.out"; then
+    pass "a guest without os-brick's venv fails the interop tests (exit $rc) in $(secs "$t")s"
+else
+    failed "guest without os-brick's venv: exit $rc"; tail -n 40 "$scratch/novenv.out" >&2
+fi
+
+# 9: Barbican configured but not answering: every Barbican test fails, none passes.
 bin=$(cargo test --no-run --message-format=json --test keys_barbican 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*keys_barbican[^"]*\)".*/\1/p' | tail -n 1)
 if [[ -x $bin ]]; then
