@@ -241,8 +241,12 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             limits,
         } => {
             let passphrase = key.passphrase()?;
-            let mut opened = image::open(&image, header.header.as_deref())?;
-            let (slot, _key) = opened.unlock(&passphrase, key_slot, &limits.limits())?;
+            let (slot, _key) = if is_qcow2(&image, header.header.as_deref())? {
+                image::qcow2_luks::open(&image)?.unlock(&passphrase, key_slot, &limits.limits())?
+            } else {
+                let mut opened = image::open(&image, header.header.as_deref())?;
+                opened.unlock(&passphrase, key_slot, &limits.limits())?
+            };
             println!("Key slot {slot} unlocked.");
             Ok(())
         }
@@ -263,15 +267,26 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             } else {
                 Output::File(&output)
             };
-            let report = image::decrypt(
-                &image,
-                header.header.as_deref(),
-                &passphrase,
-                key_slot,
-                &limits.limits(),
-                out,
-                &opts,
-            )?;
+            let report = if is_qcow2(&image, header.header.as_deref())? {
+                image::qcow2_luks::decrypt(
+                    &image,
+                    &passphrase,
+                    key_slot,
+                    &limits.limits(),
+                    out,
+                    &opts,
+                )?
+            } else {
+                image::decrypt(
+                    &image,
+                    header.header.as_deref(),
+                    &passphrase,
+                    key_slot,
+                    &limits.limits(),
+                    out,
+                    &opts,
+                )?
+            };
             tracing::info!(slot = report.slot, bytes = report.bytes, "decrypted");
             if output != Path::new("-") {
                 eprintln!(
@@ -394,7 +409,31 @@ fn verify(args: VerifyArgs) -> Result<(), Error> {
     }
 }
 
+/// Whether `image` is a qcow2 image (read through the qcow2 path). A qcow2 image carries its
+/// LUKS header inside, so a detached header makes no sense with it.
+fn is_qcow2(image: &Path, header: Option<&Path>) -> Result<bool, Error> {
+    let qcow2 = image::detect(image)? == image::Format::Qcow2;
+    if qcow2 && header.is_some() {
+        return Err(Error::Usage(format!(
+            "{}: a qcow2 image holds its LUKS header inside; --header cannot be used with it",
+            image.display()
+        )));
+    }
+    Ok(qcow2)
+}
+
 fn inspect(image_path: &Path, header: Option<&Path>, json: bool) -> Result<(), Error> {
+    if is_qcow2(image_path, header)? {
+        let summary = image::qcow2_luks::open(image_path)?.summary();
+        if json {
+            let text = serde_json::to_string_pretty(&summary)
+                .map_err(|e| Error::Usage(format!("cannot encode the summary as JSON: {e}")))?;
+            println!("{text}");
+        } else {
+            print!("{summary}");
+        }
+        return Ok(());
+    }
     let opened = image::open(image_path, header)?;
     let summary = opened.header.summary();
     if json {
