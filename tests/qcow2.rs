@@ -388,3 +388,145 @@ fn unsupported_images_are_refused_by_name() {
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("qcow2 image"), "{}", stderr(&out));
 }
+
+/// `image encrypt --format qcow2`: qemu-img checks the image clean, compares it identical to
+/// the plaintext and converts it back byte-exact; all-zero clusters stay unallocated.
+#[test]
+fn volcrypt_qcow2_images_pass_qemu_img_check_compare_and_convert() {
+    let qemu = qemu_img();
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("passphrase", "aes-xts-plain64", &[]),
+        ("symmetric", "aes-xts-plain64", &["--key-size", "256"]),
+        ("passphrase", "aes-cbc-essiv:sha256", &["--key-size", "256"]),
+    ];
+    for (i, (secret_type, cipher, extra)) in cases.iter().enumerate() {
+        let dir = tempdir();
+        let seed = fresh_seed(cipher);
+        let sectors = 1
+            + (random_bytes(4, seed ^ 9)
+                .iter()
+                .fold(0usize, |a, &b| a * 256 + b as usize)
+                % 16_000);
+        let plain = sparse_plaintext(sectors, seed);
+        let plain_path = dir.path().join("plain.raw");
+        write_file(&plain_path, &plain);
+        let (key, pass) = key_files(dir.path(), secret_type, seed);
+        let img = dir.path().join("vc.qcow2");
+        check(
+            volcrypt(["image", "encrypt", "--format", "qcow2", "--cipher", cipher])
+                .args(*extra)
+                .args(cheap_kdf("pbkdf2"))
+                .args(["--secret-type", secret_type, "--key-file"])
+                .arg(&key)
+                .arg("-o")
+                .arg(&img)
+                .arg(&plain_path),
+        );
+        let out = check(
+            Command::new(&qemu)
+                .args(["check", "--object"])
+                .arg(secret_object(&pass))
+                .arg("--image-opts")
+                .arg(image_opts(&img)),
+        );
+        assert!(
+            stdout(&out).contains("No errors were found"),
+            "{}",
+            stdout(&out)
+        );
+        let out = check(
+            Command::new(&qemu)
+                .args(["compare", "--object"])
+                .arg(secret_object(&pass))
+                .arg("--image-opts")
+                .arg(image_opts(&img))
+                .arg(format!("driver=raw,file.filename={}", plain_path.display())),
+        );
+        assert!(
+            stdout(&out).contains("Images are identical"),
+            "{}",
+            stdout(&out)
+        );
+        let back = qemu_decrypt(&img, &pass, &dir.path().join("qemu.raw"));
+        assert_same_bytes(&back, &plain, &format!("case {i}: qemu-img convert"));
+        let ours = volcrypt_decrypt(&img, &key, secret_type, &dir.path().join("out.raw"));
+        assert_same_bytes(&ours, &plain, &format!("case {i}: volcrypt decrypt"));
+
+        // Only non-zero clusters are allocated: qemu-img map reports exactly those as data.
+        let nonzero = plain
+            .chunks(65536)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .count() as u64;
+        let map = stdout(&check(
+            Command::new(&qemu)
+                .args(["map", "--output=json", "--object"])
+                .arg(secret_object(&pass))
+                .arg("--image-opts")
+                .arg(image_opts(&img)),
+        ));
+        let data_bytes: u64 = map
+            .lines()
+            .filter(|l| l.contains("\"data\": true"))
+            .map(|l| {
+                let at = l.find("\"length\": ").expect("length") + 10;
+                l[at..]
+                    .split(',')
+                    .next()
+                    .expect("number")
+                    .trim()
+                    .parse::<u64>()
+                    .expect("u64")
+            })
+            .sum();
+        let last = (plain.len() as u64).div_ceil(65536);
+        assert!(
+            data_bytes.div_ceil(65536) == nonzero && data_bytes <= nonzero * 65536,
+            "case {i}: {data_bytes} data bytes mapped for {nonzero} non-zero of {last} clusters: {map}"
+        );
+    }
+}
+
+#[test]
+fn qcow2_encrypt_refuses_what_qemu_cannot_read() {
+    let dir = tempdir();
+    let plain = dir.path().join("plain.raw");
+    write_file(&plain, &[1u8; 4096]);
+    let key = dir.path().join("key");
+    write_file(&key, b"k");
+    let out = run(volcrypt([
+        "image",
+        "encrypt",
+        "--format",
+        "qcow2",
+        "--type",
+        "luks2",
+        "--key-file",
+    ])
+    .arg(&key)
+    .arg("-o")
+    .arg(dir.path().join("x.qcow2"))
+    .arg(&plain));
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("LUKS1"), "{}", stderr(&out));
+    let out = run(
+        volcrypt(["image", "encrypt", "--format", "qcow2", "--header"])
+            .arg(dir.path().join("h"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("-o")
+            .arg(dir.path().join("x.qcow2"))
+            .arg(&plain),
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("--header"), "{}", stderr(&out));
+    write_file(&plain, &[1u8; 1000]);
+    let out = run(
+        volcrypt(["image", "encrypt", "--format", "qcow2", "--key-file"])
+            .arg(&key)
+            .arg("-o")
+            .arg(dir.path().join("x.qcow2"))
+            .arg(&plain),
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(!dir.path().join("x.qcow2").exists());
+}

@@ -105,6 +105,10 @@ pub struct EncryptArgs {
     /// Write a detached header to FILE.
     #[arg(long, value_name = "FILE")]
     pub header: Option<PathBuf>,
+    /// Container format: raw LUKS, or a qcow2 (v3) image with LUKS1 encryption as qemu
+    /// writes it (`encrypt.format=luks`; 64 KiB clusters, all-zero clusters unallocated).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: ImageFormat,
     #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
     pub luks_type: Option<LuksType>,
     /// Cipher specification, e.g. aes-xts-plain64, aes-cbc-essiv:sha256.
@@ -145,6 +149,12 @@ pub struct EncryptArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub threads: ThreadArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -305,6 +315,7 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                 output,
                 key,
                 header,
+                format,
                 luks_type,
                 cipher,
                 key_size,
@@ -337,15 +348,34 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                 parallel: pbkdf_parallel,
                 label,
             };
-            let report = image::encrypt(
-                &input,
-                &output,
-                header.as_deref(),
-                &passphrase,
-                &options,
-                &limits.limits(),
-                &opts,
-            )?;
+            let report = match format {
+                ImageFormat::Raw => image::encrypt(
+                    &input,
+                    &output,
+                    header.as_deref(),
+                    &passphrase,
+                    &options,
+                    &limits.limits(),
+                    &opts,
+                )?,
+                ImageFormat::Qcow2 => {
+                    if header.is_some() {
+                        return Err(Error::Usage(
+                            "--header cannot be used with --format qcow2: a qcow2 image holds \
+                             its LUKS header inside"
+                                .into(),
+                        ));
+                    }
+                    image::qcow2_write::encrypt(
+                        &input,
+                        &output,
+                        &passphrase,
+                        &options,
+                        &limits.limits(),
+                        &opts,
+                    )?
+                }
+            };
             eprintln!(
                 "Wrote {} bytes of payload ({}-byte sectors) to {} at offset {}{}.",
                 report.payload_bytes,

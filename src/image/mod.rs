@@ -15,6 +15,7 @@ pub mod bench;
 pub mod params;
 pub mod qcow2;
 pub mod qcow2_luks;
+pub mod qcow2_write;
 pub mod stream;
 pub mod verify;
 
