@@ -15,7 +15,8 @@ use crate::secret::{self, SecretBytes, SecretType};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Detect and validate a LUKS1/LUKS2 header and print what it holds (exit 1 if invalid).
+    /// Detect and validate a LUKS1/LUKS2 header (raw, or inside a qcow2 image) and print what
+    /// it holds (exit 1 if invalid).
     Inspect {
         /// The image (or device) holding the header, or the payload when --header is given.
         image: PathBuf,
@@ -39,7 +40,8 @@ pub enum ImageCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Write the decrypted payload (byte-exact) to a file or to standard output.
+    /// Write the decrypted payload (byte-exact) to a file or to standard output; for a qcow2
+    /// image, the raw guest disk.
     Decrypt(Box<DecryptArgs>),
     /// Write a LUKS container holding INPUT (whose size must be whole sectors). Defaults are
     /// cryptsetup 2.6's: LUKS2, aes-xts-plain64, 512-bit key, argon2id, 2000 ms, 4096-byte

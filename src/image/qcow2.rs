@@ -193,7 +193,7 @@ impl Qcow2Header {
                 return Err(invalid("header", "version 3 header is truncated"));
             }
             let hl = be32(&fixed, 100);
-            if hl < 104 || u64::from(hl) > cluster_size || hl % 8 != 0 {
+            if hl < 104 || u64::from(hl) > cluster_size || !hl.is_multiple_of(8) {
                 return Err(invalid(
                     "header_length",
                     format!("{hl} (must be 104..={cluster_size}, a multiple of 8)"),

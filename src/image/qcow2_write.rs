@@ -214,12 +214,14 @@ pub fn encrypt(
         }
 
         // L2 tables, L1 table, refcount table.
-        let mut table = vec![0u8; (l1_entries * CLUSTER) as usize];
-        for (i, e) in l2.iter().enumerate() {
-            table[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
         out.seek(SeekFrom::Start(l2_base)).map_err(werr)?;
-        out.write_all(&table).map_err(werr)?;
+        let mut table = vec![0u8; CLUSTER as usize];
+        for entries in l2.chunks(l2_entries as usize) {
+            for (i, e) in entries.iter().enumerate() {
+                table[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            out.write_all(&table).map_err(werr)?;
+        }
         let mut l1 = vec![0u8; (l1_clusters * CLUSTER) as usize];
         for i in 0..l1_entries {
             let e = (l2_base + i * CLUSTER) | COPIED;
