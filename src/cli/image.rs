@@ -15,7 +15,8 @@ use crate::secret::{self, SecretBytes, SecretType};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Detect and validate a LUKS1/LUKS2 header and print what it holds (exit 1 if invalid).
+    /// Detect and validate a LUKS1/LUKS2 header (raw, or inside a qcow2 image) and print what
+    /// it holds (exit 1 if invalid).
     Inspect {
         /// The image (or device) holding the header, or the payload when --header is given.
         image: PathBuf,
@@ -39,7 +40,8 @@ pub enum ImageCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Write the decrypted payload (byte-exact) to a file or to standard output.
+    /// Write the decrypted payload (byte-exact) to a file or to standard output; for a qcow2
+    /// image, the raw guest disk.
     Decrypt(Box<DecryptArgs>),
     /// Write a LUKS container holding INPUT (whose size must be whole sectors). Defaults are
     /// cryptsetup 2.6's: LUKS2, aes-xts-plain64, 512-bit key, argon2id, 2000 ms, 4096-byte
@@ -105,6 +107,10 @@ pub struct EncryptArgs {
     /// Write a detached header to FILE.
     #[arg(long, value_name = "FILE")]
     pub header: Option<PathBuf>,
+    /// Container format: raw LUKS, or a qcow2 (v3) image with LUKS1 encryption as qemu
+    /// writes it (`encrypt.format=luks`; 64 KiB clusters, all-zero clusters unallocated).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: ImageFormat,
     #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
     pub luks_type: Option<LuksType>,
     /// Cipher specification, e.g. aes-xts-plain64, aes-cbc-essiv:sha256.
@@ -145,6 +151,12 @@ pub struct EncryptArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub threads: ThreadArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -241,8 +253,12 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             limits,
         } => {
             let passphrase = key.passphrase()?;
-            let mut opened = image::open(&image, header.header.as_deref())?;
-            let (slot, _key) = opened.unlock(&passphrase, key_slot, &limits.limits())?;
+            let (slot, _key) = if is_qcow2(&image, header.header.as_deref())? {
+                image::qcow2_luks::open(&image)?.unlock(&passphrase, key_slot, &limits.limits())?
+            } else {
+                let mut opened = image::open(&image, header.header.as_deref())?;
+                opened.unlock(&passphrase, key_slot, &limits.limits())?
+            };
             println!("Key slot {slot} unlocked.");
             Ok(())
         }
@@ -263,15 +279,26 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             } else {
                 Output::File(&output)
             };
-            let report = image::decrypt(
-                &image,
-                header.header.as_deref(),
-                &passphrase,
-                key_slot,
-                &limits.limits(),
-                out,
-                &opts,
-            )?;
+            let report = if is_qcow2(&image, header.header.as_deref())? {
+                image::qcow2_luks::decrypt(
+                    &image,
+                    &passphrase,
+                    key_slot,
+                    &limits.limits(),
+                    out,
+                    &opts,
+                )?
+            } else {
+                image::decrypt(
+                    &image,
+                    header.header.as_deref(),
+                    &passphrase,
+                    key_slot,
+                    &limits.limits(),
+                    out,
+                    &opts,
+                )?
+            };
             tracing::info!(slot = report.slot, bytes = report.bytes, "decrypted");
             if output != Path::new("-") {
                 eprintln!(
@@ -290,6 +317,7 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                 output,
                 key,
                 header,
+                format,
                 luks_type,
                 cipher,
                 key_size,
@@ -322,15 +350,34 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                 parallel: pbkdf_parallel,
                 label,
             };
-            let report = image::encrypt(
-                &input,
-                &output,
-                header.as_deref(),
-                &passphrase,
-                &options,
-                &limits.limits(),
-                &opts,
-            )?;
+            let report = match format {
+                ImageFormat::Raw => image::encrypt(
+                    &input,
+                    &output,
+                    header.as_deref(),
+                    &passphrase,
+                    &options,
+                    &limits.limits(),
+                    &opts,
+                )?,
+                ImageFormat::Qcow2 => {
+                    if header.is_some() {
+                        return Err(Error::Usage(
+                            "--header cannot be used with --format qcow2: a qcow2 image holds \
+                             its LUKS header inside"
+                                .into(),
+                        ));
+                    }
+                    image::qcow2_write::encrypt(
+                        &input,
+                        &output,
+                        &passphrase,
+                        &options,
+                        &limits.limits(),
+                        &opts,
+                    )?
+                }
+            };
             eprintln!(
                 "Wrote {} bytes of payload ({}-byte sectors) to {} at offset {}{}.",
                 report.payload_bytes,
@@ -394,7 +441,31 @@ fn verify(args: VerifyArgs) -> Result<(), Error> {
     }
 }
 
+/// Whether `image` is a qcow2 image (read through the qcow2 path). A qcow2 image carries its
+/// LUKS header inside, so a detached header makes no sense with it.
+fn is_qcow2(image: &Path, header: Option<&Path>) -> Result<bool, Error> {
+    let qcow2 = image::detect(image)? == image::Format::Qcow2;
+    if qcow2 && header.is_some() {
+        return Err(Error::Usage(format!(
+            "{}: a qcow2 image holds its LUKS header inside; --header cannot be used with it",
+            image.display()
+        )));
+    }
+    Ok(qcow2)
+}
+
 fn inspect(image_path: &Path, header: Option<&Path>, json: bool) -> Result<(), Error> {
+    if is_qcow2(image_path, header)? {
+        let summary = image::qcow2_luks::open(image_path)?.summary();
+        if json {
+            let text = serde_json::to_string_pretty(&summary)
+                .map_err(|e| Error::Usage(format!("cannot encode the summary as JSON: {e}")))?;
+            println!("{text}");
+        } else {
+            print!("{summary}");
+        }
+        return Ok(());
+    }
     let opened = image::open(image_path, header)?;
     let summary = opened.header.summary();
     if json {

@@ -14,6 +14,9 @@
 pub mod bench;
 pub mod glance;
 pub mod params;
+pub mod qcow2;
+pub mod qcow2_luks;
+pub mod qcow2_write;
 pub mod stream;
 pub mod verify;
 
@@ -90,6 +93,9 @@ pub enum Error {
     Luks(#[from] luks::Error),
     #[error(transparent)]
     Crypto(#[from] crate::crypto::Error),
+    /// A qcow2 image that is malformed or uses a feature volcrypt does not process.
+    #[error("{path}: {source}")]
+    Qcow2 { path: String, source: qcow2::Error },
     /// `image verify` found a difference, or could not verify.
     #[error(transparent)]
     Verify(verify::VerifyFailed),
@@ -102,6 +108,10 @@ impl Error {
             Error::Luks(e) | Error::Header { source: e, .. } => e.kind(),
             Error::Crypto(e) => e.kind(),
             Error::Verify(v) => v.kind,
+            Error::Qcow2 {
+                source: qcow2::Error::Io(_),
+                ..
+            } => Kind::WrongDevice,
             _ => Kind::Invalid,
         }
     }
@@ -174,9 +184,39 @@ pub struct OpenedImage {
     header_file: Option<(PathBuf, File)>,
 }
 
+/// The container formats `image` commands read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A LUKS1/LUKS2 header at offset 0 (or a detached header).
+    Luks,
+    /// A qcow2 image (magic `QFI\xfb`), which must carry LUKS encryption.
+    Qcow2,
+}
+
+/// Tells a qcow2 image from anything else (which the LUKS reader then judges).
+pub fn detect(image: &Path) -> Result<Format, Error> {
+    let mut f = File::open(image).map_err(open_err(image))?;
+    if qcow2::is_qcow(&mut f).map_err(io_err(image))? {
+        Ok(Format::Qcow2)
+    } else {
+        Ok(Format::Luks)
+    }
+}
+
 /// Opens `image` (and the detached `header` file, if given), reads and validates the header.
+/// A qcow2 image is refused by name here: callers that handle qcow2 check [`detect`] first.
 pub fn open(image: &Path, header: Option<&Path>) -> Result<OpenedImage, Error> {
     let mut image_file = File::open(image).map_err(open_err(image))?;
+    if header.is_none() && qcow2::is_qcow(&mut image_file).map_err(io_err(image))? {
+        return Err(Error::Qcow2 {
+            path: image.display().to_string(),
+            source: qcow2::Error::Unsupported(
+                "this is a qcow2 image: this command reads raw LUKS images only (inspect, \
+                 check-key and decrypt read qcow2-LUKS images)"
+                    .into(),
+            ),
+        });
+    }
     let image_size = file_size(&mut image_file).map_err(io_err(image))?;
     let (parsed, header_file) = match header {
         Some(hpath) => {
