@@ -91,6 +91,9 @@ pub enum Error {
     /// Bad command-line usage that clap could not catch (conflicting options and the like).
     #[error("{0}")]
     Usage(String),
+    /// `image check-properties` found disagreements (each printed before).
+    #[error("{count} Glance propert{} disagree(s) with the image", if *count == 1 { "y" } else { "ies" })]
+    PropertiesDisagree { count: usize },
 }
 
 impl Error {
@@ -111,6 +114,7 @@ impl Error {
             Error::Udev(e) => e.kind().into(),
             Error::Config(e) => e.kind().into(),
             Error::Usage(_) => ExitStatus::Invalid,
+            Error::PropertiesDisagree { .. } => crate::kind::Kind::Mismatch.into(),
         }
     }
 }

@@ -25,6 +25,20 @@ pub enum ImageCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        glance: GlanceArgs,
+        /// The Barbican secret id to put in os_encrypt_key_id (with --glance-properties).
+        #[arg(long, value_name = "ID", requires = "glance_properties")]
+        os_encrypt_key_id: Option<String>,
+    },
+    /// Check a Glance property set (JSON object: disk_format, container_format, os_encrypt_*,
+    /// os_decrypt_*; legacy cinder_* names accepted with a note) against an encrypted image;
+    /// names every disagreement (exit 6) and prints the findings as JSON.
+    CheckProperties {
+        /// The encrypted image (raw LUKS or qcow2-LUKS).
+        image: PathBuf,
+        /// The property set (`-` for standard input).
+        properties: PathBuf,
     },
     /// Check a key against the keyslots; report the slot that accepts it (exit 2 if none).
     CheckKey {
@@ -151,6 +165,8 @@ pub struct EncryptArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub threads: ThreadArgs,
+    #[command(flatten)]
+    pub glance: GlanceArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -175,12 +191,58 @@ pub struct HeaderArg {
 #[derive(Debug, Args)]
 pub struct KeyArgs {
     /// Key file, read whole (no newline stripping, as cryptsetup); `-` for standard input.
-    #[arg(long, short = 'd', value_name = "FILE")]
-    pub key_file: PathBuf,
+    #[arg(
+        long,
+        short = 'd',
+        value_name = "FILE",
+        required_unless_present = "key_id",
+        conflicts_with = "key_id"
+    )]
+    pub key_file: Option<PathBuf>,
     /// Key-manager secret type of the key file: passphrase = bytes verbatim;
     /// symmetric/opaque/… = their lowercase hex (the OpenStack os-brick rule).
     #[arg(long, value_name = "TYPE", default_value = "passphrase")]
     pub secret_type: SecretType,
+    /// Take the key from the configured key manager instead of a file (no key file touches
+    /// the disk); the secret's own type decides the passphrase rule.
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<String>,
+    /// Config file naming the key manager for --key-id (default /etc/volcrypt/volcrypt.toml if
+    /// it exists).
+    #[arg(long, value_name = "FILE", requires = "key_id")]
+    pub config: Option<PathBuf>,
+}
+
+/// `--glance-properties`: the property set for uploading the image to Glance.
+#[derive(Debug, Args)]
+pub struct GlanceArgs {
+    /// Write the Glance property set of the image (JSON) to FILE, `-` for standard output.
+    #[arg(long, value_name = "FILE")]
+    pub glance_properties: Option<PathBuf>,
+    /// os_encrypt_key_deletion_policy in that set: whether Glance deletes the secret with the
+    /// image.
+    #[arg(long, value_enum, default_value = "do-not-delete")]
+    pub key_deletion_policy: image::glance::DeletionPolicy,
+}
+
+impl GlanceArgs {
+    /// Write the property set of the image at `path` (if asked).
+    fn write(&self, path: &Path, key_id: Option<&str>) -> Result<(), Error> {
+        let Some(to) = &self.glance_properties else {
+            return Ok(());
+        };
+        let facts = image::glance::facts_of(path)?;
+        let props = image::glance::properties(&facts, key_id, self.key_deletion_policy);
+        let text = serde_json::to_string_pretty(&props)
+            .map_err(|e| Error::Usage(format!("cannot encode the properties: {e}")))?;
+        if to == Path::new("-") {
+            println!("{text}");
+        } else {
+            std::fs::write(to, format!("{text}\n"))
+                .map_err(|e| Error::Usage(format!("cannot write {}: {e}", to.display())))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -220,9 +282,19 @@ impl LimitArgs {
 }
 
 impl KeyArgs {
-    /// The passphrase LUKS sees: the key file's bytes after the secret-type rule.
+    /// The passphrase LUKS sees: the key file's bytes after the secret-type rule, or the
+    /// key manager's secret after its own type's rule.
     fn passphrase(&self) -> Result<SecretBytes, Error> {
-        let payload = image::read_key_file(&self.key_file)?;
+        if let Some(id) = &self.key_id {
+            let config = crate::config::Config::load_or_default(self.config.as_deref())?;
+            let km = crate::keys::from_config(&config.key_manager)?;
+            return Ok(km.get(id)?.passphrase());
+        }
+        let file = self
+            .key_file
+            .as_deref()
+            .ok_or_else(|| Error::Usage("give --key-file or --key-id".into()))?;
+        let payload = image::read_key_file(file)?;
         Ok(secret::derive_passphrase(&self.secret_type, &payload))
     }
 }
@@ -244,7 +316,23 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             image,
             header,
             json,
-        } => inspect(&image, header.header.as_deref(), json),
+            glance,
+            os_encrypt_key_id,
+        } => {
+            if glance.glance_properties.is_some() {
+                if header.header.is_some() {
+                    return Err(Error::Usage(
+                        "--glance-properties describes an image that holds its header;                          not with --header"
+                            .into(),
+                    ));
+                }
+                return glance.write(&image, os_encrypt_key_id.as_deref());
+            }
+            inspect(&image, header.header.as_deref(), json)
+        }
+        ImageCommand::CheckProperties { image, properties } => {
+            check_properties(&image, &properties)
+        }
         ImageCommand::CheckKey {
             image,
             header,
@@ -331,7 +419,15 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                 label,
                 limits,
                 threads,
+                glance,
             } = *args;
+            if glance.glance_properties.is_some() && header.is_some() {
+                return Err(Error::Usage(
+                    "--glance-properties describes an image that holds its header; not with \
+                     --header"
+                        .into(),
+                ));
+            }
             let opts = stream_options(&threads)?;
             let passphrase = key.passphrase()?;
             let options = EncryptOptions {
@@ -389,9 +485,46 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                     None => String::new(),
                 }
             );
-            Ok(())
+            glance.write(&output, key.key_id.as_deref())
         }
     }
+}
+
+/// `image check-properties`: the findings as JSON on stdout; exit 6 on any disagreement.
+fn check_properties(image_path: &Path, properties: &Path) -> Result<(), Error> {
+    let text = if properties == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Error::Usage(format!("cannot read the properties: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(properties)
+            .map_err(|e| Error::Usage(format!("cannot read {}: {e}", properties.display())))?
+    };
+    let props: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| {
+            Error::Usage(format!(
+                "{}: not a JSON object of properties: {e}",
+                properties.display()
+            ))
+        })?;
+    let facts = image::glance::facts_of(image_path)?;
+    let findings = image::glance::check(&facts, &props);
+    let out = serde_json::to_string_pretty(&findings)
+        .map_err(|e| Error::Usage(format!("cannot encode the findings: {e}")))?;
+    println!("{out}");
+    for n in &findings.notes {
+        eprintln!("note: {n}");
+    }
+    if findings.disagreements.is_empty() {
+        return Ok(());
+    }
+    for d in &findings.disagreements {
+        eprintln!("disagreement: {d}");
+    }
+    Err(Error::PropertiesDisagree {
+        count: findings.disagreements.len(),
+    })
 }
 
 fn verify(args: VerifyArgs) -> Result<(), Error> {

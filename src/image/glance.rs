@@ -39,6 +39,30 @@ pub struct ImageFacts {
     pub decrypted_size: u64,
 }
 
+/// The facts of the encrypted image at `path` (raw LUKS or qcow2-LUKS): read and validated, no
+/// key needed.
+pub fn facts_of(path: &std::path::Path) -> Result<ImageFacts, super::Error> {
+    match super::detect(path)? {
+        super::Format::Qcow2 => {
+            let q = super::qcow2_luks::open(path)?;
+            Ok(ImageFacts {
+                container: Container::Qcow2Luks,
+                luks_version: q.luks.version(),
+                decrypted_size: q.qcow2.virtual_size,
+            })
+        }
+        super::Format::Luks => {
+            let o = super::open(path, None)?;
+            let (_, len) = o.payload_extent()?;
+            Ok(ImageFacts {
+                container: Container::RawLuks,
+                luks_version: o.header.version(),
+                decrypted_size: len,
+            })
+        }
+    }
+}
+
 /// Whether Glance deletes the image's secret with the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DeletionPolicy {
@@ -111,7 +135,8 @@ pub fn check(facts: &ImageFacts, props: &serde_json::Map<String, Value>) -> Find
         (Container::Qcow2Luks, Some("qcow2"), _) => {}
         (c, d, _) => disagree(format!(
             "disk_format is {}, the image is {}",
-            d.map(|d| format!("{d:?}")).unwrap_or_else(|| "missing".into()),
+            d.map(|d| format!("{d:?}"))
+                .unwrap_or_else(|| "missing".into()),
             match c {
                 Container::RawLuks => "raw LUKS (disk_format \"luks\")",
                 Container::Qcow2Luks => "qcow2 with LUKS encryption (disk_format \"qcow2\")",
