@@ -1349,6 +1349,49 @@ fn a_first_attach_failing_after_its_format_leaves_the_device_blank() {
     v.assert_nothing_left();
 }
 
+/// A writer keeps writing through the mapping while `verify --full` runs (several times): a
+/// sector written between the two reads of a verify must agree on its re-read, so no run may
+/// report a mismatch.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn verify_full_under_a_concurrent_writer_never_reports_a_false_mismatch() {
+    need::require_dm_crypt();
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let k = keys();
+    let v = Vol::new("verwriter", 24);
+    let (cfg, _) = cli_files(&v, &k, "");
+    volume::attach(&v.ctx(&k), &v.request("luks2", "sym-1", "", "")).unwrap();
+    let mapper = v.mapper();
+    // 64 KiB random writes at random 64 KiB-aligned places of the 8 MiB payload, O_DIRECT.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while :; do dd if=/dev/urandom of={} bs=64k count=1 seek=$(( $(od -An -N2 -tu2 \
+             /dev/urandom) % 128 )) oflag=direct conv=notrunc status=none || exit 1; done",
+            mapper.display()
+        ))
+        .spawn()
+        .unwrap();
+    let mut changed = 0;
+    for run in 0..3 {
+        let (code, r, err) = run_verify(bin, &cfg, &v.volume_id(), "--full");
+        assert_eq!(code, 0, "run {run}: {err} {r}");
+        assert_eq!(r["mismatch_count"].as_u64(), Some(0), "run {run}: {r}");
+        assert_eq!(r["verdict"], "agree", "run {run}: {r}");
+        changed += r["changed_during_verify"].as_u64().unwrap();
+    }
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer stopped: the test did not write during the verifies"
+    );
+    let _ = writer.kill();
+    let _ = writer.wait();
+    eprintln!(
+        "verify under a writer: 3 full runs agree, {changed} sector(s) changed during verify"
+    );
+    volume::detach(&v.ctx(&k), &v.volume_id(), None).unwrap();
+}
+
 /// `volcrypt verify VOLUME_ID` as an operator runs it (the CLI with a config file) for a
 /// volume the engine attached; returns (exit code, JSON report or Null, stderr).
 fn run_verify(

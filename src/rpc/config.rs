@@ -168,3 +168,28 @@ impl ServerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periodic_verify_is_off_by_default_and_bounded() {
+        let d = ServerConfig::default();
+        assert_eq!(d.verify_interval_secs, None);
+        assert!(d.check().is_ok());
+        let on: ServerConfig =
+            toml::from_str("verify_interval_secs = 3600\nverify_max_rate_mb = 20").unwrap();
+        assert!(on.check().is_ok(), "{:?}", on.check());
+        assert_eq!(on.verify_sample, crate::volume::verify::DEFAULT_SAMPLE);
+        for bad in [
+            "verify_interval_secs = 5",
+            "verify_sample = 0",
+            "verify_max_rate_mb = 0",
+        ] {
+            let c: ServerConfig = toml::from_str(bad).unwrap();
+            let e = c.check().unwrap_err();
+            assert!(e.contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
+        }
+    }
+}

@@ -384,7 +384,7 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     record_volume(id);
     let device_path = query_param(query, "device_path")?.map(PathBuf::from);
     // A running verify would hold the volume's lock for a whole read of the disk: stop it.
-    app.verify_jobs.cancel(id);
+    app.verify_jobs.cancel_and_wait(id).await;
     let guard = app.locks.lock(id).await;
     let held = Held {
         _volume: Some(guard),
@@ -487,7 +487,7 @@ async fn verify(
     match tokio::task::spawn_blocking(move || journal.get(&id2)).await {
         Ok(Ok(Some(_))) => {}
         Ok(Ok(None)) => return Err(unknown_volume(id, app)),
-        Ok(Err(e)) => return Err(engine_err(e.into())),
+        Ok(Err(e)) => return Err(engine_err(e)),
         Err(e) => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

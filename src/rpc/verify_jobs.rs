@@ -143,18 +143,6 @@ impl VerifyJobs {
         Some(v)
     }
 
-    /// Ask the volume's running job to stop; `false` when none runs. Returns at once: see
-    /// [`VerifyJobs::cancel_and_wait`].
-    pub(crate) fn cancel(&self, volume_id: &str) -> bool {
-        let map = self.map();
-        let Some(r) = map.get(volume_id).and_then(|e| e.running.as_ref()) else {
-            return false;
-        };
-        r.cancel.store(true, Ordering::SeqCst);
-        r.wake.notify_one();
-        true
-    }
-
     /// Cancel the volume's running job and wait until it has ended (its devices closed, its
     /// lock and budget returned); the job's final view, `None` when none ran.
     pub(crate) async fn cancel_and_wait(&self, volume_id: &str) -> Option<JobView> {
