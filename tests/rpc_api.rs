@@ -299,7 +299,26 @@ fn unknown_volumes_are_404() {
         Some(br#"{"mode": "sample", "count": 5, "max_rate_mb": -1}"#),
     );
     assert_error(s, &v, 400, "invalid_request", None);
-    let r = agent.call("GET", "/v1/attachments/no-such-vol/verify", None);
+    let (s, v) = agent.checked(
+        "POST",
+        vr,
+        "/v1/attachments/no-such-vol/verify",
+        Some(br#"{"async": 1}"#),
+    );
+    assert_error(s, &v, 400, "invalid_request", Some("async"));
+    // An async verify of an unknown volume starts no job.
+    let (s, v) = agent.checked(
+        "POST",
+        vr,
+        "/v1/attachments/no-such-vol/verify",
+        Some(br#"{"async": true, "mode": "full"}"#),
+    );
+    assert_error(s, &v, 404, "unknown_volume", None);
+    for method in ["GET", "DELETE"] {
+        let (s, v) = agent.checked(method, vr, "/v1/attachments/no-such-vol/verify", None);
+        assert_error(s, &v, 404, "not_found", None);
+    }
+    let r = agent.call("PUT", "/v1/attachments/no-such-vol/verify", None);
     assert_eq!(r.status, 405);
     // Unknown routes and methods.
     let r = agent.call("GET", "/v2/nothing", None);

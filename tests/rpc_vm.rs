@@ -394,6 +394,182 @@ fn tune_through_the_api() {
     }
 }
 
+/// Verify jobs through the agent: a synchronous full verify becomes the volume's
+/// `last_verify` in `GET /v1/attachments/{id}` and the per-volume metrics; an async verify
+/// reports its progress, refuses a second one (409), and a `DELETE` cancels it leaving nothing
+/// behind (no descriptor of the volume's devices in the agent, budget and lock returned, state
+/// record unchanged, no bytes counted); a detach cancels a running verify.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn verify_jobs_progress_cancel_last_result_and_metrics() {
+    need::require_dm_crypt();
+    let agent = Agent::start_with("", FAST_KDF);
+    let ks = keystore(&agent);
+    put(&ks, "pass-j", SecretType::Passphrase, b"job horse");
+    let loops = Loops::new(agent.dir.path(), 1, 24);
+    let body = request("vm-vol-j", &loops.0[0], "luks2", "pass-j");
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(s, 201, "{v}");
+    let mapper = PathBuf::from(v["device"].as_str().unwrap());
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=2 oflag=direct status=none",
+        mapper.display()
+    ));
+    let one = ("/v1/attachments/{volume_id}", "/v1/attachments/vm-vol-j");
+    let job = (
+        "/v1/attachments/{volume_id}/verify",
+        "/v1/attachments/vm-vol-j/verify",
+    );
+    let metric = |name: &str| -> Option<String> {
+        let m = String::from_utf8(agent.call("GET", "/metrics", None).body).unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+    };
+
+    let (s, v) = agent.checked("GET", one.0, one.1, None);
+    assert_eq!(s, 200, "{v}");
+    assert!(v.get("last_verify").is_none(), "no verify ran yet: {v}");
+    let (s, report) = agent.checked("POST", job.0, job.1, Some(br#"{"mode": "full"}"#));
+    assert_eq!(s, 200, "{report}");
+    assert_eq!(report["verdict"], "agree", "{report}");
+    let size = report["mapping_bytes"].as_u64().unwrap();
+    assert_eq!(report["bytes_checked"], size, "{report}");
+    let (_, v) = agent.checked("GET", one.0, one.1, None);
+    let last = &v["last_verify"];
+    assert_eq!(
+        (
+            &last["state"],
+            &last["verdict"],
+            &last["mode"],
+            &last["trigger"]
+        ),
+        (
+            &"finished".into(),
+            &"agree".into(),
+            &"full".into(),
+            &"api".into()
+        ),
+        "{v}"
+    );
+    assert_eq!(
+        (&last["bytes_checked"], &last["mismatch_count"]),
+        (&size.into(), &0.into()),
+        "{v}"
+    );
+    assert!(
+        last["finished_at_unix"].as_u64().unwrap() > 1_600_000_000,
+        "{v}"
+    );
+    let (s, v) = agent.checked("GET", job.0, job.1, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["report"]["verdict"], "agree", "{v}");
+    let bytes_metric = r#"volcrypt_verify_bytes_total{volume_id="vm-vol-j"}"#;
+    assert_eq!(metric(bytes_metric), Some(size.to_string()));
+    assert_eq!(
+        metric(r#"volcrypt_verify_mismatches_total{volume_id="vm-vol-j"}"#),
+        Some("0".into())
+    );
+    let stamp: u64 = metric(r#"volcrypt_verify_last_timestamp_seconds{volume_id="vm-vol-j"}"#)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(Some(stamp), last["finished_at_unix"].as_u64());
+
+    let fds_of_volume = || -> Vec<String> {
+        let devs: Vec<u64> = [&mapper, &loops.0[0]]
+            .iter()
+            .map(|p| std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(p).unwrap()))
+            .collect();
+        std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| {
+                std::fs::metadata(t).is_ok_and(|m| {
+                    devs.contains(&std::os::unix::fs::MetadataExt::rdev(&m))
+                        && std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())
+                })
+            })
+            .map(|t| t.display().to_string())
+            .collect()
+    };
+    let fds_idle = fds_of_volume();
+    // Async, slowed to 0.5 MB/s so it is still running when cancelled.
+    let record = agent.dir.path().join("state/vm-vol-j.json");
+    let record_before = std::fs::read(&record).unwrap();
+    let slow = br#"{"mode": "full", "max_rate_mb": 0.5, "async": true}"#;
+    let (s, v) = agent.checked("POST", job.0, job.1, Some(slow));
+    assert_eq!(s, 202, "{v}");
+    assert!(v["state"] == "queued" || v["state"] == "running", "{v}");
+    let t0 = Instant::now();
+    let running = loop {
+        let (_, v) = agent.checked("GET", job.0, job.1, None);
+        if v["state"] == "running" && v["bytes_done"].as_u64().unwrap() > 0 {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(running["bytes_total"], size, "{running}");
+    assert!(running["bytes_done"].as_u64().unwrap() < size, "{running}");
+    let (s, v) = agent.checked("POST", job.0, job.1, None);
+    assert_error(s, &v, 409, "verify_running", None);
+    let during = fds_of_volume();
+    assert!(
+        during.len() >= 2,
+        "the running verify reads both devices: {during:?}"
+    );
+    let (s, v) = agent.checked("DELETE", job.0, job.1, None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert_eq!(v["error"]["code"], "cancelled", "{v}");
+    assert!(v["bytes_done"].as_u64().unwrap() < size, "{v}");
+    assert_eq!(fds_of_volume(), fds_idle, "descriptors left open");
+    assert_eq!(metric("volcrypt_kdf_memory_in_use_mib"), Some("0".into()));
+    assert_eq!(metric("volcrypt_operations_in_flight"), Some("0".into()));
+    assert_eq!(
+        metric(bytes_metric),
+        Some(size.to_string()),
+        "a cancelled verify counts nothing"
+    );
+    assert_eq!(
+        std::fs::read(&record).unwrap(),
+        record_before,
+        "state record changed"
+    );
+    let (_, v) = agent.checked("GET", one.0, one.1, None);
+    assert_eq!(v["last_verify"]["state"], "cancelled", "{v}");
+    let (s, _) = agent.checked("DELETE", job.0, job.1, None);
+    assert_eq!(s, 404, "nothing left to cancel");
+    // The lock and the budget are free: the next verify runs at once.
+    let (s, v) = agent.checked(
+        "POST",
+        job.0,
+        job.1,
+        Some(br#"{"mode": "sample", "count": 8}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["verdict"], "agree", "{v}");
+
+    // A detach does not wait for a running verify: it cancels it.
+    let (s, v) = agent.checked("POST", job.0, job.1, Some(slow));
+    assert_eq!(s, 202, "{v}");
+    let t0 = Instant::now();
+    let (s, v) = agent.checked("DELETE", one.0, one.1, None);
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(size / 500_000),
+        "detach waited for the verify"
+    );
+    let (_, v) = agent.checked("GET", job.0, job.1, None);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert!(!mapper.exists());
+}
+
 /// 20 attaches at once, each an Argon2id keyslot of 8 MiB, with a 24 MiB budget (3 at a time): all succeed
 /// and the KDF memory admitted never exceeds the budget (sampled from /metrics meanwhile).
 #[test]

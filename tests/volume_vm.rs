@@ -1572,6 +1572,93 @@ fn a_first_attach_failing_after_its_format_leaves_the_device_blank() {
     v.assert_nothing_left();
 }
 
+/// A volume opened with `cryptsetup open` directly has no volcrypt state record, so volcrypt
+/// knows neither its key id nor its key manager: `verify` refuses it plainly (naming the volume
+/// and "not managed by volcrypt"), reads nothing and leaves the mapping alone.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn verify_refuses_a_volume_opened_by_cryptsetup_directly() {
+    need::require_dm_crypt();
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let k = keys();
+    let v = Vol::new("vercsetup", 24);
+    let (cfg, _) = cli_files(&v, &k, "");
+    let pass = v.dir.path().join("pass");
+    std::fs::write(&pass, b"opened elsewhere").unwrap();
+    sh(&format!(
+        "cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 \
+         --pbkdf-force-iterations 1000 --key-file {p} {d} && \
+         cryptsetup open --key-file {p} {d} {n}",
+        p = pass.display(),
+        d = v.loopdev.display(),
+        n = v.name
+    ));
+    for id in [v.volume_id(), v.name.clone()] {
+        let (code, r, err) = run_verify(bin, &cfg, &id, "--full");
+        assert_ne!(code, 0, "{id}: {r}");
+        assert_ne!(code, 6, "{id}: refused, not a mismatch: {err}");
+        assert!(
+            err.contains(&format!("volume {id} is not managed by volcrypt")),
+            "{id}: {err}"
+        );
+    }
+    assert!(v.active(), "the mapping opened by cryptsetup was touched");
+    sh(&format!("cryptsetup close {}", v.name));
+}
+
+/// A writer keeps writing through the mapping while `verify --full` runs (several times): a
+/// sector written between the two reads of a verify must agree on its re-read, so no run may
+/// report a mismatch.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn verify_full_under_a_concurrent_writer_never_reports_a_false_mismatch() {
+    need::require_dm_crypt();
+    let bin = env!("CARGO_BIN_EXE_volcrypt");
+    let k = keys();
+    let v = Vol::new("verwriter", 24);
+    let (cfg, _) = cli_files(&v, &k, "");
+    volume::attach(&v.ctx(&k), &v.request("luks2", "sym-1", "", "")).unwrap();
+    let mapper = v.mapper();
+    // The payload is rewritten over and over, alternating two random patterns, in 64 KiB
+    // O_DIRECT writes (few processes: spawning is slow under emulation).
+    let size: u64 = sh(&format!("blockdev --getsize64 {}", mapper.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    let (a, b) = (v.dir.path().join("a"), v.dir.path().join("b"));
+    std::fs::write(&a, pattern(41, size as usize)).unwrap();
+    std::fs::write(&b, pattern(43, size as usize)).unwrap();
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while :; do for p in {a} {b}; do dd if=$p of={m} bs=64k oflag=direct conv=notrunc \
+             status=none || exit 1; done; done",
+            a = a.display(),
+            b = b.display(),
+            m = mapper.display()
+        ))
+        .spawn()
+        .unwrap();
+    let mut changed = 0;
+    for run in 0..3 {
+        let (code, r, err) = run_verify(bin, &cfg, &v.volume_id(), "--full");
+        assert_eq!(code, 0, "run {run}: {err} {r}");
+        assert_eq!(r["mismatch_count"].as_u64(), Some(0), "run {run}: {r}");
+        assert_eq!(r["verdict"], "agree", "run {run}: {r}");
+        changed += r["changed_during_verify"].as_u64().unwrap();
+    }
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer stopped: the test did not write during the verifies"
+    );
+    let _ = writer.kill();
+    let _ = writer.wait();
+    eprintln!(
+        "verify under a writer: 3 full runs agree, {changed} sector(s) changed during verify"
+    );
+    volume::detach(&v.ctx(&k), &v.volume_id(), None).unwrap();
+}
+
 /// `volcrypt verify VOLUME_ID` as an operator runs it (the CLI with a config file) for a
 /// volume the engine attached; returns (exit code, JSON report or Null, stderr).
 fn run_verify(

@@ -327,7 +327,9 @@ pub fn verify(args: VerifyArgs) -> Result<(), Error> {
         mode: args.mode()?,
         max_rate_mb: args.max_rate_mb()?,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        // Ctrl-C ends the process: a verify only reads, so nothing is left half-done.
         cancel: None,
+        counters: None,
     };
     // An unknown volume is named as such before any key manager is built or asked.
     if volume::Journal::new(&volume.state_dir)

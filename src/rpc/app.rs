@@ -44,6 +44,8 @@ pub struct App {
     shutting_down: AtomicBool,
     /// The start-up reconcile report (`checked: false` until the check has run).
     pub(crate) reconcile: Mutex<volume::Report>,
+    /// Running and last verify of each volume.
+    pub(crate) verify_jobs: super::verify_jobs::VerifyJobs,
 }
 
 impl App {
@@ -67,6 +69,7 @@ impl App {
                 detail: "start-up check still running".into(),
                 ..Default::default()
             }),
+            verify_jobs: Default::default(),
         }
     }
 
@@ -86,6 +89,8 @@ impl App {
     /// Refuse new operations, then wait until every running one has returned its token.
     pub async fn drain(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // A running verify only reads: stop it rather than wait for a whole disk.
+        self.verify_jobs.cancel_all();
         if let Ok(all) = self.in_flight.acquire_many(MAX_IN_FLIGHT).await {
             all.forget();
         }

@@ -13,6 +13,10 @@
 //! shutdown_grace_secs = 30            # in-flight operations get this long after SIGTERM
 //! udev = true                         # udev monitor: wait_for_device, teardown on remove,
 //!                                     # re-activation on add (udev-rules/90-volcrypt.rules)
+//! verify_interval_secs = 86400        # periodic sampled verify of every attached volume
+//!                                     # (default: off)
+//! verify_sample = 256                 # sectors per volume and round
+//! verify_max_rate_mb = 20             # read rate limit of the periodic verify, MB/s (default: none)
 //!
 //! [volume]                            # the attach engine's settings (crate::volume::VolumeConfig)
 //! state_dir = "/var/lib/volcrypt/state"
@@ -58,6 +62,13 @@ pub struct ServerConfig {
     /// teardown on remove; selectors still resolve against the devices present, and
     /// `waiting` records are still tried at start-up.
     pub udev: bool,
+    /// Verify every attached volume by sampling this often (`None`, the default: never). The
+    /// results are what `GET /v1/attachments/{id}` and the verify metrics show.
+    pub verify_interval_secs: Option<u64>,
+    /// Sectors the periodic verify checks per volume.
+    pub verify_sample: u64,
+    /// Read rate limit of the periodic verify, MB/s (`None`: unlimited).
+    pub verify_max_rate_mb: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +82,9 @@ impl Default for ServerConfig {
             kdf_memory_estimate_mib: 1024,
             shutdown_grace_secs: 30,
             udev: true,
+            verify_interval_secs: None,
+            verify_sample: crate::volume::verify::DEFAULT_SAMPLE,
+            verify_max_rate_mb: None,
         }
     }
 }
@@ -122,6 +136,29 @@ impl ServerConfig {
                 self.shutdown_grace_secs
             ));
         }
+        if self
+            .verify_interval_secs
+            .is_some_and(|s| !(60..=31_536_000).contains(&s))
+        {
+            return Err(format!(
+                "server.verify_interval_secs = {}: must be 60 to 31536000 (leave it out for no \
+                 periodic verify)",
+                self.verify_interval_secs.unwrap_or_default()
+            ));
+        }
+        if self.verify_sample == 0 || self.verify_sample > 1_000_000 {
+            return Err(format!(
+                "server.verify_sample = {}: must be 1 to 1000000",
+                self.verify_sample
+            ));
+        }
+        if self.verify_max_rate_mb == Some(0) {
+            return Err(
+                "server.verify_max_rate_mb = 0: must be positive (leave it out for no \
+                        limit)"
+                    .into(),
+            );
+        }
         if !self.socket.is_absolute() {
             return Err(format!(
                 "server.socket = {}: must be an absolute path",
@@ -129,5 +166,30 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periodic_verify_is_off_by_default_and_bounded() {
+        let d = ServerConfig::default();
+        assert_eq!(d.verify_interval_secs, None);
+        assert!(d.check().is_ok());
+        let on: ServerConfig =
+            toml::from_str("verify_interval_secs = 3600\nverify_max_rate_mb = 20").unwrap();
+        assert!(on.check().is_ok(), "{:?}", on.check());
+        assert_eq!(on.verify_sample, crate::volume::verify::DEFAULT_SAMPLE);
+        for bad in [
+            "verify_interval_secs = 5",
+            "verify_sample = 0",
+            "verify_max_rate_mb = 0",
+        ] {
+            let c: ServerConfig = toml::from_str(bad).unwrap();
+            let e = c.check().unwrap_err();
+            assert!(e.contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
+        }
     }
 }

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub lost_attachments: Gauge,
     /// udev events acted upon, by action (teardown, lost, reactivated, …).
     device_events: Family<Labels, Counter>,
+    /// Completed verifies, per volume.
+    verify_bytes: Family<Labels, Counter>,
+    verify_mismatches: Family<Labels, Counter>,
+    verify_last: Family<Labels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -167,7 +171,28 @@ impl Metrics {
             "What the agent did on udev events: teardown, lost, reactivated, reactivation_failed",
             device_events.clone(),
         );
+        let verify_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            "verify_bytes",
+            "Bytes of the mapping checked by completed verifies (plaintext read through the mapping against the userspace decryption of the backing device), per volume",
+            verify_bytes.clone(),
+        );
+        let verify_mismatches = Family::<Labels, Counter>::default();
+        registry.register(
+            "verify_mismatches",
+            "Sectors completed verifies found differing (after re-reads), per volume: any increase is an alert",
+            verify_mismatches.clone(),
+        );
+        let verify_last = Family::<Labels, Gauge>::default();
+        registry.register(
+            "verify_last_timestamp_seconds",
+            "Unix time the last verify of the volume completed (whatever its verdict)",
+            verify_last.clone(),
+        );
         Metrics {
+            verify_bytes,
+            verify_mismatches,
+            verify_last,
             waiting_attachments,
             lost_attachments,
             device_events,
@@ -267,6 +292,17 @@ impl Metrics {
         self.device_events
             .get_or_create(&vec![("outcome", outcome.to_owned())])
             .inc();
+    }
+
+    /// A completed verify of `volume_id`.
+    pub fn observe_verify(&self, volume_id: &str, bytes: u64, mismatches: u64, unix: u64) {
+        let l = vec![("volume_id", volume_id.to_owned())];
+        self.verify_bytes.get_or_create(&l).inc_by(bytes);
+        // Created even at 0, so an alert on its increase has a series from the first verify.
+        self.verify_mismatches.get_or_create(&l).inc_by(mismatches);
+        self.verify_last
+            .get_or_create(&l)
+            .set(i64::try_from(unix).unwrap_or(i64::MAX));
     }
 
     pub fn rejected_peer(&self) {
@@ -525,7 +561,22 @@ mod tests {
         m.rejected_peer();
         m.device_event("teardown");
         m.active_attachments.set(2);
+        m.observe_verify("vol-1", 4096, 0, 1_700_000_000);
+        m.observe_verify("vol-1", 512, 1, 1_700_000_100);
         let t = m.encode(Format::Prometheus);
+        assert!(
+            t.contains("volcrypt_verify_bytes_total{volume_id=\"vol-1\"} 4608\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE volcrypt_verify_mismatches_total counter\n"),
+            "{t}"
+        );
+        assert!(t.contains("volcrypt_verify_mismatches_total{volume_id=\"vol-1\"} 1\n"));
+        assert!(t.contains(
+            "# TYPE volcrypt_verify_last_timestamp_seconds gauge\n\
+             volcrypt_verify_last_timestamp_seconds{volume_id=\"vol-1\"} 1700000100\n"
+        ));
         assert!(!t.contains("# EOF"), "{t}");
         assert!(!t.contains("# UNIT"), "{t}");
         assert!(t.contains("# HELP volcrypt_rejected_peers_total Connections refused"));

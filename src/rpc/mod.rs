@@ -11,6 +11,7 @@
 //! - [`devices`]: udev-triggered activation (device selectors, waits, teardown on remove);
 //! - [`waiters`]: attaches waiting for their device to appear;
 //! - [`errors`]: the JSON error body and the status of every engine error;
+//! - [`verify_jobs`]: verify jobs (progress, cancel, last result, periodic verification);
 //! - [`metrics`]: Prometheus metrics;
 //! - [`client`]: the small client behind the CLI's `--socket` mode.
 //!
@@ -32,6 +33,7 @@ pub mod peer;
 pub mod reactivate;
 pub mod routes;
 pub mod server;
+pub mod verify_jobs;
 pub mod waiters;
 
 /// Hands each engine operation its key manager. Production: the one shared, thread-safe

@@ -60,6 +60,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/attachments/{volume_id}/extend"),
     ("POST", "/v1/attachments/{volume_id}/verify"),
     ("POST", "/v1/attachments/{volume_id}/rekey"),
+    ("GET", "/v1/attachments/{volume_id}/verify"),
+    ("DELETE", "/v1/attachments/{volume_id}/verify"),
 ];
 
 /// Serve one request from an allowed peer: a span with the peer and the volume (and, once the
@@ -190,6 +192,10 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
                 rekey(app, id, req.into_body(), declared).await,
             )
         }
+        (["v1", "attachments", id, "verify"], m) if m == Method::GET || m == Method::DELETE => (
+            "/v1/attachments/{volume_id}/verify",
+            verify_job(app, id, m == Method::DELETE).await,
+        ),
         (["v1", "health"] | ["metrics"] | ["v1", "attachments"], _)
         | (["v1", "attachments", _, "verify" | "rekey"], _)
         | (["v1", "attachments", _], _)
@@ -382,6 +388,10 @@ async fn get_one(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
             .ok_or(not_found)
     })
     .await?;
+    let mut found = serde_json::to_value(&found).unwrap_or_default();
+    if let Some(last) = app.verify_jobs.last(id) {
+        found["last_verify"] = serde_json::to_value(last).unwrap_or_default();
+    }
     Ok(json_response(StatusCode::OK, &found))
 }
 
@@ -389,6 +399,8 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     check_id(id)?;
     record_volume(id);
     let device_path = query_param(query, "device_path")?.map(PathBuf::from);
+    // A running verify would hold the volume's lock for a whole read of the disk: stop it.
+    app.verify_jobs.cancel_and_wait(id).await;
     let guard = app.locks.lock(id).await;
     let held = Held {
         _volume: Some(guard),
@@ -415,7 +427,7 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
 
 /// The volume's lock and the KDF memory of unlocking its keyslot again (extend and verify
 /// both do), as the record's header says.
-async fn admit_unlock(app: &Arc<App>, id: &str) -> Result<Held, ApiError> {
+pub(crate) async fn admit_unlock(app: &Arc<App>, id: &str) -> Result<Held, ApiError> {
     let guard = app.locks.lock(id).await;
     let volume = app.config.volume.clone();
     let estimate = app.config.server.kdf_memory_estimate_mib;
@@ -479,9 +491,11 @@ async fn tune(
     Ok(json_response(StatusCode::OK, &outcome))
 }
 
-/// Verify an attached volume (`volume::verify`): admitted into the KDF budget like an attach
-/// (its keyslot unlock costs the same), holding the volume's lock so no detach runs under it.
-/// 200 with the report whatever the verdict; "cannot verify" is a 422 `cannot_verify`.
+/// Verify an attached volume (`volume::verify`) as a job ([`super::verify_jobs`]): admitted
+/// into the KDF budget like an attach (its keyslot unlock costs the same), holding the volume's
+/// lock so no other operation runs under it. Synchronous: 200 with the report whatever the
+/// verdict ("cannot verify" is a 422 `cannot_verify`). `"async": true`: 202 with the job, to
+/// follow and cancel at the same path.
 async fn verify(
     app: &Arc<App>,
     id: &str,
@@ -491,36 +505,62 @@ async fn verify(
     check_id(id)?;
     record_volume(id);
     let body = read_body(app, body, declared).await?;
-    let req: volume::verify::Request = if body.iter().all(u8::is_ascii_whitespace) {
-        volume::verify::Request::default()
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m);
+    // The engine's request, plus `"async"`; `{}`, `{"async": true}` and no body are a sample.
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        if body.iter().all(u8::is_ascii_whitespace) {
+            Default::default()
+        } else {
+            serde_json::from_slice(&body).map_err(|e| invalid(format!("verify request: {e}")))?
+        };
+    let run_async = match body.remove("async") {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(v) => {
+            return Err(invalid(format!("async {v}: must be true or false")).with_field("async"));
+        }
+    };
+    let req: volume::verify::Request = if body.is_empty() {
+        Default::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("verify request: {e}"),
-            )
-        })?
+        serde_json::from_value(body.into()).map_err(|e| invalid(format!("verify request: {e}")))?
     };
     if let Some(r) = req.max_rate_mb.filter(|r| !(r.is_finite() && *r > 0.0)) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("max_rate_mb {r}: must be a positive number"),
-        ));
+        return Err(invalid(format!(
+            "max_rate_mb {r}: must be a positive number"
+        )));
     }
-    let held = admit_unlock(app, id).await?;
+    // An unknown volume leaves no job behind.
+    let journal = volume::Journal::new(&app.config.volume.state_dir);
     let id2 = id.to_owned();
-    let opts = volume::verify::Options {
-        mode: req.mode,
-        max_rate_mb: req.max_rate_mb,
-        progress: false,
-        cancel: None,
-    };
-    let report = run_engine(app, "verify", held, move |ctx| {
-        volume::verify::verify(ctx, &id2, &opts).map_err(|e| ApiError::from(&e))
-    })
-    .await?;
+    match tokio::task::spawn_blocking(move || journal.get(&id2)).await {
+        Ok(Ok(Some(_))) => {}
+        Ok(Ok(None)) => return Err(unknown_volume(id, app)),
+        Ok(Err(e)) => return Err(engine_err(e)),
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            ));
+        }
+    }
+    use super::verify_jobs::{Trigger, start};
+    let (job, done) = start(app, id, req, Trigger::Api)?;
+    if run_async {
+        let mut r = json_response(StatusCode::ACCEPTED, &job);
+        if let Ok(v) = format!("/v1/attachments/{id}/verify").parse() {
+            r.headers_mut().insert(hyper::header::LOCATION, v);
+        }
+        return Ok(r);
+    }
+    let report = done.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "verify job lost",
+        )
+    })??;
     Ok(json_response(StatusCode::OK, &report))
 }
 
@@ -556,6 +596,26 @@ async fn rekey(
     })
     .await?;
     Ok(json_response(StatusCode::OK, &outcome))
+}
+
+/// `GET …/verify`: the running job with its progress, else the last finished one with its
+/// report. `DELETE …/verify`: cancel the running job and answer once it has ended.
+async fn verify_job(app: &Arc<App>, id: &str, cancel: bool) -> Result<Resp, ApiError> {
+    check_id(id)?;
+    record_volume(id);
+    let view = if cancel {
+        app.verify_jobs
+            .cancel_and_wait(id)
+            .await
+            .ok_or_else(|| ApiError::not_found(format!("no verify of volume {id} is running")))?
+    } else {
+        app.verify_jobs.view(id).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no verify of volume {id} has run since the agent started"
+            ))
+        })?
+    };
+    Ok(json_response(StatusCode::OK, &view))
 }
 
 #[derive(Serialize)]

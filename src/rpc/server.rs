@@ -136,6 +136,7 @@ pub async fn serve(
     );
     let reconciled = app.spawn_reconcile();
     super::devices::start(app.clone(), reconciled);
+    super::verify_jobs::spawn_periodic(app.clone());
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -22,7 +22,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -85,8 +85,19 @@ pub struct Options {
     pub max_rate_mb: Option<f64>,
     /// Draw a progress bar on stderr (the CLI passes `stderr().is_terminal()`).
     pub progress: bool,
-    /// Set to stop a running verify at the next chunk.
+    /// Set to stop a running verify at the next chunk (the agent's `DELETE`, a detach).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Where the agent watches a running verify (plain counters, so the engine stays free of
+    /// the agent's types).
+    pub counters: Option<Arc<Progress>>,
+}
+
+/// Progress of a running verify: bytes to check (set once the sectors are chosen) and bytes
+/// checked so far.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicU64,
+    pub done: AtomicU64,
 }
 
 /// One sector that kept mismatching.
@@ -197,6 +208,11 @@ struct Engine {
 /// Verify the attached volume `volume_id`.
 pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Report, Error> {
     let started = Instant::now();
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
     let record = ctx
         .journal()
         .get(volume_id)?
@@ -219,6 +235,12 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
         .map_err(|e| super::Error::io("open", &record.backing_device, e))?;
     let mapping_bytes =
         device_size(&plain_dev).map_err(|e| super::Error::io("size", &mapper, e))?;
+    // A verify cancelled while it waited for its turn stops before the keyslot unlock.
+    if cancelled() {
+        return Err(Error::Cancelled {
+            volume_id: volume_id.to_owned(),
+        });
+    }
     let engine = engine_for(ctx, &record)?;
     let ss = u64::from(engine.sector_size);
     let sectors = mapping_bytes / ss;
@@ -247,6 +269,9 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
     };
     let total: u64 = extents.iter().map(|e| e.1).sum::<u64>() * ss;
     let bar = progress_bar(opts.progress, total);
+    if let Some(c) = &opts.counters {
+        c.total.store(total, Ordering::Relaxed);
+    }
     let mut run = Run {
         engine: &engine,
         plain_dev: &plain_dev,
@@ -261,11 +286,7 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
     for (first, count) in extents {
         let mut s = first;
         while s < first + count {
-            if opts
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Relaxed))
-            {
+            if cancelled() {
                 return Err(Error::Cancelled {
                     volume_id: volume_id.to_owned(),
                 });
@@ -275,6 +296,9 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
                 .map_err(|e| super::Error::io("read", &record.backing_device, e))?;
             if let Some(b) = &bar {
                 b.inc(n * ss);
+            }
+            if let Some(c) = &opts.counters {
+                c.done.fetch_add(n * ss, Ordering::Relaxed);
             }
             s += n;
         }
