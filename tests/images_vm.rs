@@ -247,7 +247,10 @@ fn barbican_consumers_follow_the_attachment() {
         "volume".to_owned(),
         id.to_owned(),
     );
-    assert_eq!(common::barbican::consumers(&url, &first), std::slice::from_ref(&me));
+    assert_eq!(
+        common::barbican::consumers(&url, &first),
+        std::slice::from_ref(&me)
+    );
 
     let path = format!("/v1/attachments/{id}/rekey");
     let rekey = format!(r#"{{"new_key_id": "{second}"}}"#);

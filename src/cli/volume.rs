@@ -291,8 +291,21 @@ pub fn extend(args: ExtendArgs) -> Result<(), Error> {
     print_json(&outcome)
 }
 
+/// An unknown volume is named as such before any key manager is built or asked.
+fn require_managed(volume: &VolumeConfig, volume_id: &str) -> Result<(), Error> {
+    match volume::Journal::new(&volume.state_dir).get(volume_id)? {
+        Some(_) => Ok(()),
+        None => Err(volume::Error::NotManaged {
+            volume_id: volume_id.to_owned(),
+            state_dir: volume.state_dir.clone(),
+        }
+        .into()),
+    }
+}
+
 pub fn rekey(args: RekeyArgs) -> Result<(), Error> {
     let (config, volume) = load_config(&args.opts)?;
+    require_managed(&volume, &args.volume_id)?;
     let keys = key_manager(&config)?;
     let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::rekey(&ctx, &args.volume_id, &args.new_key_id)?;
@@ -303,17 +316,7 @@ pub fn rekey(args: RekeyArgs) -> Result<(), Error> {
 pub fn tune(args: TuneArgs) -> Result<(), Error> {
     let req = args.request()?;
     let (config, volume) = load_config(&args.opts)?;
-    // An unknown volume is named as such before any key manager is built or asked.
-    if volume::Journal::new(&volume.state_dir)
-        .get(&args.volume_id)?
-        .is_none()
-    {
-        return Err(volume::Error::NotManaged {
-            volume_id: args.volume_id.clone(),
-            state_dir: volume.state_dir.clone(),
-        }
-        .into());
-    }
+    require_managed(&volume, &args.volume_id)?;
     let keys = key_manager(&config)?;
     let ctx = Context::new(keys.as_ref(), volume);
     let outcome = volume::tune(&ctx, &args.volume_id, &req)?;
@@ -331,17 +334,7 @@ pub fn verify(args: VerifyArgs) -> Result<(), Error> {
         cancel: None,
         counters: None,
     };
-    // An unknown volume is named as such before any key manager is built or asked.
-    if volume::Journal::new(&volume.state_dir)
-        .get(&args.volume_id)?
-        .is_none()
-    {
-        return Err(volume::Error::NotManaged {
-            volume_id: args.volume_id.clone(),
-            state_dir: volume.state_dir.clone(),
-        }
-        .into());
-    }
+    require_managed(&volume, &args.volume_id)?;
     let keys = key_manager(&config)?;
     let ctx = Context::new(keys.as_ref(), volume);
     let report = volume::verify::verify(&ctx, &args.volume_id, &options)?;

@@ -289,6 +289,20 @@ pub struct VolumeLock {
 }
 
 impl Journal {
+    /// The lock of a volume that must have a record, with that record as it is under the lock.
+    /// An unknown volume is [`Error::NotManaged`] and creates nothing, not even the lock file.
+    pub fn lock_record(&self, volume_id: &str) -> Result<(VolumeLock, Record), Error> {
+        let not_managed = || Error::NotManaged {
+            volume_id: volume_id.to_owned(),
+            state_dir: self.dir.clone(),
+        };
+        self.get(volume_id)?.ok_or_else(not_managed)?;
+        let lock = self.lock(volume_id)?;
+        let record = self.get(volume_id)?.ok_or_else(not_managed)?;
+        trace_phase(&record.mapping_name, record.phase);
+        Ok((lock, record))
+    }
+
     /// Wait for and take the lock of `volume_id`.
     pub fn lock(&self, volume_id: &str) -> Result<VolumeLock, Error> {
         use nix::fcntl::{FcntlArg, fcntl};

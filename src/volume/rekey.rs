@@ -40,14 +40,7 @@ pub struct RekeyOutcome {
 pub fn rekey(ctx: &Context<'_>, volume_id: &str, new_key_id: &str) -> Result<RekeyOutcome, Error> {
     request::check_volume_id(volume_id)?;
     let journal = ctx.journal();
-    let not_managed = || Error::NotManaged {
-        volume_id: volume_id.to_owned(),
-        state_dir: ctx.config.state_dir.clone(),
-    };
-    journal.get(volume_id)?.ok_or_else(not_managed)?;
-    let _lock = journal.lock(volume_id)?;
-    let mut record = journal.get(volume_id)?.ok_or_else(not_managed)?;
-    super::journal::trace_phase(&record.mapping_name, record.phase);
+    let (_lock, mut record) = journal.lock_record(volume_id)?;
     let device = rekeyable(ctx, &record)?;
 
     if let Some(pending) = record.rekey.clone() {

@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use super::crypt::{Activation, Plain};
-use super::journal::{Phase, trace_phase};
+use super::journal::Phase;
 use super::{Context, Error, PerfFlags, links};
 use crate::kind::Kind;
 use crate::request::{self, NOT_PERSISTABLE, TuneRequest, VolumeFormat};
@@ -33,15 +33,7 @@ pub fn tune(ctx: &Context<'_>, volume_id: &str, req: &TuneRequest) -> Result<Tun
     request::check_volume_id(volume_id)?;
     req.validate()?;
     let journal = ctx.journal();
-    let not_managed = || Error::NotManaged {
-        volume_id: volume_id.to_owned(),
-        state_dir: ctx.config.state_dir.clone(),
-    };
-    // An unknown volume creates nothing, not even the lock file.
-    journal.get(volume_id)?.ok_or_else(not_managed)?;
-    let _lock = journal.lock(volume_id)?;
-    let mut record = journal.get(volume_id)?.ok_or_else(not_managed)?;
-    trace_phase(&record.mapping_name, record.phase);
+    let (_lock, mut record) = journal.lock_record(volume_id)?;
     let name = record.mapping_name.clone();
     let refuse = |detail: String| Error::Crypt {
         op: "tune",
