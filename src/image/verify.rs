@@ -332,8 +332,11 @@ impl<R: Read> Write for Compare<R> {
                 read_full(&mut self.expected, &mut self.scratch[..n])?
             };
             if self.first_diff.is_none() {
-                if let Some(i) = (0..got).find(|&i| self.scratch[i] != buf[done + i]) {
-                    self.first_diff = Some(self.pos + i as u64);
+                let (want, have) = (&self.scratch[..got], &buf[done..done + got]);
+                // A slice comparison (memcmp) first; the byte is looked for only on a difference.
+                if want != have {
+                    let i = want.iter().zip(have).position(|(a, b)| a != b);
+                    self.first_diff = i.map(|i| self.pos + i as u64);
                 } else if got < n && !self.expected_ended {
                     // The plaintext ended: the size check reports it.
                     self.expected_ended = true;
