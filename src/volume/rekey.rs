@@ -52,7 +52,7 @@ pub fn rekey(ctx: &Context<'_>, volume_id: &str, new_key_id: &str) -> Result<Rek
             )));
         }
         let new = secret(ctx, new_key_id)?.passphrase();
-        return finish(ctx, &mut record, &device, &pending, &new, true);
+        return finish(ctx, &mut record, &device, &pending, &new, None);
     }
     if record.key_id == new_key_id {
         return Err(refused(format!(
@@ -107,7 +107,7 @@ pub fn rekey(ctx: &Context<'_>, volume_id: &str, new_key_id: &str) -> Result<Rek
     record.rekey = Some(pending.clone());
     journal.rekeyed(&record)?;
     super::test_pause("rekey-journaled");
-    finish(ctx, &mut record, &device, &pending, &new, false)
+    finish(ctx, &mut record, &device, &pending, &new, Some(new_keyslot))
 }
 
 /// Remove the old key's keyslot (if it is not also the new key's and is still there) once the
@@ -118,10 +118,16 @@ fn finish(
     device: &Path,
     pending: &PendingRekey,
     new: &SecretBytes,
-    resumed: bool,
+    checked: Option<u32>,
 ) -> Result<RekeyOutcome, Error> {
     let sys = &*ctx.sys;
-    let opens = sys.keyslot_for(device, new.expose())?;
+    // `checked`: this call has just seen the new key open that keyslot (no second KDF); a
+    // resumed rekey checks it here, before removing anything.
+    let resumed = checked.is_none();
+    let opens = match checked {
+        Some(slot) => Some(slot),
+        None => sys.keyslot_for(device, new.expose())?,
+    };
     if opens.is_none() {
         return Err(Error::WrongKey {
             key_id: record.key_id.clone(),
