@@ -350,3 +350,91 @@ fn a_cipher_the_userspace_engine_lacks_cannot_verify() {
         stderr(&out)
     );
 }
+
+/// The plaintext is read at its offsets when it is a file and in order when it is a pipe: both
+/// find the earliest of several differences (the file's pieces are checked on every core at
+/// once, in no particular order) and a size difference, with the pipe's size counted to its end.
+#[test]
+fn a_plaintext_file_or_pipe_reports_the_earliest_difference_and_its_size() {
+    let dir = tempdir();
+    let seed = fresh_seed("verify-pipe");
+    // Several 256 KiB pieces, and a tail that is not a whole piece.
+    let plain = random_bytes((3 << 20) + 7 * 512, seed);
+    let plain_path = dir.path().join("plain");
+    write_file(&plain_path, &plain);
+    let key = dir.path().join("key");
+    write_file(&key, format!("pipe verify {seed:x}").as_bytes());
+    let img = dir.path().join("img.luks");
+    check(
+        volcrypt(["image", "encrypt"])
+            .args(cheap_kdf("pbkdf2"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("-o")
+            .arg(&img)
+            .arg(&plain_path),
+    );
+    let piped = |bytes: &[u8]| {
+        run_with_stdin(
+            volcrypt(["image", "verify", "--key-file"])
+                .arg(&key)
+                .args(["--plaintext", "/dev/stdin"])
+                .arg(&img),
+            bytes,
+        )
+    };
+    let filed = |bytes: &[u8], name: &str| {
+        let p = dir.path().join(name);
+        write_file(&p, bytes);
+        verify(&img, &key, Some(&p), &[])
+    };
+
+    for (how, out) in [("file", filed(&plain, "same")), ("pipe", piped(&plain))] {
+        assert_code(&out, 0, how);
+        assert!(
+            stdout(&out).contains("plaintext: identical"),
+            "{how}: {}",
+            stdout(&out)
+        );
+    }
+
+    // Differences in the last piece, the second piece and the first: the first one is named.
+    let mut changed = plain.clone();
+    let early = (256 << 10) + 3;
+    for at in [plain.len() - 2, (1 << 20) + 9, early] {
+        changed[at] ^= 0x40;
+    }
+    for (how, out) in [
+        ("file", filed(&changed, "changed")),
+        ("pipe", piped(&changed)),
+    ] {
+        assert_code(&out, MISMATCH, how);
+        assert!(
+            stderr(&out).contains(&format!(
+                "at byte {early} (512-byte sector {})",
+                early / 512
+            )),
+            "{how}: {}",
+            stderr(&out)
+        );
+    }
+
+    // Shorter and longer plaintexts: the sizes are named, the pipe's counted to its end.
+    let payload = plain.len();
+    for (extra, name) in [(-512i64, "shorter"), (3 << 20, "longer")] {
+        let len = usize::try_from(payload as i64 + extra).expect("size");
+        let mut other = plain.clone();
+        other.resize(len, 0x5a);
+        for (how, out) in [("file", filed(&other, name)), ("pipe", piped(&other))] {
+            assert_code(&out, MISMATCH, &format!("{name} {how}"));
+            let note = format!("the plaintext has {len} bytes, the payload {payload}");
+            assert!(
+                stderr(&out).contains(&note),
+                "{name} {how}: {}",
+                stderr(&out)
+            );
+            let at = format!("at byte {} ", len.min(payload));
+            assert!(stderr(&out).contains(&at), "{name} {how}: {}", stderr(&out));
+        }
+    }
+}

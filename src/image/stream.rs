@@ -101,20 +101,12 @@ where
     if !len.is_multiple_of(sector_size as u64) {
         return Err(StreamError::NotWholeSectors { len, sector_size });
     }
-    let threads = opts
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("volcrypt-cipher-{i}"))
-        .build()
-        .map_err(|e| StreamError::Threads(threads, e.to_string()))?;
+    let pool = cipher_pool(opts)?;
 
     let chunk_size = round_to_sectors(opts.chunk_size.max(sector_size), sector_size);
     // Never allocate more than the stream needs: a 1 MiB image gets 1 MiB buffers.
     let buf_size = usize::try_from(len).map_or(chunk_size, |l| l.min(chunk_size));
-    let piece_size = round_to_sectors(PIECE_SIZE.max(sector_size), sector_size);
+    let piece_size = piece_size(sector_size);
 
     let bar = progress_bar(opts.progress, len);
 
@@ -179,11 +171,29 @@ where
     Ok(written)
 }
 
+/// The cipher's worker pool: `opts.threads` threads, or one per core.
+pub(crate) fn cipher_pool(opts: &StreamOptions) -> Result<rayon::ThreadPool, StreamError> {
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("volcrypt-cipher-{i}"))
+        .build()
+        .map_err(|e| StreamError::Threads(threads, e.to_string()))
+}
+
+/// `PIECE_SIZE` rounded to whole sectors: the unit of work of one cipher thread.
+pub(crate) fn piece_size(sector_size: usize) -> usize {
+    round_to_sectors(PIECE_SIZE.max(sector_size), sector_size)
+}
+
 fn round_to_sectors(n: usize, sector_size: usize) -> usize {
     (n / sector_size).max(1) * sector_size
 }
 
-fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
+pub(crate) fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }

@@ -20,7 +20,13 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{Error, OpenedImage, StreamOptions, header_err, open_err};
+use rayon::prelude::*;
+use zeroize::Zeroizing;
+
+use super::stream::{self, IV_UNIT};
+use super::{
+    Error, OpenedImage, StreamError, StreamOptions, UnlockedPayload, header_err, open_err,
+};
 use crate::crypto::kdf::KdfLimits;
 use crate::kind::Kind;
 use crate::luks;
@@ -189,39 +195,186 @@ pub fn verify(
         plaintext_compared: plaintext.is_some(),
         plaintext_diff: None,
     };
-    match plaintext {
-        None => {
-            opened.decrypt_into(&unlocked, io::sink(), "(no output)", opts)?;
-        }
+    let expected = match plaintext {
+        None => None,
         Some(p) => {
-            let f = File::open(p).map_err(open_err(p))?;
-            let plain_len = f.metadata().map_err(super::io_err(p))?.len();
-            let mut cmp = Compare {
-                expected: BufReader::with_capacity(1 << 20, f),
-                pos: 0,
-                first_diff: None,
-                expected_ended: false,
-                scratch: vec![0u8; 1 << 20],
+            use std::os::unix::fs::FileTypeExt;
+            let mut f = File::open(p).map_err(open_err(p))?;
+            let kind = f.metadata().map_err(super::io_err(p))?.file_type();
+            let positional = kind.is_file() || kind.is_block_device();
+            // A pipe's size is known only once it has been read to its end.
+            let len = if positional {
+                super::file_size(&mut f).map_err(super::io_err(p))?
+            } else {
+                0
             };
-            opened.decrypt_into(&unlocked, &mut cmp, &p.display().to_string(), opts)?;
-            let size_note = (plain_len != unlocked.len).then(|| {
-                format!(
-                    "the plaintext has {plain_len} bytes, the payload {}",
-                    unlocked.len
-                )
-            });
-            let byte = cmp
-                .first_diff
-                .or_else(|| size_note.as_ref().map(|_| plain_len.min(unlocked.len)));
-            report.plaintext_diff = byte.map(|byte| PlaintextDiff {
-                byte,
-                sector: byte / u64::from(sector_size),
-                sector_size,
-                size_note,
-            });
+            Some(Expected {
+                path: p,
+                file: f,
+                len,
+                positional,
+            })
         }
+    };
+    let (first_diff, plain_len) = match expected {
+        Some(e) if !e.positional => {
+            let (diff, len) = compare_stream(&mut opened, &unlocked, e.file, e.path, opts)?;
+            (diff, Some(len))
+        }
+        e => {
+            let len = e.as_ref().map(|e| e.len);
+            (
+                check_in_parallel(&opened, &unlocked, e.as_ref(), opts)?,
+                len,
+            )
+        }
+    };
+    if let Some(plain_len) = plain_len {
+        let size_note = (plain_len != unlocked.len).then(|| {
+            format!(
+                "the plaintext has {plain_len} bytes, the payload {}",
+                unlocked.len
+            )
+        });
+        let byte = first_diff.or_else(|| size_note.as_ref().map(|_| plain_len.min(unlocked.len)));
+        report.plaintext_diff = byte.map(|byte| PlaintextDiff {
+            byte,
+            sector: byte / u64::from(sector_size),
+            sector_size,
+            size_note,
+        });
     }
     Ok(report)
+}
+
+/// The plaintext to compare the payload with.
+struct Expected<'a> {
+    path: &'a Path,
+    file: File,
+    /// Its size (block devices included); 0 for a pipe.
+    len: u64,
+    /// A file or block device, read at any offset; a pipe is read in order.
+    positional: bool,
+}
+
+/// Decrypts the payload, and compares it with `expected` when given, on every core at once:
+/// each worker reads one piece of ciphertext and the same piece of plaintext at their offsets,
+/// decrypts, and compares while both are still in its core's cache. Every byte is read once
+/// from the page cache and no stage waits for a single thread — the streaming pipeline's one
+/// comparing writer held verify to half the speed of `cmp`. Returns the first differing byte
+/// of the common part.
+fn check_in_parallel(
+    opened: &OpenedImage,
+    unlocked: &UnlockedPayload,
+    expected: Option<&Expected<'_>>,
+    opts: &StreamOptions,
+) -> Result<Option<u64>, Error> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let sector_size = opened.header.sector_size() as usize;
+    let iv_tweak = opened.header.iv_tweak();
+    let piece = stream::piece_size(sector_size);
+    let len = unlocked.len;
+    let image_err = |source| Error::Stream {
+        path: opened.image_path.display().to_string(),
+        source,
+    };
+    let pool = stream::cipher_pool(opts).map_err(image_err)?;
+    let bar = stream::progress_bar(opts.progress, len);
+    let first_diff = AtomicU64::new(u64::MAX);
+    let result: Result<(), Error> = pool.install(|| {
+        (0..len.div_ceil(piece as u64))
+            .into_par_iter()
+            .try_for_each_init(
+                || {
+                    (
+                        Zeroizing::new(vec![0u8; piece]),
+                        Zeroizing::new(vec![0u8; piece]),
+                    )
+                },
+                |(data, want), i| {
+                    let off = i * piece as u64;
+                    if off >= first_diff.load(Ordering::Relaxed) {
+                        return Ok(()); // an earlier difference is already known
+                    }
+                    let n = usize::try_from(len - off).map_or(piece, |r| r.min(piece));
+                    let data = &mut data[..n];
+                    opened
+                        .image
+                        .read_exact_at(data, unlocked.offset + off)
+                        .map_err(|e| {
+                            image_err(if e.kind() == io::ErrorKind::UnexpectedEof {
+                                StreamError::ShortInput {
+                                    got: off,
+                                    expected: len,
+                                }
+                            } else {
+                                StreamError::Read(e)
+                            })
+                        })?;
+                    unlocked.cipher.decrypt(
+                        data,
+                        sector_size,
+                        iv_tweak.wrapping_add(off / IV_UNIT),
+                    );
+                    if let Some(e) = expected {
+                        let m = usize::try_from(e.len.saturating_sub(off)).map_or(n, |r| r.min(n));
+                        let want = &mut want[..m];
+                        e.file
+                            .read_exact_at(want, off)
+                            .map_err(|err| Error::Stream {
+                                path: e.path.display().to_string(),
+                                source: StreamError::Read(err),
+                            })?;
+                        // A slice comparison (memcmp) first; the byte is looked for only on a
+                        // difference.
+                        if want[..] != data[..m] {
+                            if let Some(j) = want.iter().zip(data.iter()).position(|(a, b)| a != b)
+                            {
+                                first_diff.fetch_min(off + j as u64, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    bar.inc(n as u64);
+                    Ok(())
+                },
+            )
+    });
+    match &result {
+        Ok(()) => bar.finish_and_clear(),
+        Err(_) => bar.abandon(),
+    }
+    result?;
+    let d = first_diff.into_inner();
+    Ok((d != u64::MAX).then_some(d))
+}
+
+/// Compares the payload with a plaintext that can only be read in order (a pipe): the
+/// streaming pipeline decrypts, a writer compares. Returns the first differing byte and the
+/// plaintext's length (read to its end).
+fn compare_stream(
+    opened: &mut OpenedImage,
+    unlocked: &UnlockedPayload,
+    file: File,
+    path: &Path,
+    opts: &StreamOptions,
+) -> Result<(Option<u64>, u64), Error> {
+    let mut cmp = Compare {
+        expected: BufReader::with_capacity(1 << 20, file),
+        pos: 0,
+        consumed: 0,
+        first_diff: None,
+        expected_ended: false,
+        scratch: vec![0u8; 1 << 20],
+    };
+    let name = path.display().to_string();
+    opened.decrypt_into(unlocked, &mut cmp, &name, opts)?;
+    let rest = io::copy(&mut cmp.expected, &mut io::sink()).map_err(|e| Error::Stream {
+        path: name,
+        source: StreamError::Read(e),
+    })?;
+    Ok((cmp.first_diff, cmp.consumed + rest))
 }
 
 fn describe(s: &SlotState) -> String {
@@ -316,6 +469,8 @@ impl OpenedImage {
 struct Compare<R: Read> {
     expected: R,
     pos: u64,
+    /// Bytes read from `expected`.
+    consumed: u64,
     first_diff: Option<u64>,
     expected_ended: bool,
     scratch: Vec<u8>,
@@ -331,6 +486,7 @@ impl<R: Read> Write for Compare<R> {
             } else {
                 read_full(&mut self.expected, &mut self.scratch[..n])?
             };
+            self.consumed += got as u64;
             if self.first_diff.is_none() {
                 let (want, have) = (&self.scratch[..got], &buf[done..done + got]);
                 // A slice comparison (memcmp) first; the byte is looked for only on a difference.
@@ -374,6 +530,7 @@ mod tests {
         let mut c = Compare {
             expected,
             pos: 0,
+            consumed: 0,
             first_diff: None,
             expected_ended: false,
             scratch: vec![0u8; 3],
