@@ -329,11 +329,10 @@ fn check_in_parallel(
                             })?;
                         // A slice comparison (memcmp) first; the byte is looked for only on a
                         // difference.
-                        if want[..] != data[..m] {
-                            if let Some(j) = want.iter().zip(data.iter()).position(|(a, b)| a != b)
-                            {
-                                first_diff.fetch_min(off + j as u64, Ordering::Relaxed);
-                            }
+                        if want[..] != data[..m]
+                            && let Some(j) = want.iter().zip(data.iter()).position(|(a, b)| a != b)
+                        {
+                            first_diff.fetch_min(off + j as u64, Ordering::Relaxed);
                         }
                     }
                     bar.inc(n as u64);
