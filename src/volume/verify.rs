@@ -21,8 +21,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,9 @@ const CHUNK: usize = 1 << 20;
 const REREADS: u32 = 3;
 /// Mismatch entries kept in a report (the count is always exact).
 const MAX_LISTED: usize = 64;
+/// Reading threads of one verify, at most (one per core, and at least two so that the
+/// kernel's decryption of one piece overlaps the userspace decryption of another).
+const MAX_WORKERS: usize = 8;
 
 /// Which sectors to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,40 +275,81 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
     if let Some(c) = &opts.counters {
         c.total.store(total, Ordering::Relaxed);
     }
-    let mut run = Run {
-        engine: &engine,
-        plain_dev: &plain_dev,
-        cipher_dev: &cipher_dev,
-        limiter: opts.max_rate_mb.map(RateLimit::new),
-        checked: 0,
-        unwritten: 0,
-        changed: 0,
-        mismatches: Vec::new(),
-        mismatch_count: 0,
-    };
-    for (first, count) in extents {
-        let mut s = first;
-        while s < first + count {
-            if cancelled() {
-                return Err(Error::Cancelled {
-                    volume_id: volume_id.to_owned(),
-                });
-            }
-            let n = (first + count - s).min((CHUNK as u64 / ss).max(1));
-            run.check(s, n)
-                .map_err(|e| super::Error::io("read", &record.backing_device, e))?;
-            if let Some(b) = &bar {
-                b.inc(n * ss);
-            }
-            if let Some(c) = &opts.counters {
-                c.done.fetch_add(n * ss, Ordering::Relaxed);
-            }
-            s += n;
-        }
+    // The work, in order: pieces of at most CHUNK bytes. Each worker takes the next piece, so
+    // the plaintext read (dm-crypt decrypting in the kernel) of one overlaps the ciphertext
+    // read and userspace decryption of another: a single thread doing one after the other ran
+    // at 0.4x the speed of reading the mapping alone.
+    let per_chunk = (CHUNK as u64 / ss).max(1);
+    let pieces: Vec<(u64, u64)> = extents
+        .iter()
+        .flat_map(|&(first, count)| {
+            (first..first + count)
+                .step_by(usize::try_from(per_chunk).unwrap_or(usize::MAX))
+                .map(move |s| (s, (first + count - s).min(per_chunk)))
+        })
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, MAX_WORKERS)
+        .min(pieces.len().max(1));
+    let limiter = opts.max_rate_mb.map(|mb| Mutex::new(RateLimit::new(mb)));
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let runs: Vec<Result<Run<'_>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut run = Run::new(&engine, &plain_dev, &cipher_dev, limiter.as_ref());
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return Ok(run);
+                        }
+                        if cancelled() {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(Error::Cancelled {
+                                volume_id: volume_id.to_owned(),
+                            });
+                        }
+                        let Some(&(s, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed))
+                        else {
+                            return Ok(run);
+                        };
+                        if let Err(e) = run.check(s, n) {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(super::Error::io("read", &record.backing_device, e).into());
+                        }
+                        if let Some(b) = &bar {
+                            b.inc(n * ss);
+                        }
+                        if let Some(c) = &opts.counters {
+                            c.done.fetch_add(n * ss, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(invalid("a verify worker thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    // Each worker took its pieces in increasing order, so its listed mismatches are its first
+    // ones, and the first MAX_LISTED of them all are among the lists.
+    let mut run = Run::new(&engine, &plain_dev, &cipher_dev, None);
+    for r in runs {
+        let r = r?;
+        run.checked += r.checked;
+        run.unwritten += r.unwritten;
+        run.changed += r.changed;
+        run.mismatch_count += r.mismatch_count;
+        run.mismatches.extend(r.mismatches);
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    run.mismatches.sort_by_key(|m| m.mapping_offset);
+    run.mismatches.truncate(MAX_LISTED);
     Ok(Report {
         volume_id: volume_id.to_owned(),
         mapping: record.mapping_name.clone(),
@@ -454,11 +498,15 @@ fn sample(sectors: u64, count: u64) -> Vec<u64> {
     out
 }
 
+/// One worker's share of a verify: its counts, its mismatches, and its read buffers (reused
+/// from piece to piece).
 struct Run<'a> {
     engine: &'a Engine,
     plain_dev: &'a File,
     cipher_dev: &'a File,
-    limiter: Option<RateLimit>,
+    limiter: Option<&'a Mutex<RateLimit>>,
+    plain: Aligned,
+    cipher: Aligned,
     checked: u64,
     unwritten: u64,
     changed: u64,
@@ -466,48 +514,72 @@ struct Run<'a> {
     mismatch_count: u64,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(
+        engine: &'a Engine,
+        plain_dev: &'a File,
+        cipher_dev: &'a File,
+        limiter: Option<&'a Mutex<RateLimit>>,
+    ) -> Run<'a> {
+        Run {
+            engine,
+            plain_dev,
+            cipher_dev,
+            limiter,
+            plain: Aligned::empty(),
+            cipher: Aligned::empty(),
+            checked: 0,
+            unwritten: 0,
+            changed: 0,
+            mismatches: Vec::new(),
+            mismatch_count: 0,
+        }
+    }
+
     /// Checks `n` sectors from sector `first` (of the mapping).
     fn check(&mut self, first: u64, n: u64) -> io::Result<()> {
         let ss = u64::from(self.engine.sector_size);
         let len = usize::try_from(n * ss).map_err(io::Error::other)?;
-        let mut plain = Aligned::new(len);
-        let mut cipher = Aligned::new(len);
-        let zeros = self.read_pair(first, &mut plain, &mut cipher)?;
+        let zeros = self.read_pair(first, len)?;
         self.unwritten += zeros.iter().filter(|&&z| z).count() as u64;
-        for i in 0..n {
-            let r = (i * ss) as usize..((i + 1) * ss) as usize;
-            if plain.get()[r.clone()] != cipher.get()[r] {
-                self.recheck(first + i)?;
-            }
+        // Collected first: a re-read reuses the buffers.
+        let differing: Vec<u64> = (0..n)
+            .filter(|&i| {
+                let r = (i * ss) as usize..((i + 1) * ss) as usize;
+                self.plain.get()[r.clone()] != self.cipher.get()[r]
+            })
+            .collect();
+        for i in differing {
+            self.recheck(first + i)?;
         }
         self.checked += n;
         Ok(())
     }
 
-    /// Reads both sides of the sectors from `first` and decrypts the ciphertext in place;
-    /// returns, per sector, whether its ciphertext was all zeros (unwritten or discarded).
-    fn read_pair(
-        &mut self,
-        first: u64,
-        plain: &mut Aligned,
-        cipher: &mut Aligned,
-    ) -> io::Result<Vec<bool>> {
+    /// Reads `len` bytes of both sides from sector `first` into the buffers and decrypts the
+    /// ciphertext in place; returns, per sector, whether its ciphertext was all zeros
+    /// (unwritten or discarded).
+    fn read_pair(&mut self, first: u64, len: usize) -> io::Result<Vec<bool>> {
         let ss = u64::from(self.engine.sector_size);
         let off = first * ss;
-        if let Some(l) = &mut self.limiter {
-            l.take(cipher.len() as u64);
+        if let Some(l) = self.limiter {
+            l.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(len as u64);
         }
-        self.plain_dev.read_exact_at(plain.get_mut(), off)?;
+        self.plain.resize(len);
+        self.cipher.resize(len);
+        self.plain_dev.read_exact_at(self.plain.get_mut(), off)?;
         self.cipher_dev
-            .read_exact_at(cipher.get_mut(), self.engine.data_offset + off)?;
-        let zeros = cipher
+            .read_exact_at(self.cipher.get_mut(), self.engine.data_offset + off)?;
+        let zeros = self
+            .cipher
             .get()
             .chunks(ss as usize)
             .map(|c| c.iter().all(|&b| b == 0))
             .collect();
         self.engine.cipher.decrypt(
-            cipher.get_mut(),
+            self.cipher.get_mut(),
             self.engine.sector_size as usize,
             self.engine.iv_tweak + off / 512,
         );
@@ -516,17 +588,14 @@ impl Run<'_> {
 
     /// A sector mismatched: read it again; report it only if it keeps mismatching.
     fn recheck(&mut self, sector: u64) -> io::Result<()> {
-        let ss = u64::from(self.engine.sector_size);
-        let len = ss as usize;
-        let mut plain = Aligned::new(len);
-        let mut cipher = Aligned::new(len);
+        let len = self.engine.sector_size as usize;
         let mut zero = false;
         for attempt in 0..REREADS {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(20 << attempt));
             }
-            zero = self.read_pair(sector, &mut plain, &mut cipher)?[0];
-            if plain.get() == cipher.get() {
+            zero = self.read_pair(sector, len)?[0];
+            if self.plain.get() == self.cipher.get() {
                 self.changed += 1;
                 return Ok(());
             }
@@ -536,14 +605,14 @@ impl Run<'_> {
             let note = if zero {
                 "the ciphertext is all zeros (an unwritten or discarded region on the backing \
                  device, zeroed behind dm-crypt): the mapping shows data the disk no longer holds"
-            } else if plain.get().iter().all(|&b| b == 0) {
+            } else if self.plain.get().iter().all(|&b| b == 0) {
                 "the mapping reads all zeros where the backing device holds ciphertext"
             } else {
                 "the ciphertext on the backing device does not decrypt to what the mapping shows"
             };
             self.mismatches.push(Mismatch {
-                mapping_offset: sector * ss,
-                backing_offset: self.engine.data_offset + sector * ss,
+                mapping_offset: sector * len as u64,
+                backing_offset: self.engine.data_offset + sector * len as u64,
                 note: note.into(),
             });
         }
@@ -561,13 +630,21 @@ struct Aligned {
 const ALIGN: usize = 4096;
 
 impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let raw = Zeroizing::new(vec![0u8; len + ALIGN]);
-        let start = raw.as_ptr().align_offset(ALIGN);
-        Aligned { raw, start, len }
+    fn empty() -> Aligned {
+        Aligned {
+            raw: Zeroizing::new(Vec::new()),
+            start: 0,
+            len: 0,
+        }
     }
-    fn len(&self) -> usize {
-        self.len
+    /// Makes the buffer `len` bytes long; it reallocates only to grow.
+    fn resize(&mut self, len: usize) {
+        if self.raw.len() < len + ALIGN {
+            let raw = Zeroizing::new(vec![0u8; len + ALIGN]);
+            self.start = raw.as_ptr().align_offset(ALIGN);
+            self.raw = raw;
+        }
+        self.len = len;
     }
     fn get(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len]
