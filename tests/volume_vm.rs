@@ -1612,6 +1612,7 @@ fn verify_refuses_a_volume_opened_by_cryptsetup_directly() {
 #[test]
 #[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn verify_full_under_a_concurrent_writer_never_reports_a_false_mismatch() {
+    use std::os::unix::process::CommandExt;
     need::require_dm_crypt();
     let bin = env!("CARGO_BIN_EXE_volcrypt");
     let k = keys();
@@ -1628,6 +1629,8 @@ fn verify_full_under_a_concurrent_writer_never_reports_a_false_mismatch() {
     let (a, b) = (v.dir.path().join("a"), v.dir.path().join("b"));
     std::fs::write(&a, pattern(41, size as usize)).unwrap();
     std::fs::write(&b, pattern(43, size as usize)).unwrap();
+    // In its own process group, so that stopping it stops the `dd` it is running too (a
+    // surviving `dd` would hold the mapping open and make the detach below busy).
     let mut writer = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -1637,6 +1640,7 @@ fn verify_full_under_a_concurrent_writer_never_reports_a_false_mismatch() {
             b = b.display(),
             m = mapper.display()
         ))
+        .process_group(0)
         .spawn()
         .unwrap();
     let mut changed = 0;
@@ -1651,7 +1655,8 @@ fn verify_full_under_a_concurrent_writer_never_reports_a_false_mismatch() {
         writer.try_wait().unwrap().is_none(),
         "the writer stopped: the test did not write during the verifies"
     );
-    let _ = writer.kill();
+    let group = nix::unistd::Pid::from_raw(-i32::try_from(writer.id()).unwrap());
+    nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL).unwrap();
     let _ = writer.wait();
     eprintln!(
         "verify under a writer: 3 full runs agree, {changed} sector(s) changed during verify"
