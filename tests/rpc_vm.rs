@@ -866,7 +866,10 @@ fn restart_reactivates_in_parallel_within_the_budget_and_retries_a_missing_key()
                 most = most.max(running.len());
                 peak_mib = peak_mib.max(running.iter().map(|r| r.1).sum::<i64>());
             }
-            Some("re-activation done") => running.retain(|r| r.0 != id),
+            // The KDF memory goes back at the unlock; the device-mapper work goes on without it.
+            Some("re-activation unlocked, KDF share returned" | "re-activation done") => {
+                running.retain(|r| r.0 != id)
+            }
             _ => {}
         }
     }

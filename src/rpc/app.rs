@@ -117,11 +117,34 @@ impl VolumeLocks {
     }
 }
 
-/// What an engine task holds until it returns.
+/// What an engine task holds until it returns (the KDF share only until its keyslot is
+/// unlocked: see [`KdfShare`]).
 pub(crate) struct Held {
     pub(crate) _volume: Option<OwnedMutexGuard<()>>,
     pub(crate) _kdf: Option<OwnedSemaphorePermit>,
     pub(crate) kdf_mib: u32,
+}
+
+/// An engine task's share of the KDF memory budget. It goes back as soon as the attach has
+/// unlocked its keyslot ([`Context::after_kdf`]): the memory is free then, and the next attach
+/// or re-activation can start its KDF while this one waits for device-mapper and udev.
+/// Whatever was not given back then is when the task ends.
+pub(crate) struct KdfShare {
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    mib: u32,
+    app: Arc<App>,
+}
+
+impl KdfShare {
+    pub(crate) fn release(&self) {
+        let taken = self.permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if taken.is_some() {
+            self.app
+                .metrics
+                .kdf_memory_in_use_mib
+                .dec_by(i64::from(self.mib));
+        }
+    }
 }
 
 /// Take `mib` of the KDF budget (clamped to the whole budget, so one oversized KDF runs alone
@@ -176,11 +199,25 @@ where
     let task = tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
         let _token = token;
-        let held = held;
+        let Held {
+            _volume,
+            _kdf,
+            kdf_mib,
+        } = held;
+        let share = Arc::new(KdfShare {
+            permit: Mutex::new(_kdf),
+            mib: kdf_mib,
+            app: app2.clone(),
+        });
         app2.metrics.in_flight.inc();
         let t0 = Instant::now();
         let result = match (app2.keys.factory)() {
-            Ok(keys) => f(&Context::new(keys.as_ref(), app2.config.volume.clone())),
+            Ok(keys) => {
+                let share = share.clone();
+                let ctx = Context::new(keys.as_ref(), app2.config.volume.clone())
+                    .and_after_kdf(move || share.release());
+                f(&ctx)
+            }
             Err(message) => Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "key_manager",
@@ -191,16 +228,14 @@ where
         app2.metrics
             .observe_operation(op, secs, result.as_ref().err().map(|e| e.code));
         app2.metrics.in_flight.dec();
-        app2.metrics
-            .kdf_memory_in_use_mib
-            .dec_by(i64::from(held.kdf_mib));
+        share.release();
         tracing::info!(
             op,
             ms = (secs * 1000.0) as u64,
             ok = result.is_ok(),
             "engine operation done"
         );
-        drop(held);
+        drop(_volume);
         result
     });
     task.await.map_err(|e| {

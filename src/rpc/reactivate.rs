@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{OwnedMutexGuard, Semaphore};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::app::{App, Held, engine_err, run_engine, take_kdf};
@@ -97,8 +97,7 @@ pub(crate) async fn startup(app: Arc<App>) {
         };
         let app = app.clone();
         running.spawn(async move {
-            let _slot = slot;
-            let (finding, retry) = reactivate(&app, *prepared, cost, guard).await;
+            let (finding, retry) = reactivate(&app, *prepared, cost, guard, Some(slot)).await;
             settle(&app, &id, finding, retry);
         });
     }
@@ -152,7 +151,7 @@ async fn retry_loop(app: Arc<App>, mut ids: Vec<String>) {
                         &app.config.volume,
                         app.config.server.kdf_memory_estimate_mib,
                     );
-                    reactivate(&app, *p, cost, guard).await
+                    reactivate(&app, *p, cost, guard, None).await
                 }
             };
             if retry {
@@ -188,12 +187,15 @@ async fn plan(app: &Arc<App>, id: &str) -> Step {
 }
 
 /// One re-activation under the volume's lock and `cost` MiB of the KDF budget. Returns the
-/// finding and whether it is worth retrying (key or device not available).
+/// finding and whether it is worth retrying (key or device not available). `worker`, the
+/// start-up pass's CPU slot, goes back with the KDF budget as soon as the keyslot is unlocked:
+/// the next volume's KDF then runs while this one waits for device-mapper and udev.
 async fn reactivate(
     app: &Arc<App>,
     planned: reconcile::Reactivation,
     cost: u64,
     guard: OwnedMutexGuard<()>,
+    worker: Option<OwnedSemaphorePermit>,
 ) -> (Finding, bool) {
     let (kdf, kdf_mib) = if cost == 0 {
         (None, 0)
@@ -210,10 +212,16 @@ async fn reactivate(
     };
     let unavailable = Arc::new(AtomicBool::new(false));
     let flag = unavailable.clone();
+    let worker = std::sync::Mutex::new(worker);
     let result = run_engine(app, "attach", held, move |ctx| {
-        // Start and end lines of each re-activation: their order in the log shows which ran
-        // side by side and with how much KDF memory.
+        // Start, unlock and end lines of each re-activation: their order in the log shows
+        // which ran side by side, and which held KDF memory at once (from start to unlock).
         let volume_id = planned.prepared().volume_id().to_owned();
+        let id = volume_id.clone();
+        let ctx = &ctx.and_after_kdf(move || {
+            tracing::info!(volume_id = id, kdf_mib, "re-activation unlocked, KDF share returned");
+            drop(worker.lock().unwrap_or_else(|e| e.into_inner()).take());
+        });
         tracing::info!(volume_id, kdf_mib, "re-activation started");
         let result = planned.run(ctx);
         tracing::info!(

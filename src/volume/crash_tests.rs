@@ -65,6 +65,7 @@ impl Fixture {
             keys: self.keys.as_ref(),
             config: self.config.clone(),
             sys: self.sim.clone(),
+            after_kdf: None,
         }
     }
 
@@ -253,6 +254,40 @@ fn attach_of_an_existing_volume_survives_a_crash_at_every_step() {
             existing
         );
     }
+}
+
+/// The agent gives back its KDF share through `Context::after_kdf`: it is called once per
+/// attach that unlocks a keyslot, after the unlock and before the mapping exists; a wrong key
+/// or a first attach (libcryptsetup formats and unlocks) never calls it.
+#[test]
+fn after_kdf_runs_once_between_the_unlock_and_the_mapping() {
+    use std::sync::Mutex;
+    let fx = Fixture::new(Content::luks(
+        "3f1c4a9e-0000-4000-8000-000000000002",
+        PASSPHRASE,
+    ));
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let (sim, log) = (fx.sim.clone(), seen.clone());
+    let ctx = fx.ctx().and_after_kdf(move || {
+        log.lock().unwrap().push(sim.state().maps.len());
+    });
+    assert_eq!(
+        attach(&ctx, &Fixture::request("a")).unwrap().how,
+        How::Opened
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![0], "called once, before the mapping");
+    assert_eq!(fx.sim.state().maps.len(), 1);
+
+    let blank = Fixture::new(Content::Blank);
+    let (sim, log) = (blank.sim.clone(), seen.clone());
+    let ctx = blank.ctx().and_after_kdf(move || {
+        log.lock().unwrap().push(sim.state().maps.len());
+    });
+    assert_eq!(
+        attach(&ctx, &Fixture::request("b")).unwrap().how,
+        How::Formatted
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![0], "a format is not a userspace unlock");
 }
 
 /// A crash anywhere in a detach: after the restart the volume is either still attached

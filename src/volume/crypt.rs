@@ -187,6 +187,18 @@ pub struct NewHeader<'a> {
     pub pbkdf: Option<&'a PbkdfConfig>,
 }
 
+/// Called once a keyslot is unlocked in userspace, before the device-mapper work: the agent
+/// hands the KDF's share of CPUs and memory to the next volume then, instead of holding it
+/// through the activation and its udev wait.
+#[derive(Clone, Copy)]
+pub struct AfterKdf<'a>(pub &'a (dyn Fn() + Sync));
+
+impl std::fmt::Debug for AfterKdf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterKdf")
+    }
+}
+
 /// Opening a mapping: its name, flags, and the key id (for messages).
 #[derive(Debug, Clone, Copy)]
 pub struct Activation<'a> {
@@ -199,6 +211,7 @@ pub struct Activation<'a> {
     /// The mapping `name` is active already: load its table again with `flags`
     /// (`cryptsetup refresh`), the same volume key checked against the active one.
     pub refresh: bool,
+    pub after_kdf: Option<AfterKdf<'a>>,
 }
 
 impl Activation<'_> {
@@ -234,6 +247,9 @@ pub fn open_luks(
     t: &mut AttachTimings,
 ) -> Result<bool, Error> {
     let (loaded, engine) = load_and_unlock(device, header, passphrase, how, t);
+    if let (Some(Engine::Key(_)), Some(AfterKdf(done))) = (&engine, to.after_kdf) {
+        done();
+    }
     let Some(mut cd) = loaded? else {
         return Ok(false);
     };

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::crypt::{self, Activation, LuksVersion, NewHeader, Unlock};
+use super::crypt::{self, Activation, AfterKdf, LuksVersion, NewHeader, Unlock};
 use super::dm::DevNo;
 use super::header::DeviceHeader;
 use super::journal::{Phase, Record};
@@ -87,6 +87,10 @@ pub(super) fn open_mapping(
         key_id: &plan.key_id,
         persistent: v.options.persistent,
         refresh: false,
+        after_kdf: ctx
+            .after_kdf
+            .as_deref()
+            .map(|f| AfterKdf(f as &(dyn Fn() + Sync))),
     };
     if plan.format == VolumeFormat::Plain {
         let warning = plan.weak_cipher.as_ref().map(|why| {

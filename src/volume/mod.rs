@@ -136,6 +136,9 @@ pub struct Context<'a> {
     pub config: VolumeConfig,
     /// The host the operations act on: [`Host`], or a simulation in unit tests.
     pub sys: Arc<dyn System>,
+    /// Called when an attach has unlocked its keyslot in userspace and goes on to the
+    /// device-mapper work (see [`crypt::AfterKdf`]); the agent gives back its KDF share then.
+    pub after_kdf: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl<'a> Context<'a> {
@@ -145,6 +148,23 @@ impl<'a> Context<'a> {
             keys,
             config,
             sys: Arc::new(Host),
+            after_kdf: None,
+        }
+    }
+
+    /// The same context, with `f` also called after a userspace keyslot unlock: first `f`, then
+    /// the hook the context had (the inner layer first: the agent's re-activation logs the
+    /// unlock before the KDF budget it held goes back).
+    pub fn and_after_kdf(&self, f: impl Fn() + Send + Sync + 'static) -> Context<'a> {
+        let outer = self.after_kdf.clone();
+        Context {
+            after_kdf: Some(Arc::new(move || {
+                f();
+                if let Some(o) = &outer {
+                    o();
+                }
+            })),
+            ..self.clone()
         }
     }
 
@@ -159,6 +179,7 @@ impl<'a> Context<'a> {
             keys: &NoKeys,
             config: self.config.clone(),
             sys: self.sys.clone(),
+            after_kdf: None,
         }
     }
 }

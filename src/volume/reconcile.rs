@@ -270,8 +270,7 @@ pub fn reconcile_one(
     };
     let ctx = Context {
         keys: keys.as_ref(),
-        config: ctx.config.clone(),
-        sys: ctx.sys.clone(),
+        ..ctx.clone()
     };
     match planned.run(&ctx) {
         Ok(_) => Finding::Reactivated,

@@ -390,7 +390,7 @@ impl System for Sim {
         _header: Option<crate::luks::Header>,
         passphrase: &[u8],
         to: Activation<'_>,
-        _how: Unlock,
+        how: Unlock,
         _t: &mut AttachTimings,
     ) -> Result<bool, Error> {
         let Some(Content::Luks { uuid, slots }) = self.device(device).map(|d| d.content) else {
@@ -409,6 +409,11 @@ impl System for Sim {
                 key_id: to.key_id.to_owned(),
                 device: device.to_owned(),
             });
+        }
+        // The host's engine unlocks in userspace before device-mapper: so does this one.
+        if let (Unlock::Userspace, Some(crate::volume::crypt::AfterKdf(done))) = (how, to.after_kdf)
+        {
+            done();
         }
         let hex = uuid.replace('-', "");
         self.activate(device, to, format!("CRYPT-LUKS2-{hex}-{}", to.name))?;

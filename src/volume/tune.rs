@@ -92,6 +92,7 @@ pub fn tune(ctx: &Context<'_>, volume_id: &str, req: &TuneRequest) -> Result<Tun
         key_id: &record.key_id,
         persistent,
         refresh: true,
+        after_kdf: None,
     };
     sys.refresh(
         &device,
