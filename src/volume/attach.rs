@@ -7,7 +7,7 @@
 //! from its budget), [`attach_prepared`] does the work. [`attach`] is both in one call.
 
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -635,8 +635,7 @@ fn link_and_commit(
         record.device_link_previous = previous;
     }
     test_pause("linked");
-    timed(&mut t.journal, || journal.attached(record))?;
-    super::consumers::attached(ctx, &record.key_id, &record.volume_id);
+    super::consumers::commit_attached(ctx, journal, record, &mut t.journal)?;
     Ok(device_link)
 }
 
@@ -759,7 +758,7 @@ fn finish_existing(
         // This attach supersedes the interrupted detach: the volume is wanted again.
         journal.begin_attach(&mut record)?;
     }
-    journal.attached(&mut record)?;
+    super::consumers::commit_attached(ctx, journal, &mut record, &mut Duration::default())?;
     let mut o = mapped_outcome(
         &record,
         How::AlreadyAttached,
