@@ -210,7 +210,7 @@ fn unlink_and_forget(
             prev.display()
         ));
     }
-    super::consumers::commit_detached(ctx, journal, &r, &mut t.journal)?;
+    super::consumers::commit_detached(ctx, journal, r, &mut t.journal)?;
     journal::trace_phase(name, "detached");
     Ok(note)
 }
