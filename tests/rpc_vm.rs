@@ -398,12 +398,14 @@ fn tune_through_the_api() {
 /// `last_verify` in `GET /v1/attachments/{id}` and the per-volume metrics; an async verify
 /// reports its progress, refuses a second one (409), and a `DELETE` cancels it leaving nothing
 /// behind (no descriptor of the volume's devices in the agent, budget and lock returned, state
-/// record unchanged, no bytes counted); a detach cancels a running verify.
+/// record unchanged, no bytes counted); a detach cancels a running verify and forgets the
+/// volume's job and metric series (attached again, it starts fresh); a completed verify's
+/// `last_verify` survives an agent restart (kept in the state record).
 #[test]
 #[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn verify_jobs_progress_cancel_last_result_and_metrics() {
     need::require_dm_crypt();
-    let agent = Agent::start_with("", FAST_KDF);
+    let mut agent = Agent::start_with("", FAST_KDF);
     let ks = keystore(&agent);
     put(&ks, "pass-j", SecretType::Passphrase, b"job horse");
     let loops = Loops::new(agent.dir.path(), 1, 24);
@@ -565,9 +567,42 @@ fn verify_jobs_progress_cancel_last_result_and_metrics() {
         t0.elapsed() < Duration::from_secs(size / 500_000),
         "detach waited for the verify"
     );
-    let (_, v) = agent.checked("GET", job.0, job.1, None);
-    assert_eq!(v["state"], "cancelled", "{v}");
     assert!(!mapper.exists());
+    // The detach forgot the volume's job and series.
+    let (s, v) = agent.checked("GET", job.0, job.1, None);
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(metric(bytes_metric), None, "series left after the detach");
+
+    // Attached again: no last verify. A completed verify survives a restart.
+    let (s, v) = agent.checked(
+        "POST",
+        "/v1/attachments",
+        "/v1/attachments",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = agent.checked("GET", one.0, one.1, None);
+    assert!(v.get("last_verify").is_none(), "attached again: {v}");
+    let (s, v) = agent.checked(
+        "POST",
+        job.0,
+        job.1,
+        Some(br#"{"mode": "sample", "count": 8}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        metric(bytes_metric),
+        v["bytes_checked"].as_u64().map(|b| b.to_string())
+    );
+    let (_, before) = agent.checked("GET", one.0, one.1, None);
+    assert_eq!(before["last_verify"]["state"], "finished", "{before}");
+    agent.restart();
+    let (s, after) = agent.checked("GET", one.0, one.1, None);
+    assert_eq!(s, 200, "{after}");
+    assert_eq!(after["last_verify"], before["last_verify"], "{after}");
+    assert_eq!(after["last_verify"]["mode"], "sample", "{after}");
+    let (s, v) = agent.checked("DELETE", one.0, one.1, None);
+    assert_eq!(s, 200, "{v}");
 }
 
 /// 20 attaches at once, each an Argon2id keyslot of 8 MiB, with a 24 MiB budget (3 at a time): all succeed

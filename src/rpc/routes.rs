@@ -376,21 +376,29 @@ async fn get_one(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     };
     let id2 = id.to_owned();
     let not_found = unknown_volume(id, app);
-    let found = run_engine(app, "status", held, move |ctx| {
+    let (found, kept) = run_engine(app, "status", held, move |ctx| {
         let Some(r) = ctx.journal().get(&id2).map_err(engine_err)? else {
             return Err(not_found);
         };
         record_phase(&r);
-        volume::status(ctx)
+        let status = volume::status(ctx)
             .map_err(engine_err)?
             .into_iter()
             .find(|s| s.volume_id == id2)
-            .ok_or(not_found)
+            .ok_or(not_found)?;
+        Ok((status, r.last_verify))
     })
     .await?;
     let mut found = serde_json::to_value(&found).unwrap_or_default();
-    if let Some(last) = app.verify_jobs.last(id) {
-        found["last_verify"] = serde_json::to_value(last).unwrap_or_default();
+    // This agent's last job (even a cancelled one), else the last completed verify the
+    // journal kept across a restart.
+    let last = app
+        .verify_jobs
+        .last(id)
+        .and_then(|l| serde_json::to_value(l).ok())
+        .or(kept);
+    if let Some(last) = last {
+        found["last_verify"] = last;
     }
     Ok(json_response(StatusCode::OK, &found))
 }
@@ -422,6 +430,9 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     .await?;
     app.metrics
         .observe_detach_phases(&outcome.timings, outcome.was_active);
+    // The volume is gone: its verify result and series too (attached again, it starts fresh).
+    app.verify_jobs.forget(id);
+    app.metrics.forget_volume(id);
     Ok(json_response(StatusCode::OK, &outcome))
 }
 

@@ -580,6 +580,9 @@ fn new_record(
         rekey: prior
             .filter(|p| p.backing_devno == target.devno && p.key_id == plan.key_id)
             .and_then(|p| p.rekey.clone()),
+        // A re-activation (the record outlived its mapping: a reboot) keeps the volume's last
+        // verify; a detach removed the record, so a new attachment starts without one.
+        last_verify: prior.and_then(|p| p.last_verify.clone()),
     };
     Ok((record, format_uuid))
 }
@@ -751,6 +754,7 @@ fn finish_existing(
             format_uuid: None,
             request: Some(v.request().clone()),
             rekey: None,
+            last_verify: None,
         },
     };
     record.stable_link = Some(stable);
