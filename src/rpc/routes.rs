@@ -260,6 +260,26 @@ async fn read_body(app: &App, body: Incoming, declared: Option<u64>) -> Result<B
     }
 }
 
+/// Parse the JSON body of the tune, rekey and verify routes ([`request::parse_flat`]): an
+/// unknown field is refused naming the closest known one, as the attach route does, and every
+/// error is the same 400 `invalid_json` with `field` the field concerned when there is one.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    request: &'static str,
+    known: &[&str],
+) -> Result<T, ApiError> {
+    request::parse_flat(body, request, known).map_err(|e| {
+        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string());
+        match e.field_path() {
+            Some(f) => err.with_field(f),
+            None => err,
+        }
+    })
+}
+
+/// The fields of a verify request: the engine's [`volume::verify::Request`] and `async`.
+const VERIFY_FIELDS: [&str; 6] = ["mode", "count", "start", "len", "max_rate_mb", "async"];
+
 /// Parse the attach request, naming the field a type or unknown-field error is about.
 fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -480,13 +500,7 @@ async fn tune(
     check_id(id)?;
     record_volume(id);
     let body = read_body(app, body, declared).await?;
-    let req = request::TuneRequest::from_json(&body).map_err(|e| {
-        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string());
-        match &e {
-            request::Error::UnknownField { name, .. } => err.with_field(name.clone()),
-            _ => err,
-        }
-    })?;
+    let req: request::TuneRequest = parse_json(&body, "tune", &request::TUNE_FIELDS)?;
     req.validate().map_err(|e| ApiError::from(&e))?;
     let held = admit_unlock(app, id).await?;
     let id2 = id.to_owned();
@@ -522,7 +536,7 @@ async fn verify(
         if body.iter().all(u8::is_ascii_whitespace) {
             Default::default()
         } else {
-            serde_json::from_slice(&body).map_err(|e| invalid(format!("verify request: {e}")))?
+            parse_json(&body, "verify", &VERIFY_FIELDS)?
         };
     let run_async = match body.remove("async") {
         None => false,
@@ -534,7 +548,8 @@ async fn verify(
     let req: volume::verify::Request = if body.is_empty() {
         Default::default()
     } else {
-        serde_json::from_value(body.into()).map_err(|e| invalid(format!("verify request: {e}")))?
+        let rest = serde_json::to_vec(&body).unwrap_or_default();
+        parse_json(&rest, "verify", &VERIFY_FIELDS)?
     };
     if let Some(r) = req.max_rate_mb.filter(|r| !(r.is_finite() && *r > 0.0)) {
         return Err(invalid(format!(
@@ -593,13 +608,7 @@ async fn rekey(
     check_id(id)?;
     record_volume(id);
     let body = read_body(app, body, declared).await?;
-    let req: RekeyRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("rekey request (expected {{\"new_key_id\": \"...\"}}): {e}"),
-        )
-    })?;
+    let req: RekeyRequest = parse_json(&body, "rekey", &["new_key_id"])?;
     let held = admit_unlock(app, id).await?;
     let id2 = id.to_owned();
     let outcome = run_engine(app, "rekey", held, move |ctx| {
