@@ -292,7 +292,8 @@ pub struct TuneRequest {
     pub persistent: bool,
 }
 
-const TUNE_FIELDS: [&str; 5] = [
+/// The fields of a [`TuneRequest`].
+pub const TUNE_FIELDS: [&str; 5] = [
     "allow_discards",
     "no_read_workqueue",
     "no_write_workqueue",
@@ -303,25 +304,7 @@ const TUNE_FIELDS: [&str; 5] = [
 impl TuneRequest {
     /// Parse a tune request body; an empty body is not a request.
     pub fn from_json(bytes: &[u8]) -> Result<TuneRequest, Error> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let req: TuneRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let inner = e.into_inner().to_string();
-            match inner
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-            {
-                Some(name) => Error::UnknownField {
-                    request: "tune",
-                    name: name.to_owned(),
-                    within: "the request".into(),
-                    closest: closest(name, &TUNE_FIELDS).map(str::to_owned),
-                },
-                None => Error::Json(format!("tune request: {inner}")),
-            }
-        })?;
-        de.end()
-            .map_err(|e| Error::Json(format!("tune request: {e}")))?;
-        Ok(req)
+        parse_flat(bytes, "tune", &TUNE_FIELDS)
     }
 
     /// What can change on an active mapping: the three flags (and storing them). The sector
@@ -381,12 +364,20 @@ pub enum Error {
     /// A field no level of the model knows: a typo, named with the closest known field.
     #[error("invalid {request} request: unknown field {name:?} in {within}{}", closest.as_ref().map(|c| format!(" (did you mean {c:?}?)")).unwrap_or_default())]
     UnknownField {
-        /// `attach` or `tune`.
+        /// `attach`, `tune`, `rekey`, `verify`.
         request: &'static str,
         name: String,
         /// `the request`, or the object's path (`encryption`, `device`).
         within: String,
         closest: Option<String>,
+    },
+    /// A small request's body ([`parse_flat`]) is not JSON, or not the model: `field` the one
+    /// serde blames, when it names one.
+    #[error("invalid {request} request: {}{message}", field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
+    Body {
+        request: &'static str,
+        field: Option<String>,
+        message: String,
     },
     #[error("invalid attach request: field `{field}`: {message}")]
     Field {
@@ -412,6 +403,7 @@ impl Error {
                 Some(name.clone())
             }
             Error::UnknownField { name, within, .. } => Some(format!("{within}.{name}")),
+            Error::Body { field, .. } => field.clone(),
             e => e.field().map(str::to_owned),
         }
     }
@@ -717,6 +709,48 @@ const KNOWN_FIELDS: [(&str, &[&str]); 5] = [
     ("device", &["serial", "wwn", "by_path", "luks_uuid"]),
     ("wait_for_device", &["timeout_secs"]),
 ];
+
+/// Parse the flat JSON object of a small request (`request`: `tune`, `rekey`, `verify`, …) as
+/// strictly as the attach request: one whole document (no trailing data), every top-level
+/// field one of `known` (an unknown one is [`Error::UnknownField`] naming the closest known
+/// field, so a typo is never silently ignored, even for types whose `serde(flatten)` cannot
+/// deny unknown fields), then the model's own checks ([`Error::Body`] naming the field serde
+/// blames). The agent's routes and the command line share it, so both say the same.
+pub fn parse_flat<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    request: &'static str,
+    known: &[&str],
+) -> Result<T, Error> {
+    let body = |field: Option<String>, message: String| Error::Body {
+        request,
+        field,
+        message,
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_json::Value::deserialize(&mut de).map_err(|e| body(None, e.to_string()))?;
+    de.end().map_err(|e| body(None, e.to_string()))?;
+    if let serde_json::Value::Object(map) = &value
+        && let Some(name) = map.keys().find(|k| !known.contains(&k.as_str()))
+    {
+        return Err(Error::UnknownField {
+            request,
+            name: name.clone(),
+            within: "the request".into(),
+            closest: closest(name, known).map(str::to_owned),
+        });
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names a missing field in its message, at its parent's path.
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_owned);
+        let at = Some(path).filter(|p| !(p.is_empty() || p == "." || p == "?"));
+        body(missing.or(at), inner)
+    })
+}
 
 /// serde's "unknown field `x`, expected …" at `path` (serde_path_to_error's), as
 /// [`Error::UnknownField`] naming the closest known field; `None` for any other message. The
@@ -1521,8 +1555,16 @@ mod tests {
             e.to_string().contains(r#"did you mean "persistent"?"#),
             "{e}"
         );
-        assert!(TuneRequest::from_json(br#"{"allow_discards":"yes"}"#).is_err());
-        assert!(TuneRequest::from_json(br#"{} x"#).is_err());
+        let e = TuneRequest::from_json(br#"{"allow_discards":"yes"}"#).unwrap_err();
+        assert_eq!(e.field_path().as_deref(), Some("allow_discards"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("invalid tune request: field `allow_discards`: invalid type"),
+            "{e}"
+        );
+        let e = TuneRequest::from_json(br#"{} x"#).unwrap_err();
+        assert_eq!(e.field_path(), None, "{e}");
+        assert!(e.to_string().contains("trailing characters"), "{e}");
         let e = TuneRequest::from_json(br#"{"sector_size":4096,"allow_discards":true}"#)
             .unwrap()
             .validate()

@@ -188,13 +188,7 @@ struct Vol {
 impl Vol {
     /// 32 MiB: LUKS2 headers cryptsetup makes take 16 MiB.
     fn new(tag: &str) -> Vol {
-        let dir = tempfile::tempdir_in("/tmp").unwrap();
-        let file = dir.path().join("backing.img");
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
-        let loopdev = PathBuf::from(sh(&format!("losetup -f --show {}", file.display())).trim());
+        let (dir, _, loopdev) = common::loopdev::backing(32 << 20);
         let bypath = dir.path().join("by-path");
         std::fs::create_dir_all(&bypath).unwrap();
         let link = bypath.join(format!("ob-{tag}-lun-0"));
@@ -257,13 +251,7 @@ impl Vol {
 
 impl Drop for Vol {
     fn drop(&mut self) {
-        let _ = Command::new("dmsetup")
-            .args(["remove", "--retry", &self.name])
-            .output();
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loopdev)
-            .output();
+        common::loopdev::teardown(&self.name, &self.loopdev);
     }
 }
 

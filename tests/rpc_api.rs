@@ -291,7 +291,7 @@ fn unknown_volumes_are_404() {
         "/v1/attachments/no-such-vol/verify",
         Some(br#"{"mode": "everything"}"#),
     );
-    assert_error(s, &v, 400, "invalid_request", None);
+    assert_error(s, &v, 400, "invalid_json", None);
     let (s, v) = agent.checked(
         "POST",
         vr,
@@ -325,6 +325,94 @@ fn unknown_volumes_are_404() {
     assert_eq!(r.status, 404);
     let r = agent.call("PUT", "/v1/attachments", None);
     assert_eq!(r.status, 405);
+}
+
+/// The tune, rekey and verify bodies are parsed like the attach request: a typo is a 400
+/// `invalid_json` naming the unknown field and the closest known one, never ignored; a wrong
+/// type names its field; all before the volume is looked up.
+#[test]
+fn typos_in_tune_rekey_and_verify_bodies_name_the_closest_field() {
+    let agent = Agent::start("");
+    /// Method, documented route, path, body, the field blamed, a part of the message.
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [u8],
+        &'static str,
+        &'static str,
+    );
+    let cases: [Case; 6] = [
+        (
+            "PATCH",
+            "/v1/attachments/{volume_id}",
+            "/v1/attachments/no-such-vol",
+            br#"{"persistant": true, "allow_discards": true}"#,
+            "persistant",
+            r#"invalid tune request: unknown field "persistant" in the request (did you mean "persistent"?)"#,
+        ),
+        (
+            "POST",
+            "/v1/attachments/{volume_id}/rekey",
+            "/v1/attachments/no-such-vol/rekey",
+            br#"{"new_keyid": "k2"}"#,
+            "new_keyid",
+            r#"invalid rekey request: unknown field "new_keyid" in the request (did you mean "new_key_id"?)"#,
+        ),
+        (
+            "POST",
+            "/v1/attachments/{volume_id}/rekey",
+            "/v1/attachments/no-such-vol/rekey",
+            br#"{"key_id": "k2"}"#,
+            "key_id",
+            r#"(did you mean "new_key_id"?)"#,
+        ),
+        (
+            "POST",
+            "/v1/attachments/{volume_id}/verify",
+            "/v1/attachments/no-such-vol/verify",
+            br#"{"mode": "full", "max_rate": 5}"#,
+            "max_rate",
+            r#"invalid verify request: unknown field "max_rate" in the request (did you mean "max_rate_mb"?)"#,
+        ),
+        (
+            "POST",
+            "/v1/attachments/{volume_id}/verify",
+            "/v1/attachments/no-such-vol/verify",
+            br#"{"asyn": true}"#,
+            "asyn",
+            r#"(did you mean "async"?)"#,
+        ),
+        (
+            "POST",
+            "/v1/attachments/{volume_id}/rekey",
+            "/v1/attachments/no-such-vol/rekey",
+            br#"{"new_key_id": 7}"#,
+            "new_key_id",
+            "invalid rekey request: field `new_key_id`: invalid type: integer `7`",
+        ),
+    ];
+    for (method, route, path, body, field, message) in cases {
+        let (s, v) = agent.checked(method, route, path, Some(body));
+        assert_error(s, &v, 400, "invalid_json", Some(field));
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(message), "{method} {path}: {m}");
+    }
+    // Not JSON, trailing data, a missing field: the same shape, no field to blame but the
+    // missing one.
+    let rekey = (
+        "/v1/attachments/{volume_id}/rekey",
+        "/v1/attachments/no-such-vol/rekey",
+    );
+    let (s, v) = agent.checked("POST", rekey.0, rekey.1, Some(b"{\"new_key_id\": "));
+    assert_error(s, &v, 400, "invalid_json", None);
+    let (s, v) = agent.checked("POST", rekey.0, rekey.1, Some(br#"{"new_key_id": "k"} {}"#));
+    assert_error(s, &v, 400, "invalid_json", None);
+    let (s, v) = agent.checked("POST", rekey.0, rekey.1, Some(b"{}"));
+    assert_error(s, &v, 400, "invalid_json", Some("new_key_id"));
+    // A well-formed rekey of an unknown volume gets past the parser.
+    let (s, v) = agent.checked("POST", rekey.0, rekey.1, Some(br#"{"new_key_id": "k"}"#));
+    assert_eq!(s, 404, "{v}");
 }
 
 /// Where device-mapper exists, the same request gets past the engine's device-mapper check and

@@ -78,6 +78,22 @@ fn request(volume: &str, device: &Path, provider: &str, key: &str) -> String {
     )
 }
 
+impl Agent {
+    /// `POST /v1/attachments` with `body`, expecting a success: `want` 201 (attached now) or
+    /// 200 (already attached). The response, checked against the OpenAPI document.
+    fn attach_ok(&self, body: &str, want: u16) -> serde_json::Value {
+        assert!(want == 200 || want == 201, "not a success status: {want}");
+        let (s, v) = self.checked(
+            "POST",
+            "/v1/attachments",
+            "/v1/attachments",
+            Some(body.as_bytes()),
+        );
+        assert_eq!(s, want, "{v}");
+        v
+    }
+}
+
 const FAST_KDF: &str = "[volume.pbkdf]\nkind = \"pbkdf2\"\niterations = 1000\n";
 
 #[test]
@@ -93,13 +109,7 @@ fn attach_status_detach_through_the_api() {
     let body = request("vm-vol-1", dev, "luks2", "pass-1");
 
     // First attach formats the blank device: 201.
-    let (s, v) = agent.checked(
-        "POST",
-        "/v1/attachments",
-        "/v1/attachments",
-        Some(body.as_bytes()),
-    );
-    assert_eq!(s, 201, "{v}");
+    let v = agent.attach_ok(&body, 201);
     assert_eq!(v["formatted"], true);
     let mapper = PathBuf::from(v["device"].as_str().unwrap());
     assert!(mapper.exists(), "{}", mapper.display());
@@ -110,13 +120,7 @@ fn attach_status_detach_through_the_api() {
     );
 
     // Again: the existing mapping, 200.
-    let (s, v) = agent.checked(
-        "POST",
-        "/v1/attachments",
-        "/v1/attachments",
-        Some(body.as_bytes()),
-    );
-    assert_eq!(s, 200, "{v}");
+    let v = agent.attach_ok(&body, 200);
     assert_eq!(v["already_attached"], true);
 
     let (s, v) = agent.checked(
@@ -195,13 +199,7 @@ fn verify_through_the_api() {
     put(&ks, "pass-v", SecretType::Passphrase, b"verify horse");
     let loops = Loops::new(agent.dir.path(), 1, 24);
     let body = request("vm-vol-v", &loops.0[0], "luks2", "pass-v");
-    let (s, v) = agent.checked(
-        "POST",
-        "/v1/attachments",
-        "/v1/attachments",
-        Some(body.as_bytes()),
-    );
-    assert_eq!(s, 201, "{v}");
+    let v = agent.attach_ok(&body, 201);
     let mapper = PathBuf::from(v["device"].as_str().unwrap());
     sh(&format!(
         "dd if=/dev/urandom of={} bs=1M count=4 oflag=direct status=none",
@@ -290,13 +288,7 @@ fn tune_through_the_api() {
     };
     let attach = |id: &str, dev: &Path, provider: &str| {
         let body = request(id, dev, provider, "pass-t");
-        let (s, v) = agent.checked(
-            "POST",
-            "/v1/attachments",
-            "/v1/attachments",
-            Some(body.as_bytes()),
-        );
-        assert_eq!(s, 201, "{v}");
+        let v = agent.attach_ok(&body, 201);
         v["mapping_name"].as_str().unwrap().to_owned()
     };
     let route = "/v1/attachments/{volume_id}";
@@ -398,23 +390,19 @@ fn tune_through_the_api() {
 /// `last_verify` in `GET /v1/attachments/{id}` and the per-volume metrics; an async verify
 /// reports its progress, refuses a second one (409), and a `DELETE` cancels it leaving nothing
 /// behind (no descriptor of the volume's devices in the agent, budget and lock returned, state
-/// record unchanged, no bytes counted); a detach cancels a running verify.
+/// record unchanged, no bytes counted); a detach cancels a running verify and forgets the
+/// volume's job and metric series (attached again, it starts fresh); a completed verify's
+/// `last_verify` survives an agent restart (kept in the state record).
 #[test]
 #[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
 fn verify_jobs_progress_cancel_last_result_and_metrics() {
     need::require_dm_crypt();
-    let agent = Agent::start_with("", FAST_KDF);
+    let mut agent = Agent::start_with("", FAST_KDF);
     let ks = keystore(&agent);
     put(&ks, "pass-j", SecretType::Passphrase, b"job horse");
     let loops = Loops::new(agent.dir.path(), 1, 24);
     let body = request("vm-vol-j", &loops.0[0], "luks2", "pass-j");
-    let (s, v) = agent.checked(
-        "POST",
-        "/v1/attachments",
-        "/v1/attachments",
-        Some(body.as_bytes()),
-    );
-    assert_eq!(s, 201, "{v}");
+    let v = agent.attach_ok(&body, 201);
     let mapper = PathBuf::from(v["device"].as_str().unwrap());
     sh(&format!(
         "dd if=/dev/urandom of={} bs=1M count=2 oflag=direct status=none",
@@ -565,9 +553,36 @@ fn verify_jobs_progress_cancel_last_result_and_metrics() {
         t0.elapsed() < Duration::from_secs(size / 500_000),
         "detach waited for the verify"
     );
-    let (_, v) = agent.checked("GET", job.0, job.1, None);
-    assert_eq!(v["state"], "cancelled", "{v}");
     assert!(!mapper.exists());
+    // The detach forgot the volume's job and series.
+    let (s, v) = agent.checked("GET", job.0, job.1, None);
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(metric(bytes_metric), None, "series left after the detach");
+
+    // Attached again: no last verify. A completed verify survives a restart.
+    agent.attach_ok(&body, 201);
+    let (_, v) = agent.checked("GET", one.0, one.1, None);
+    assert!(v.get("last_verify").is_none(), "attached again: {v}");
+    let (s, v) = agent.checked(
+        "POST",
+        job.0,
+        job.1,
+        Some(br#"{"mode": "sample", "count": 8}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        metric(bytes_metric),
+        v["bytes_checked"].as_u64().map(|b| b.to_string())
+    );
+    let (_, before) = agent.checked("GET", one.0, one.1, None);
+    assert_eq!(before["last_verify"]["state"], "finished", "{before}");
+    agent.restart();
+    let (s, after) = agent.checked("GET", one.0, one.1, None);
+    assert_eq!(s, 200, "{after}");
+    assert_eq!(after["last_verify"], before["last_verify"], "{after}");
+    assert_eq!(after["last_verify"]["mode"], "sample", "{after}");
+    let (s, v) = agent.checked("DELETE", one.0, one.1, None);
+    assert_eq!(s, 200, "{v}");
 }
 
 /// 20 attaches at once, each an Argon2id keyslot of 8 MiB, with a 24 MiB budget (3 at a time): all succeed
@@ -667,13 +682,7 @@ fn restart_reports_inactive_and_foreign_mappings_without_touching_them() {
     put(&ks, "pass-r", SecretType::Passphrase, b"reconcile");
     let loops = Loops::new(agent.dir.path(), 2, 24);
     let body = request("vm-rec-1", &loops.0[0], "luks2", "pass-r");
-    let (s, v) = agent.checked(
-        "POST",
-        "/v1/attachments",
-        "/v1/attachments",
-        Some(body.as_bytes()),
-    );
-    assert_eq!(s, 201, "{v}");
+    let v = agent.attach_ok(&body, 201);
     let ours = v["mapping_name"].as_str().unwrap().to_owned();
     let v = agent.health_after_reconcile();
     assert_eq!(v["reconcile"]["checked"], true, "{v}");
@@ -788,13 +797,7 @@ fn restart_reactivates_in_parallel_within_the_budget_and_retries_a_missing_key()
             dev.display()
         ));
         let body = request(&name, dev, "luks2", key);
-        let (s, v) = agent.checked(
-            "POST",
-            "/v1/attachments",
-            "/v1/attachments",
-            Some(body.as_bytes()),
-        );
-        assert_eq!(s, 201, "{v}");
+        let v = agent.attach_ok(&body, 201);
         volumes.push((name, v["mapping_name"].as_str().unwrap().to_owned()));
     }
 

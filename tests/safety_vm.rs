@@ -32,13 +32,7 @@ struct Dev {
 
 impl Dev {
     fn new(tag: &str, mib: u64) -> Dev {
-        let dir = tempfile::tempdir_in("/tmp").unwrap();
-        let file = dir.path().join("backing.img");
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(mib * MIB)
-            .unwrap();
-        let loopdev = PathBuf::from(sh(&format!("losetup -f --show {}", file.display())).trim());
+        let (dir, _, loopdev) = common::loopdev::backing(mib * MIB);
         let ks = Keystore::create(dir.path().join("keys")).unwrap();
         ks.put(
             "k1",
@@ -179,13 +173,7 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        let _ = Command::new("dmsetup")
-            .args(["remove", "--retry", &self.name])
-            .output();
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loopdev)
-            .output();
+        common::loopdev::teardown(&self.name, &self.loopdev);
     }
 }
 

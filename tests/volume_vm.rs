@@ -109,12 +109,7 @@ struct Vol {
 
 impl Vol {
     fn new(tag: &str, mib: u64) -> Vol {
-        let dir = tempfile::tempdir_in("/tmp").unwrap();
-        let file = dir.path().join("backing.img");
-        let f = std::fs::File::create(&file).unwrap();
-        f.set_len(mib << 20).unwrap();
-        drop(f);
-        let loopdev = PathBuf::from(sh(&format!("losetup -f --show {}", file.display())).trim());
+        let (dir, file, loopdev) = common::loopdev::backing(mib << 20);
         let bypath = dir.path().join("by-path");
         std::fs::create_dir_all(&bypath).unwrap();
         let link = bypath.join(format!("vc-{tag}-lun-1"));
@@ -207,13 +202,7 @@ impl Vol {
 
 impl Drop for Vol {
     fn drop(&mut self) {
-        let _ = Command::new("dmsetup")
-            .args(["remove", "--retry", &self.name])
-            .output();
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loopdev)
-            .output();
+        common::loopdev::teardown(&self.name, &self.loopdev);
     }
 }
 

@@ -305,6 +305,15 @@ impl Metrics {
             .set(i64::try_from(unix).unwrap_or(i64::MAX));
     }
 
+    /// Drop the per-volume verify series of a detached volume (a volume attached again
+    /// starts new series; a scrape no longer shows volumes that are gone).
+    pub fn forget_volume(&self, volume_id: &str) {
+        let l = vec![("volume_id", volume_id.to_owned())];
+        self.verify_bytes.remove(&l);
+        self.verify_mismatches.remove(&l);
+        self.verify_last.remove(&l);
+    }
+
     pub fn rejected_peer(&self) {
         self.rejected_peers.inc();
     }
@@ -563,6 +572,8 @@ mod tests {
         m.active_attachments.set(2);
         m.observe_verify("vol-1", 4096, 0, 1_700_000_000);
         m.observe_verify("vol-1", 512, 1, 1_700_000_100);
+        m.observe_verify("vol-gone", 512, 0, 1_700_000_100);
+        m.forget_volume("vol-gone");
         let t = m.encode(Format::Prometheus);
         assert!(
             t.contains("volcrypt_verify_bytes_total{volume_id=\"vol-1\"} 4608\n"),
@@ -577,6 +588,10 @@ mod tests {
             "# TYPE volcrypt_verify_last_timestamp_seconds gauge\n\
              volcrypt_verify_last_timestamp_seconds{volume_id=\"vol-1\"} 1700000100\n"
         ));
+        assert!(
+            !t.contains("vol-gone"),
+            "a detached volume's series are dropped: {t}"
+        );
         assert!(!t.contains("# EOF"), "{t}");
         assert!(!t.contains("# UNIT"), "{t}");
         assert!(t.contains("# HELP volcrypt_rejected_peers_total Connections refused"));

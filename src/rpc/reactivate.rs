@@ -172,11 +172,19 @@ async fn retry_loop(app: Arc<App>, mut ids: Vec<String>) {
     }
 }
 
-/// The engine's plan for one record, on the blocking pool.
+/// The engine's plan for one record, on the blocking pool, with the key manager when there is
+/// one (a record confirmed attached registers its consumer; see [`volume::consumers`]).
 async fn plan(app: &Arc<App>, id: &str) -> Step {
-    let ctx = Context::without_keys(app.config.volume.clone());
+    let config = app.config.volume.clone();
+    let factory = app.keys.factory.clone();
     let id = id.to_owned();
-    tokio::task::spawn_blocking(move || reconcile::plan_one(&ctx, &id))
+    tokio::task::spawn_blocking(move || match factory() {
+        Ok(keys) => reconcile::plan_one(&Context::new(keys.as_ref(), config), &id),
+        Err(e) => {
+            tracing::debug!(volume_id = %id, error = %e, "planning without the key manager: consumers not updated");
+            reconcile::plan_one(&Context::without_keys(config), &id)
+        }
+    })
         .await
         .unwrap_or_else(|e| {
             Step::Done(Finding::Failed {

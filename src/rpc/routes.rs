@@ -260,6 +260,26 @@ async fn read_body(app: &App, body: Incoming, declared: Option<u64>) -> Result<B
     }
 }
 
+/// Parse the JSON body of the tune, rekey and verify routes ([`request::parse_flat`]): an
+/// unknown field is refused naming the closest known one, as the attach route does, and every
+/// error is the same 400 `invalid_json` with `field` the field concerned when there is one.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    request: &'static str,
+    known: &[&str],
+) -> Result<T, ApiError> {
+    request::parse_flat(body, request, known).map_err(|e| {
+        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string());
+        match e.field_path() {
+            Some(f) => err.with_field(f),
+            None => err,
+        }
+    })
+}
+
+/// The fields of a verify request: the engine's [`volume::verify::Request`] and `async`.
+const VERIFY_FIELDS: [&str; 6] = ["mode", "count", "start", "len", "max_rate_mb", "async"];
+
 /// Parse the attach request, naming the field a type or unknown-field error is about.
 fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -376,21 +396,29 @@ async fn get_one(app: &Arc<App>, id: &str) -> Result<Resp, ApiError> {
     };
     let id2 = id.to_owned();
     let not_found = unknown_volume(id, app);
-    let found = run_engine(app, "status", held, move |ctx| {
+    let (found, kept) = run_engine(app, "status", held, move |ctx| {
         let Some(r) = ctx.journal().get(&id2).map_err(engine_err)? else {
             return Err(not_found);
         };
         record_phase(&r);
-        volume::status(ctx)
+        let status = volume::status(ctx)
             .map_err(engine_err)?
             .into_iter()
             .find(|s| s.volume_id == id2)
-            .ok_or(not_found)
+            .ok_or(not_found)?;
+        Ok((status, r.last_verify))
     })
     .await?;
     let mut found = serde_json::to_value(&found).unwrap_or_default();
-    if let Some(last) = app.verify_jobs.last(id) {
-        found["last_verify"] = serde_json::to_value(last).unwrap_or_default();
+    // This agent's last job (even a cancelled one), else the last completed verify the
+    // journal kept across a restart.
+    let last = app
+        .verify_jobs
+        .last(id)
+        .and_then(|l| serde_json::to_value(l).ok())
+        .or(kept);
+    if let Some(last) = last {
+        found["last_verify"] = last;
     }
     Ok(json_response(StatusCode::OK, &found))
 }
@@ -422,6 +450,9 @@ async fn detach(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Resp, A
     .await?;
     app.metrics
         .observe_detach_phases(&outcome.timings, outcome.was_active);
+    // The volume is gone: its verify result and series too (attached again, it starts fresh).
+    app.verify_jobs.forget(id);
+    app.metrics.forget_volume(id);
     Ok(json_response(StatusCode::OK, &outcome))
 }
 
@@ -469,13 +500,7 @@ async fn tune(
     check_id(id)?;
     record_volume(id);
     let body = read_body(app, body, declared).await?;
-    let req = request::TuneRequest::from_json(&body).map_err(|e| {
-        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string());
-        match &e {
-            request::Error::UnknownField { name, .. } => err.with_field(name.clone()),
-            _ => err,
-        }
-    })?;
+    let req: request::TuneRequest = parse_json(&body, "tune", &request::TUNE_FIELDS)?;
     req.validate().map_err(|e| ApiError::from(&e))?;
     let held = admit_unlock(app, id).await?;
     let id2 = id.to_owned();
@@ -511,7 +536,7 @@ async fn verify(
         if body.iter().all(u8::is_ascii_whitespace) {
             Default::default()
         } else {
-            serde_json::from_slice(&body).map_err(|e| invalid(format!("verify request: {e}")))?
+            parse_json(&body, "verify", &VERIFY_FIELDS)?
         };
     let run_async = match body.remove("async") {
         None => false,
@@ -523,7 +548,8 @@ async fn verify(
     let req: volume::verify::Request = if body.is_empty() {
         Default::default()
     } else {
-        serde_json::from_value(body.into()).map_err(|e| invalid(format!("verify request: {e}")))?
+        let rest = serde_json::to_vec(&body).unwrap_or_default();
+        parse_json(&rest, "verify", &VERIFY_FIELDS)?
     };
     if let Some(r) = req.max_rate_mb.filter(|r| !(r.is_finite() && *r > 0.0)) {
         return Err(invalid(format!(
@@ -582,13 +608,7 @@ async fn rekey(
     check_id(id)?;
     record_volume(id);
     let body = read_body(app, body, declared).await?;
-    let req: RekeyRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("rekey request (expected {{\"new_key_id\": \"...\"}}): {e}"),
-        )
-    })?;
+    let req: RekeyRequest = parse_json(&body, "rekey", &["new_key_id"])?;
     let held = admit_unlock(app, id).await?;
     let id2 = id.to_owned();
     let outcome = run_engine(app, "rekey", held, move |ctx| {

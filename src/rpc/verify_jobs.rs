@@ -11,7 +11,12 @@
 //! behind: a verify only reads, its devices are closed and its lock and budget returned when
 //! the engine call ends, and the cancel takes effect within one chunk (1 MiB per side).
 //! One verify per volume at a time: a second `POST` while one runs is 409 `verify_running`.
-//! Results live in memory only (an agent restart forgets them; the journal is not touched).
+//!
+//! The last job of each volume (finished, failed or cancelled) and the per-volume metrics live
+//! in memory; a detach forgets both, so a volume attached again starts without them. A
+//! *completed* verify (one with a report) is also written into the volume's journal record
+//! (`last_verify`), under the volume's lock, so `GET /v1/attachments/{id}` still shows it after
+//! an agent restart; a failed or cancelled job changes nothing on disk.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,6 +162,18 @@ impl VerifyJobs {
         self.map().get(volume_id)?.last.clone()
     }
 
+    /// Forget the volume's last result (it was detached). A job started meanwhile (it is
+    /// still waiting for the volume's lock) stays.
+    pub(crate) fn forget(&self, volume_id: &str) {
+        let mut map = self.map();
+        if let Some(e) = map.get_mut(volume_id) {
+            e.last = None;
+            if e.running.is_none() {
+                map.remove(volume_id);
+            }
+        }
+    }
+
     /// Cancel every running job (the agent is shutting down).
     pub(crate) fn cancel_all(&self) {
         for e in self.map().values() {
@@ -167,14 +184,16 @@ impl VerifyJobs {
         }
     }
 
-    fn finish(&self, volume_id: &str, job: u64, result: &Result<Report, ApiError>) {
+    /// Record the job's end; its final view.
+    fn finish(
+        &self,
+        volume_id: &str,
+        job: u64,
+        result: &Result<Report, ApiError>,
+    ) -> Option<JobView> {
         let mut map = self.map();
-        let Some(e) = map.get_mut(volume_id) else {
-            return;
-        };
-        let Some(r) = e.running.take_if(|r| r.job == job) else {
-            return;
-        };
+        let e = map.get_mut(volume_id)?;
+        let r = e.running.take_if(|r| r.job == job)?;
         let mut v = r.view();
         v.finished_at_unix = Some(now_unix());
         match result {
@@ -198,7 +217,8 @@ impl VerifyJobs {
                 });
             }
         }
-        e.last = Some(v);
+        e.last = Some(v.clone());
+        Some(v)
     }
 }
 
@@ -296,11 +316,42 @@ pub(crate) fn start(
         }
         .await;
         record(&app, &id, trigger, &result);
-        app.verify_jobs.finish(&id, job, &result);
+        let view = app.verify_jobs.finish(&id, job, &result);
+        if let Some(view) = view.filter(|_| result.is_ok()) {
+            persist(&app, &id, view).await;
+        }
         let _ = ended_tx.send(true);
         let _ = tx.send(result);
     });
     Ok((view, rx))
+}
+
+/// Write a completed job's view (without the report) into the volume's journal record, under
+/// the volume's lock: a record detached meanwhile is not written again. Best effort: a failure
+/// is logged (the result stays in memory).
+async fn persist(app: &Arc<App>, id: &str, mut view: JobView) {
+    view.report = None;
+    let Ok(value) = serde_json::to_value(&view) else {
+        return;
+    };
+    let _guard = app.locks.lock(id).await;
+    let journal = volume::Journal::new(&app.config.volume.state_dir);
+    let id2 = id.to_owned();
+    let written = tokio::task::spawn_blocking(move || {
+        let (_lock, mut record) = journal.lock_record(&id2)?;
+        record.last_verify = Some(value);
+        journal.verified(&record)
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(volume_id = id, error = %e, "could not keep the verify result in the state record")
+        }
+        Err(e) => {
+            tracing::warn!(volume_id = id, error = %e, "could not keep the verify result in the state record")
+        }
+    }
 }
 
 /// The metrics and log line of a job's outcome.

@@ -7,7 +7,7 @@
 //! from its budget), [`attach_prepared`] does the work. [`attach`] is both in one call.
 
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -580,6 +580,9 @@ fn new_record(
         rekey: prior
             .filter(|p| p.backing_devno == target.devno && p.key_id == plan.key_id)
             .and_then(|p| p.rekey.clone()),
+        // A re-activation (the record outlived its mapping: a reboot) keeps the volume's last
+        // verify; a detach removed the record, so a new attachment starts without one.
+        last_verify: prior.and_then(|p| p.last_verify.clone()),
     };
     Ok((record, format_uuid))
 }
@@ -635,8 +638,7 @@ fn link_and_commit(
         record.device_link_previous = previous;
     }
     test_pause("linked");
-    timed(&mut t.journal, || journal.attached(record))?;
-    super::consumers::attached(ctx, &record.key_id, &record.volume_id);
+    super::consumers::commit_attached(ctx, journal, record, &mut t.journal)?;
     Ok(device_link)
 }
 
@@ -752,6 +754,7 @@ fn finish_existing(
             format_uuid: None,
             request: Some(v.request().clone()),
             rekey: None,
+            last_verify: None,
         },
     };
     record.stable_link = Some(stable);
@@ -759,7 +762,7 @@ fn finish_existing(
         // This attach supersedes the interrupted detach: the volume is wanted again.
         journal.begin_attach(&mut record)?;
     }
-    journal.attached(&mut record)?;
+    super::consumers::commit_attached(ctx, journal, &mut record, &mut Duration::default())?;
     let mut o = mapped_outcome(
         &record,
         How::AlreadyAttached,

@@ -1,13 +1,21 @@
 //! Barbican consumers for attached volumes: with `[key_manager.barbican] register_consumers`,
-//! an attach registers this host as a consumer of the volume's secret and a detach removes it,
-//! so the key manager knows the secret is in use (Barbican then refuses to delete it without
-//! `force`). Best effort: a failure is logged, never fails the attach or detach; both calls are
-//! idempotent on the server, so the re-activations after a restart simply register again.
-//! A Barbican without the consumer API gets one warning per process.
+//! this host is a consumer of a volume's secret while the volume is attached, so the key
+//! manager knows the secret is in use (Barbican then refuses to delete it without `force`).
+//!
+//! Registration follows the journal, not the code path: every way a record becomes or is
+//! confirmed `attached` (a new attach, an attach that finds the mapping already there, the
+//! start-up reconcile's repair or re-activation) goes through [`commit_attached`], and every
+//! removal of a record (a detach, or an interrupted detach finished by the reconcile) through
+//! [`commit_detached`]. Best effort: a failure is logged, never fails the operation; both calls are
+//! idempotent on the server, so registering again after a restart is harmless and repairs a
+//! registration lost while the agent was down. A Barbican without the consumer API gets one
+//! warning per process.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use super::Context;
+use super::journal::{Journal, Record};
 use crate::keys::{Consumer, Error};
 
 static UNSUPPORTED_WARNED: AtomicBool = AtomicBool::new(false);
@@ -24,6 +32,34 @@ pub fn consumer_for(volume_id: &str) -> Consumer {
         resource_type: "volume".into(),
         resource_id: volume_id.to_owned(),
     }
+}
+
+/// Journal `record` as `attached` (a transition, or a confirmation of a record already
+/// attached) and register its volume as a consumer of its secret: the one place an attached
+/// record meets the key manager. The journal write's time is added to `journal_time` (the
+/// key manager's round trip is not the journal's).
+pub fn commit_attached(
+    ctx: &Context<'_>,
+    journal: &Journal,
+    record: &mut Record,
+    journal_time: &mut Duration,
+) -> Result<(), super::Error> {
+    super::timing::timed(journal_time, || journal.attached(record))?;
+    attached(ctx, &record.key_id, &record.volume_id);
+    Ok(())
+}
+
+/// Remove the consumer of `record`'s volume, then its record (the detach is complete). In that
+/// order: a crash in between leaves a `detaching` record, whose reconcile removes the consumer
+/// again (idempotent), never a consumer without a record.
+pub fn commit_detached(
+    ctx: &Context<'_>,
+    journal: &Journal,
+    record: &Record,
+    journal_time: &mut Duration,
+) -> Result<(), super::Error> {
+    detached(ctx, &record.key_id, &record.volume_id);
+    super::timing::timed(journal_time, || journal.detached(&record.volume_id))
 }
 
 /// Register `volume_id` as a consumer of secret `key_id`.

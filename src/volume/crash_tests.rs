@@ -749,3 +749,130 @@ fn persistent_flags_are_refused_for_plain_volumes_before_anything_changes() {
     .unwrap();
     assert!(o.flags.no_write_workqueue);
 }
+
+/// The key manager of the consumer tests: the keystore's keys, and the consumers a Barbican
+/// would hold for them (a set: adding and removing are idempotent, as Barbican's are).
+struct WithConsumers {
+    inner: Arc<dyn KeyManager>,
+    held: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+}
+
+impl WithConsumers {
+    fn held(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.held.lock().unwrap().clone()
+    }
+    fn forget_all(&self) {
+        self.held.lock().unwrap().clear();
+    }
+}
+
+impl KeyManager for WithConsumers {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn get(&self, key_id: &str) -> Result<Secret, crate::keys::Error> {
+        self.inner.get(key_id)
+    }
+    fn health(&self) -> Result<(), crate::keys::Error> {
+        self.inner.health()
+    }
+    fn add_consumer(
+        &self,
+        key_id: &str,
+        c: &crate::keys::Consumer,
+    ) -> Result<(), crate::keys::Error> {
+        assert_eq!(c.resource_type, "volume");
+        let entry = (key_id.to_owned(), c.resource_id.clone());
+        self.held.lock().unwrap().insert(entry);
+        Ok(())
+    }
+    fn remove_consumer(
+        &self,
+        key_id: &str,
+        c: &crate::keys::Consumer,
+    ) -> Result<(), crate::keys::Error> {
+        let entry = (key_id.to_owned(), c.resource_id.clone());
+        self.held.lock().unwrap().remove(&entry);
+        Ok(())
+    }
+}
+
+impl Fixture {
+    /// A fixture whose key manager keeps consumers.
+    fn with_consumers() -> (Fixture, Arc<WithConsumers>) {
+        let mut fx = Fixture::new(Content::Blank);
+        let c = Arc::new(WithConsumers {
+            inner: fx.keys.clone(),
+            held: Default::default(),
+        });
+        fx.keys = c.clone();
+        (fx, c)
+    }
+
+    /// The consumers the journal asks for: one per record, on the record's key.
+    fn journaled_consumers(&self) -> std::collections::BTreeSet<(String, String)> {
+        let records = self.ctx().journal().list().unwrap();
+        records
+            .into_iter()
+            .map(|r| (r.key_id, r.volume_id))
+            .collect()
+    }
+}
+
+/// The consumers follow the journal, whichever path attaches: a new attach registers, and a
+/// registration lost while the agent was down (or made before consumers were turned on) comes
+/// back with the restart's reconcile of the active mapping and with an attach that finds the
+/// mapping already there; a detach removes it. After a crash at any step of an attach or a
+/// detach, the restart's reconcile leaves exactly one consumer per record.
+#[test]
+fn consumers_follow_the_journal_through_every_path_and_crash() {
+    let (fx, c) = Fixture::with_consumers();
+    fx.attach("a").unwrap();
+    let one = fx.journaled_consumers();
+    assert_eq!(one.len(), 1);
+    assert_eq!(c.held(), one, "new attach");
+    c.forget_all();
+    let report = fx.reconcile();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(c.held(), one, "reconcile of an active, consistent mapping");
+    c.forget_all();
+    assert!(fx.attach("a").unwrap().already_attached());
+    assert_eq!(c.held(), one, "attach that finds the mapping already there");
+    fx.detach("a").unwrap();
+    assert_eq!(c.held(), Default::default(), "detach");
+
+    let attach_steps = Fixture::steps_of(
+        || Fixture::with_consumers().0,
+        |fx| {
+            fx.attach("a").unwrap();
+        },
+    );
+    for k in 1..=attach_steps.len() {
+        let (fx, c) = Fixture::with_consumers();
+        let why = format!("attach crash before step {k} of {attach_steps:?}");
+        assert!(fx.crash(k, || fx.attach("a")), "{why}: did not crash");
+        let report = fx.reconcile();
+        assert!(report.failed.is_empty(), "{why}: {report:?}");
+        assert_eq!(c.held(), fx.journaled_consumers(), "{why}");
+    }
+
+    let attached = || {
+        let (fx, c) = Fixture::with_consumers();
+        fx.attach("a").unwrap();
+        (fx, c)
+    };
+    let detach_steps = Fixture::steps_of(
+        || attached().0,
+        |fx| {
+            fx.detach("a").unwrap();
+        },
+    );
+    for k in 1..=detach_steps.len() {
+        let (fx, c) = attached();
+        let why = format!("detach crash before step {k} of {detach_steps:?}");
+        assert!(fx.crash(k, || fx.detach("a")), "{why}: did not crash");
+        let report = fx.reconcile();
+        assert!(report.failed.is_empty(), "{why}: {report:?}");
+        assert_eq!(c.held(), fx.journaled_consumers(), "{why}");
+    }
+}

@@ -210,9 +210,8 @@ fn unlink_and_forget(
             prev.display()
         ));
     }
-    timed(&mut t.journal, || journal.detached(volume_id))?;
+    super::consumers::commit_detached(ctx, journal, r, &mut t.journal)?;
     journal::trace_phase(name, "detached");
-    super::consumers::detached(ctx, &r.key_id, volume_id);
     Ok(note)
 }
 

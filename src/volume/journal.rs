@@ -112,6 +112,11 @@ pub struct Record {
     /// A rekey that switched `key_id` but has not yet removed the old key's keyslot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rekey: Option<PendingRekey>,
+    /// The agent's last completed verify of this volume, as `GET /v1/attachments/{id}` shows
+    /// it under `last_verify`, kept here so an agent restart does not forget it. Opaque to the
+    /// engine (the agent's job view); absent until a verify completes, and in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<serde_json::Value>,
 }
 
 /// What a rekey still has to do once the record names the new key: remove `old_keyslot`,
@@ -221,6 +226,11 @@ impl Journal {
 
     /// A rekey changed which key the record names, or finished (phase unchanged).
     pub fn rekeyed(&self, record: &Record) -> Result<(), Error> {
+        self.write(record)
+    }
+
+    /// A verify of the volume completed (phase unchanged; see [`Record::last_verify`]).
+    pub fn verified(&self, record: &Record) -> Result<(), Error> {
         self.write(record)
     }
 
@@ -560,6 +570,7 @@ mod tests {
             format_uuid: None,
             request: None,
             rekey: None,
+            last_verify: None,
         }
     }
 

@@ -249,28 +249,32 @@ fn is_half_created(info: &dm::MapInfo, name: &str) -> bool {
 
 /// Reconcile one record (re-read now: a request may have changed it). Blocking; the engine's
 /// lock of the volume is taken here (the agent holds its own as well). `ctx` needs no key
-/// manager: a re-activation uses `keys`.
+/// manager: `keys` re-activates, and registers or removes the consumers of the records the
+/// reconcile confirms attached or finishes detaching (without it they are left as they are).
 pub fn reconcile_one(
     ctx: &Context<'_>,
     keys: Result<Arc<dyn KeyManager>, String>,
     volume_id: &str,
 ) -> Finding {
-    let planned = match plan_one(ctx, volume_id) {
-        Step::Done(f) => return f,
-        Step::Reactivate(p) => p,
-    };
     let keys = match keys {
         Ok(k) => k,
         Err(e) => {
-            return Finding::Failed {
-                action: "re-activate",
-                error: format!("key manager unavailable: {e}"),
+            return match plan_one(ctx, volume_id) {
+                Step::Done(f) => f,
+                Step::Reactivate(_) => Finding::Failed {
+                    action: "re-activate",
+                    error: format!("key manager unavailable: {e}"),
+                },
             };
         }
     };
     let ctx = Context {
         keys: keys.as_ref(),
         ..ctx.clone()
+    };
+    let planned = match plan_one(&ctx, volume_id) {
+        Step::Done(f) => return f,
+        Step::Reactivate(p) => p,
     };
     match planned.run(&ctx) {
         Ok(_) => Finding::Reactivated,
@@ -309,8 +313,9 @@ impl Reactivation {
 }
 
 /// Everything [`reconcile_one`] does short of the re-activation itself (which needs keys and,
-/// in the agent, the KDF budget), under the volume's lock. Blocking. `ctx` needs no key
-/// manager.
+/// in the agent, the KDF budget), under the volume's lock. Blocking. `ctx`'s key manager is
+/// used only for the consumers of the records confirmed attached or detached here (a keyless
+/// context leaves them as they are).
 pub fn plan_one(ctx: &Context<'_>, volume_id: &str) -> Step {
     let failed = |action, e: &dyn std::fmt::Display| {
         Step::Done(Finding::Failed {
@@ -343,18 +348,17 @@ pub fn plan_one(ctx: &Context<'_>, volume_id: &str) -> Step {
     };
     let action = decide(record.phase, dms, record.request.is_some());
     tracing::info!(volume_id, phase = %record.phase, dm = ?dms, ?action, "reconcile");
-    let no_keys = ctx.keyless();
     Step::Done(match action {
         Action::ReportInactive => Finding::Inactive,
         Action::Wait => Finding::Waiting,
         Action::ReportStale => Finding::Stale,
         Action::ReportConflict => Finding::Conflict,
-        Action::RepairLinks => match repair_links(&no_keys, &record) {
+        Action::RepairLinks => match repair_links(ctx, &record) {
             Ok(c) if c.is_empty() => Finding::Consistent,
             Ok(c) => Finding::Repaired(c),
             Err(e) => return failed("repair links", &e),
         },
-        Action::FinishDetach => match super::detach::detach_held(&no_keys, volume_id, None) {
+        Action::FinishDetach => match super::detach::detach_held(ctx, volume_id, None) {
             Ok(_) => Finding::Detached,
             Err(e) => return failed("finish detach", &e),
         },
@@ -398,7 +402,8 @@ pub fn plan_one(ctx: &Context<'_>, volume_id: &str) -> Step {
 
 /// Bring the links of an active, recorded mapping back in line with its record (start-up
 /// reconcile): the stable link, and `device_path` when the attachment replaced it. Marks the
-/// record `attached`. Returns what was changed (empty: nothing needed).
+/// record `attached` (registering its consumer with `ctx`'s key manager). Returns what was
+/// changed (empty: nothing needed).
 pub fn repair_links(ctx: &Context<'_>, record: &Record) -> Result<Vec<String>, Error> {
     let mapper = links::mapper_path(&record.mapping_name);
     let stable = links::stable_link_path(&ctx.config.by_id_dir, &record.volume_id);
@@ -431,9 +436,9 @@ pub fn repair_links(ctx: &Context<'_>, record: &Record) -> Result<Vec<String>, E
     if r.phase != Phase::Attached {
         changed.push(format!("record {} -> attached", r.phase));
     }
-    if r != *record || r.phase != Phase::Attached {
-        ctx.journal().attached(&mut r)?;
-    }
+    // Written even when unchanged: the record is confirmed attached, which also registers its
+    // consumer again (a registration lost while the agent was down is repaired here).
+    super::consumers::commit_attached(ctx, &ctx.journal(), &mut r, &mut Default::default())?;
     Ok(changed)
 }
 

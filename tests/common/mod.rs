@@ -1,7 +1,7 @@
 //! The one test-support module every integration test shares: running the real volcrypt
 //! binary, cryptsetup and qemu-img, shell commands, known plaintext and hex, temporary files,
-//! and (submodules) the prerequisite rules ([`need`]), the real Barbican ([`barbican`]) and the
-//! real agent ([`agent`]).
+//! and (submodules) the prerequisite rules ([`need`]), the real Barbican ([`barbican`]), the
+//! real agent ([`agent`]) and loop devices over sparse files ([`loopdev`]).
 //!
 //! Prerequisites are required, not optional: a missing tool, kernel feature or server fails the
 //! test with what to install or start, so a machine without them can never report a silent
@@ -12,6 +12,7 @@
 #[cfg(feature = "system")]
 pub mod agent;
 pub mod barbican;
+pub mod loopdev;
 pub mod need;
 
 use std::borrow::BorrowMut;
