@@ -183,7 +183,7 @@ fn round_to_sectors(n: usize, sector_size: usize) -> usize {
     (n / sector_size).max(1) * sector_size
 }
 
-fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
+pub(crate) fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
