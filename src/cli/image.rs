@@ -563,6 +563,15 @@ fn convert(args: ConvertArgs) -> Result<(), Error> {
         threads,
         glance,
     } = args;
+    let to_device = std::fs::metadata(&output)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    if glance.glance_properties.is_some() && to_device {
+        return Err(Error::Usage(
+            "--glance-properties describes an image file for upload; not with a block device \
+             output"
+                .into(),
+        ));
+    }
     let opts = stream_options(&threads)?;
     let passphrase = key.passphrase()?;
     let options = EncryptOptions {

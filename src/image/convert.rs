@@ -138,17 +138,28 @@ pub fn convert(
     };
     let src_cipher = SectorCipher::new(&facts.cipher, key.expose())?;
 
-    let (params, notes) = target_params(&facts, format, options, limits)?;
+    let (params, mut notes) = target_params(&facts, format, options, limits)?;
     // The new header wraps the source's volume key (see the module documentation).
     let created = luks::create_with_key(&params, key, passphrase.expose(), limits)?;
     let summary = created.header_summary.clone();
     let header_len = created.data_offset;
     let payload = facts.plaintext_len;
 
+    // Armed before the file is created, so no signal between the two leaves it behind (the
+    // path did not exist a moment ago; if it appears meanwhile, create_new fails and the
+    // guard is dropped, disarmed, before anything else).
+    let signals = (!block_device).then(|| remove_on_signal(target));
     let mut outputs = Outputs::default();
     let opened_out = outputs.create(target, Existing::RefuseFiles)?;
     let mut out = opened_out.file;
-    let signals = (!opened_out.block_device).then(|| remove_on_signal(target));
+    let signals = match signals {
+        // The path became a device since it was looked at: never unlink a device node.
+        Some(g) if opened_out.block_device => {
+            g.disarm();
+            None
+        }
+        other => other,
+    };
     if opened_out.block_device {
         let size = out.seek(SeekFrom::End(0)).map_err(io_err(target))?;
         let needed = header_len + payload;
@@ -160,6 +171,14 @@ pub fn convert(
                 header: header_len,
                 payload,
             });
+        }
+        if size > needed {
+            notes.push(format!(
+                "the device ({size} bytes) is larger than the image needs ({needed} bytes): the \
+                 volume spans the whole device, and its last {} bytes read as noise until \
+                 written (grow the file system to use them)",
+                size - needed
+            ));
         }
     }
 

@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use super::{Error, open_err};
 
@@ -132,59 +132,79 @@ fn busy_err(path: &Path, e: io::Error) -> Error {
 /// Removes `path` if the process is interrupted (SIGINT, SIGTERM, SIGHUP) before the returned
 /// guard is disarmed, then exits with 128 + the signal number, as a shell would report it.
 ///
-/// The signals are blocked in the calling thread (and so in every thread it starts later,
-/// such as the cipher workers) and taken by one waiting thread with `sigwait`, so the removal
-/// runs as ordinary code, not in a signal handler. Call this before starting any worker
-/// threads.
+/// A signal handler, not a waiting thread: a process-directed signal goes to any thread that
+/// does not block it, and threads started before this call (a key manager's runtime, a KDF
+/// pool) would not block it. The handler only calls async-signal-safe functions (`unlink`,
+/// `write`, `_exit`) on a path prepared beforehand.
 pub fn remove_on_signal(path: &Path) -> SignalGuard {
-    let slot = Arc::new(Mutex::new(Some(path.to_path_buf())));
-    let set = signal_set();
-    // SAFETY: pthread_sigmask with a valid, initialised set and a null old-set pointer.
-    let blocked =
-        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } == 0;
-    if blocked {
-        let waiting = Arc::clone(&slot);
-        let _ = std::thread::Builder::new()
-            .name("volcrypt-signals".into())
-            .spawn(move || {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait with a valid set and a valid out-pointer.
-                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                    return;
-                }
-                if let Ok(guard) = waiting.lock()
-                    && let Some(p) = guard.as_ref()
-                {
-                    let _ = std::fs::remove_file(p);
-                    eprintln!("interrupted: removed the partial output {}", p.display());
-                }
-                std::process::exit(128 + sig);
-            });
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return SignalGuard { armed: false };
+    };
+    // Leaked on purpose: the handler may read it at any time until the process ends (one
+    // path per convert, i.e. per process).
+    let old = SIGNAL_PATH.swap(c.into_raw(), Ordering::SeqCst);
+    if !old.is_null() {
+        // SAFETY: `old` came from CString::into_raw above and is no longer reachable by the
+        // handler (swapped out).
+        drop(unsafe { std::ffi::CString::from_raw(old) });
     }
-    SignalGuard { slot }
+    set_handlers(on_signal as *const () as libc::sighandler_t);
+    SignalGuard { armed: true }
 }
 
-/// Disarms [`remove_on_signal`] when the output is complete (or already cleaned up).
-pub struct SignalGuard {
-    slot: Arc<Mutex<Option<PathBuf>>>,
+static SIGNAL_PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
+
+const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    const MSG: &[u8] = b"volcrypt: interrupted: removed the partial output\n";
+    let p = SIGNAL_PATH.load(Ordering::SeqCst);
+    // SAFETY: unlink, write and _exit are async-signal-safe; `p` is null or a valid C string
+    // leaked by remove_on_signal.
+    unsafe {
+        if !p.is_null() && libc::unlink(p) == 0 {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        }
+        libc::_exit(128 + sig);
+    }
 }
 
-impl SignalGuard {
-    pub fn disarm(&self) {
-        if let Ok(mut g) = self.slot.lock() {
-            *g = None;
+fn set_handlers(handler: libc::sighandler_t) {
+    for sig in SIGNALS {
+        // SAFETY: a zeroed sigaction with an empty mask and a handler that is either SIG_DFL
+        // or an extern "C" fn(c_int) is a valid argument.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
 }
 
-fn signal_set() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the zeroed set; sigaddset adds valid signal numbers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        set
+/// Disarms [`remove_on_signal`] when the output is complete (or already cleaned up): the
+/// signals get their default actions back.
+pub struct SignalGuard {
+    armed: bool,
+}
+
+impl SignalGuard {
+    pub fn disarm(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if self.armed {
+            self.armed = false;
+            set_handlers(libc::SIG_DFL);
+            SIGNAL_PATH.store(std::ptr::null_mut(), Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        self.release();
     }
 }
