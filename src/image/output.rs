@@ -66,19 +66,19 @@ impl Outputs {
                 Ok(Opened { file, block_device })
             }
             Existing::RefuseFiles => {
-                if let Ok(meta) = std::fs::metadata(path) {
-                    if meta.file_type().is_block_device() {
-                        let file = OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .custom_flags(libc::O_EXCL)
-                            .open(path)
-                            .map_err(|e| busy_err(path, e))?;
-                        return Ok(Opened {
-                            file,
-                            block_device: true,
-                        });
-                    }
+                if let Ok(meta) = std::fs::metadata(path)
+                    && meta.file_type().is_block_device()
+                {
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_EXCL)
+                        .open(path)
+                        .map_err(|e| busy_err(path, e))?;
+                    return Ok(Opened {
+                        file,
+                        block_device: true,
+                    });
                 }
                 // create_new: no window in which another file appearing there is overwritten.
                 let file = OpenOptions::new()
