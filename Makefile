@@ -30,6 +30,7 @@ bench:
 	cargo bench --bench crypto
 	cargo run --release --features bench-openssl -- bench
 	scripts/bench-image-verify.sh
+	scripts/bench-image-convert.sh
 
 bench-vm:
 	tests/vm/bench-attach.sh

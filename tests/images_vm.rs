@@ -208,6 +208,147 @@ fn image_volumes_open_with_the_image_secret_and_rekey_to_their_own() {
     }
 }
 
+/// Cinder's "volume from a qcow2-LUKS image" without the plaintext touching a disk: an image
+/// made by qemu-img is converted by `volcrypt image convert --key-id` (the secret straight
+/// from the key manager) onto a block device, which the agent then attaches with the image's
+/// secret; the plaintext reads back through the mapping, as LUKS1 (the source's version) and
+/// as LUKS2. A device too small and a device in use (held by the mapping) are refused by name
+/// and left alone.
+#[test]
+#[ignore = "needs dm-crypt: runs in the VM stage (tests/vm/attach-suite.sh)"]
+fn image_qcow2_converted_onto_a_block_device_attaches_with_the_image_secret() {
+    need::require_dm_crypt();
+    let agent = Agent::start_with("", FAST_KDF);
+    let dir = agent.dir.path();
+    let config = dir.join("volcrypt.toml");
+    let ks = Keystore::create(dir.join("keys")).unwrap();
+    let secret: Vec<u8> = (100u8..132).collect();
+    ks.put(
+        "qcow2-image-key",
+        &Secret::new(SecretType::Symmetric, SecretBytes::new(secret.clone())),
+    )
+    .unwrap();
+    let pass_file = dir.join("image.pass");
+    std::fs::write(&pass_file, hex(&secret)).unwrap();
+    // Random data with a zero hole (unallocated clusters in the qcow2 image) and a size that
+    // is not a whole number of clusters.
+    let len = PLAIN_LEN + 3 * 512;
+    let mut plain = random_bytes(len, 0xc0c2);
+    plain[(1 << 20)..(2 << 20)].fill(0);
+    let plain_path = dir.join("plain.raw");
+    std::fs::write(&plain_path, &plain).unwrap();
+    let image = dir.join("image.qcow2");
+    common::check_qemu_img_luks(
+        Command::new(qemu_img())
+            .args(["convert", "-f", "raw", "-O", "qcow2", "--object"])
+            .arg(format!("secret,id=sec0,file={}", pass_file.display()))
+            .args([
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            ])
+            .arg(&plain_path)
+            .arg(&image),
+    );
+    std::fs::remove_file(&plain_path).unwrap();
+    let convert = |device: &Path, extra: &[&str]| {
+        common::run(
+            Command::new(common::VOLCRYPT)
+                .args([
+                    "image",
+                    "convert",
+                    "--key-id",
+                    "qcow2-image-key",
+                    "--config",
+                ])
+                .arg(&config)
+                .args(["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"])
+                .args(extra)
+                .arg("--output")
+                .arg(device)
+                .arg(&image),
+        )
+    };
+
+    // Too small: refused naming both sizes, the device untouched.
+    let small = dir.join("small.disk");
+    std::fs::write(&small, vec![0x5au8; 2 << 20]).unwrap();
+    let small_lo = Loop::over(&small);
+    let out = convert(&small_lo.0, &[]);
+    let err = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(&format!("has {} bytes", 2 << 20)) && err.contains("needs"),
+        "{err}"
+    );
+    drop(small_lo);
+    assert!(
+        std::fs::read(&small).unwrap().iter().all(|&b| b == 0x5a),
+        "a refused device was written"
+    );
+
+    let disk = dir.join("volume.disk");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let lo = Loop::over(&disk);
+    for (n, extra) in [&[][..], &["--type", "luks2"][..]].into_iter().enumerate() {
+        let what = format!("convert {extra:?}");
+        let out = convert(&lo.0, extra);
+        assert!(
+            out.status.success(),
+            "{what}: {}: {}{}\nkernel log:\n{}",
+            out.status,
+            common::stdout(&out),
+            common::stderr(&out),
+            sh("dmesg | tail -n 8")
+        );
+        let id = format!("qcow2-converted-{n}");
+        let body = format!(
+            r#"{{"volume_id": "{id}", "device_path": "{}",
+                "encryption": {{"provider": "luks", "control_location": "front-end",
+                                "encryption_key_id": "qcow2-image-key"}}}}"#,
+            lo.0.display()
+        );
+        let (s, v) = agent.checked(
+            "POST",
+            "/v1/attachments",
+            "/v1/attachments",
+            Some(body.as_bytes()),
+        );
+        assert_eq!(s, 201, "{what}: {v}");
+        assert_eq!(
+            v["formatted"], false,
+            "{what}: the volume was formatted: {v}"
+        );
+        let mapper = PathBuf::from(v["device"].as_str().unwrap());
+        let read_back = std::fs::read(&mapper).unwrap();
+        assert!(
+            read_back.len() >= len && read_back[..len] == plain[..],
+            "{what}: the volume does not hold the image's plaintext"
+        );
+        let version = sh(&format!(
+            "cryptsetup luksDump {} | sed -n 's/^Version:[[:space:]]*//p'",
+            lo.0.display()
+        ));
+        assert_eq!(version.trim(), ["1", "2"][n], "{what}");
+
+        // In use (held by the mapping): refused, the mapping keeps working.
+        let out = convert(&lo.0, &[]);
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(5), "{what}: {err}");
+        assert!(err.contains("in use"), "{what}: {err}");
+        assert!(
+            std::fs::read(&mapper).unwrap()[..len] == plain[..],
+            "{what}: a refused convert changed the volume"
+        );
+
+        let path = format!("/v1/attachments/{id}");
+        let (s, v) = agent.checked("DELETE", "/v1/attachments/{volume_id}", &path, None);
+        assert_eq!(s, 200, "{what}: {v}");
+    }
+}
+
 /// With `register_consumers = true`, the agent registers this host as a consumer of a
 /// volume's Barbican secret while the volume is attached, moves it to the new secret on a
 /// rekey, and removes it on detach.

@@ -61,6 +61,12 @@ pub enum ImageCommand {
     /// cryptsetup 2.6's: LUKS2, aes-xts-plain64, 512-bit key, argon2id, 2000 ms, 4096-byte
     /// sectors when the size allows.
     Encrypt(Box<EncryptArgs>),
+    /// Convert an encrypted image between raw LUKS and qcow2-LUKS (either direction), into a
+    /// new file or onto a block device (which gets raw LUKS), keeping the key: the same
+    /// passphrase or secret opens the result, whose header wraps the source's volume key.
+    /// Streams in memory: no plaintext is ever written to disk. Cipher, key size and (where
+    /// the format allows) sector size and LUKS version are the source's.
+    Convert(Box<ConvertArgs>),
     /// Check every keyslot the key opens (and the keyless facts of the others), the
     /// volume-key digest, that the whole payload decrypts and, with --plaintext, that it holds
     /// exactly that plaintext. Exit 0 verified, 6 a difference or damage found, 7 cannot
@@ -169,8 +175,57 @@ pub struct EncryptArgs {
     pub glance: GlanceArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The encrypted image to convert: raw LUKS1/LUKS2 or qcow2-LUKS (detected).
+    pub source: PathBuf,
+    /// A new file (an existing file is refused), or a block device not in use (opened
+    /// exclusively; it must hold the header and the whole payload).
+    #[arg(long, short = 'o', value_name = "FILE|DEVICE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Result format: raw LUKS (`raw`, alias `luks`; what a volume holds) or a qcow2 (v3)
+    /// image with LUKS1 encryption as qemu writes it.
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: ImageFormat,
+    /// LUKS version of a raw result (default: the source's; qcow2 is always LUKS1).
+    #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
+    pub luks_type: Option<LuksType>,
+    /// Hash for PBKDF2, the AF splitter and the key digest of the new header.
+    #[arg(long, value_name = "HASH")]
+    pub hash: Option<String>,
+    /// KDF of the new keyslot (defaults as `encrypt`: argon2id for LUKS2, pbkdf2 for LUKS1).
+    #[arg(long, value_enum)]
+    pub pbkdf: Option<PbkdfType>,
+    /// Benchmark the new keyslot's KDF cost so that unlocking takes about MS milliseconds.
+    #[arg(
+        long,
+        short = 'i',
+        value_name = "MS",
+        conflicts_with = "pbkdf_iterations"
+    )]
+    pub iter_time: Option<u64>,
+    /// Fixed KDF cost of the new keyslot: PBKDF2 iterations or Argon2 time cost.
+    #[arg(long, value_name = "N", alias = "pbkdf-force-iterations")]
+    pub pbkdf_iterations: Option<u32>,
+    /// Argon2 memory cost in KiB.
+    #[arg(long, value_name = "KIB")]
+    pub pbkdf_memory: Option<u32>,
+    /// Argon2 parallel threads.
+    #[arg(long, value_name = "N")]
+    pub pbkdf_parallel: Option<u32>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+    #[command(flatten)]
+    pub glance: GlanceArgs,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ImageFormat {
+    #[value(alias = "luks")]
     Raw,
     Qcow2,
 }
@@ -399,6 +454,7 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             Ok(())
         }
         ImageCommand::Verify(args) => verify(*args),
+        ImageCommand::Convert(args) => convert(*args),
         ImageCommand::Encrypt(args) => {
             let EncryptArgs {
                 input,
@@ -488,6 +544,87 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             glance.write(&output, key.key_id.as_deref())
         }
     }
+}
+
+fn convert(args: ConvertArgs) -> Result<(), Error> {
+    let ConvertArgs {
+        source,
+        output,
+        key,
+        format,
+        luks_type,
+        hash,
+        pbkdf,
+        iter_time,
+        pbkdf_iterations,
+        pbkdf_memory,
+        pbkdf_parallel,
+        limits,
+        threads,
+        glance,
+    } = args;
+    let to_device = std::fs::metadata(&output)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    if glance.glance_properties.is_some() && to_device {
+        return Err(Error::Usage(
+            "--glance-properties describes an image file for upload; not with a block device \
+             output"
+                .into(),
+        ));
+    }
+    let opts = stream_options(&threads)?;
+    let passphrase = key.passphrase()?;
+    let options = EncryptOptions {
+        version: luks_type.map(|t| match t {
+            LuksType::Luks1 => 1,
+            LuksType::Luks2 => 2,
+        }),
+        hash,
+        pbkdf,
+        iter_time_ms: iter_time,
+        iterations: pbkdf_iterations,
+        memory_kib: pbkdf_memory,
+        parallel: pbkdf_parallel,
+        ..EncryptOptions::default()
+    };
+    let target = match format {
+        ImageFormat::Raw => image::Format::Luks,
+        ImageFormat::Qcow2 => image::Format::Qcow2,
+    };
+    let report = image::convert::convert(
+        &source,
+        &output,
+        target,
+        &passphrase,
+        &options,
+        &limits.limits(),
+        &opts,
+    )?;
+    let name = |f: image::Format| match f {
+        image::Format::Luks => "raw LUKS",
+        image::Format::Qcow2 => "qcow2-LUKS",
+    };
+    eprintln!(
+        "Key slot {} of the {} source unlocked; wrote {} bytes of payload as {} (LUKS{}, {}, \
+         {}-byte sectors) to {}{}. The same key opens it (the source's volume key is kept).",
+        report.slot,
+        name(report.source),
+        report.payload_bytes,
+        name(report.target),
+        report.summary.version,
+        report.summary.cipher.as_deref().unwrap_or("?"),
+        report.sector_size,
+        output.display(),
+        if report.block_device {
+            " (block device)"
+        } else {
+            ""
+        },
+    );
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    glance.write(&output, key.key_id.as_deref())
 }
 
 /// `image check-properties`: the findings as JSON on stdout; exit 6 on any disagreement.

@@ -12,7 +12,9 @@
 //! rather than silently padding it, because a padded image would not decrypt to the same bytes.
 
 pub mod bench;
+pub mod convert;
 pub mod glance;
+pub mod output;
 pub mod params;
 pub mod qcow2;
 pub mod qcow2_luks;
@@ -20,7 +22,7 @@ pub mod qcow2_write;
 pub mod stream;
 pub mod verify;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -30,6 +32,7 @@ use crate::kind::Kind;
 use crate::luks::{self, Header};
 use crate::secret::SecretBytes;
 
+use output::{Existing, Outputs};
 pub use params::EncryptOptions;
 pub use stream::{StreamError, StreamOptions};
 
@@ -83,6 +86,27 @@ pub enum Error {
         size: u64,
         sector_size: u32,
     },
+    /// An output file that exists where a command refuses to overwrite (exit 5, "busy").
+    #[error("{path}: exists; refusing to overwrite it (remove it first, or choose another output)")]
+    OutputExists { path: String },
+    /// A block device that is mounted, mapped or held (`O_EXCL` refused it; exit 5).
+    #[error(
+        "{path}: the device is in use (mounted, mapped or held by another device); refusing to \
+         write to it"
+    )]
+    DeviceBusy { path: String },
+    /// A target block device too small for the image (exit 4, "wrong device").
+    #[error(
+        "{path}: the device has {size} bytes but the converted image needs {needed} bytes \
+         ({header} of header and {payload} of payload)"
+    )]
+    DeviceTooSmall {
+        path: String,
+        size: u64,
+        needed: u64,
+        header: u64,
+        payload: u64,
+    },
     /// Contradictory or out-of-range encrypt options (exit 1).
     #[error("{0}")]
     Parameter(String),
@@ -104,7 +128,8 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> Kind {
         match self {
-            Error::Open { .. } => Kind::WrongDevice,
+            Error::Open { .. } | Error::DeviceTooSmall { .. } => Kind::WrongDevice,
+            Error::OutputExists { .. } | Error::DeviceBusy { .. } => Kind::Busy,
             Error::Luks(e) | Error::Header { source: e, .. } => e.kind(),
             Error::Crypto(e) => e.kind(),
             Error::Verify(v) => v.kind,
@@ -476,18 +501,11 @@ pub fn decrypt(
     match output {
         Output::Stdout => opened.decrypt_into(&unlocked, io::stdout(), "standard output", opts),
         Output::File(out) => {
-            let existed = out.exists();
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(out)
-                .map_err(open_err(out))?;
-            let result = opened.decrypt_into(&unlocked, f, &out.display().to_string(), opts);
-            if result.is_err() && !existed {
-                let _ = std::fs::remove_file(out);
-            }
-            result
+            let mut outputs = Outputs::default();
+            let f = outputs.create(out, Existing::Overwrite)?.file;
+            let report = opened.decrypt_into(&unlocked, f, &out.display().to_string(), opts)?;
+            outputs.keep();
+            Ok(report)
         }
     }
 }
@@ -549,16 +567,14 @@ pub fn encrypt(
     let header_bytes = created.header;
     drop(created.volume_key);
 
-    let mut cleanup = Cleanup::default();
+    let mut outputs = Outputs::default();
     let result = (|| -> Result<u64, Error> {
         if let Some(hpath) = header {
-            cleanup.note(hpath);
-            let mut hf = create_file(hpath)?;
+            let mut hf = outputs.create(hpath, Existing::Overwrite)?.file;
             hf.write_all(&header_bytes).map_err(io_err(hpath))?;
             hf.sync_all().map_err(io_err(hpath))?;
         }
-        cleanup.note(output);
-        let mut out = create_file(output)?;
+        let mut out = outputs.create(output, Existing::Overwrite)?.file;
         if header.is_none() {
             out.write_all(&header_bytes).map_err(io_err(output))?;
             let pad = data_offset
@@ -593,7 +609,7 @@ pub fn encrypt(
     })();
     match result {
         Ok(n) => {
-            cleanup.disarm();
+            outputs.keep();
             Ok(EncryptReport {
                 summary,
                 payload_bytes: n,
@@ -602,47 +618,6 @@ pub fn encrypt(
             })
         }
         Err(e) => Err(e),
-    }
-}
-
-fn create_file(path: &Path) -> Result<File, Error> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(open_err(path))
-}
-
-/// Removes files this run created when it fails half-way, so a failed encrypt leaves no
-/// container that looks valid but holds a truncated payload. Files that existed before are
-/// left alone (they may be block devices).
-#[derive(Default)]
-struct Cleanup {
-    created: Vec<PathBuf>,
-    armed: bool,
-}
-
-impl Cleanup {
-    fn note(&mut self, path: &Path) {
-        self.armed = true;
-        if !path.exists() {
-            self.created.push(path.to_path_buf());
-        }
-    }
-
-    fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if self.armed {
-            for p in &self.created {
-                let _ = std::fs::remove_file(p);
-            }
-        }
     }
 }
 

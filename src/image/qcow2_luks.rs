@@ -5,13 +5,14 @@
 //! LUKS path uses, so the passphrase rule (key file bytes, secret-type hexlification) is
 //! identical for both kinds of image.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
+use super::output::{Existing, Outputs};
 use super::qcow2::{self, Extent, Qcow2Header, SECTOR, Window};
 use super::{DecryptReport, Error, Output, StreamOptions, file_size, io_err, open_err};
 use crate::crypto::cipher::SectorCipher;
@@ -151,6 +152,143 @@ impl OpenedQcow2 {
     }
 }
 
+impl OpenedQcow2 {
+    /// The guest disk as a stream of plaintext: data clusters are read and decrypted in memory
+    /// a batch at a time (with the IV of their host sector), unallocated and zero clusters read
+    /// as zeros. Nothing is written anywhere: `image convert` feeds this straight into the
+    /// encryptor of the new image.
+    pub fn plaintext<'a>(
+        &'a mut self,
+        cipher: &'a SectorCipher,
+        threads: Option<usize>,
+    ) -> Result<PlainReader<'a>, Error> {
+        let threads = threads.unwrap_or_else(rayon::current_num_threads).max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("volcrypt-qcow2-{i}"))
+            .build()
+            .map_err(|e| Error::Parameter(format!("cannot start {threads} worker threads: {e}")))?;
+        let path = self.path.clone();
+        let l1 = self
+            .qcow2
+            .read_l1(&mut self.file)
+            .map_err(qcow2_err(&path))?;
+        Ok(PlainReader {
+            opened: self,
+            cipher,
+            pool,
+            l1,
+            next_l1: 0,
+            extents: std::collections::VecDeque::new(),
+            buf: Zeroizing::new(Vec::new()),
+            buf_pos: 0,
+            zeros_left: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// See [`OpenedQcow2::plaintext`]. Read errors name the qcow2 structure or offset at fault.
+pub struct PlainReader<'a> {
+    opened: &'a mut OpenedQcow2,
+    cipher: &'a SectorCipher,
+    pool: rayon::ThreadPool,
+    l1: Vec<u64>,
+    next_l1: usize,
+    extents: std::collections::VecDeque<Extent>,
+    /// Decrypted bytes not yet handed out (zeroized when replaced or dropped).
+    buf: Zeroizing<Vec<u8>>,
+    buf_pos: usize,
+    zeros_left: u64,
+}
+
+impl PlainReader<'_> {
+    fn refill(&mut self) -> io::Result<bool> {
+        loop {
+            match self.extents.pop_front() {
+                Some(Extent::Zero { len }) => {
+                    self.zeros_left = len;
+                    return Ok(true);
+                }
+                Some(Extent::Data { host, len }) => {
+                    let n = len.min(BATCH);
+                    if n < len {
+                        self.extents.push_front(Extent::Data {
+                            host: host + n,
+                            len: len - n,
+                        });
+                    }
+                    // Reuse the allocation: resizing within capacity leaves no copies.
+                    self.buf.clear();
+                    self.buf.resize(n as usize, 0);
+                    let file = &mut self.opened.file;
+                    file.seek(SeekFrom::Start(host))
+                        .and_then(|_| file.read_exact(&mut self.buf))
+                        .map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("data cluster at host offset {host}: {e}"),
+                            )
+                        })?;
+                    let cipher = self.cipher;
+                    let buf = &mut self.buf;
+                    self.pool.install(|| {
+                        buf.par_chunks_mut(PIECE).enumerate().for_each(|(k, p)| {
+                            let iv = (host + (k * PIECE) as u64) / SECTOR;
+                            cipher.decrypt(p, SECTOR as usize, iv);
+                        })
+                    });
+                    self.buf_pos = 0;
+                    return Ok(true);
+                }
+                None => {
+                    let Some(&l2) = self.l1.get(self.next_l1) else {
+                        return Ok(false);
+                    };
+                    let q = &self.opened.qcow2;
+                    let per_l2 =
+                        q.cluster_size * (q.cluster_size / if q.extended_l2 { 16 } else { 8 });
+                    let mut found = Vec::new();
+                    q.read_l2(
+                        &mut self.opened.file,
+                        l2,
+                        self.next_l1 as u64 * per_l2,
+                        &mut found,
+                    )
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    self.extents.extend(found);
+                    self.next_l1 += 1;
+                }
+            }
+        }
+    }
+}
+
+impl Read for PlainReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.buf_pos < self.buf.len() {
+                let n = out.len().min(self.buf.len() - self.buf_pos);
+                out[..n].copy_from_slice(&self.buf[self.buf_pos..self.buf_pos + n]);
+                self.buf_pos += n;
+                return Ok(n);
+            }
+            if self.zeros_left > 0 {
+                let n = usize::try_from(self.zeros_left).map_or(out.len(), |z| z.min(out.len()));
+                out[..n].fill(0);
+                self.zeros_left -= n as u64;
+                return Ok(n);
+            }
+            if out.is_empty() || !self.refill()? {
+                return Ok(0);
+            }
+        }
+    }
+}
+
 /// Where plaintext goes. A regular file gets holes for zero runs (the output stays sparse,
 /// as `qemu-img convert` leaves it); anything else (standard output, a block device whose old
 /// contents must be overwritten) gets the zeros written.
@@ -231,13 +369,8 @@ pub fn decrypt(
             Ok(DecryptReport { slot, bytes })
         }
         Output::File(out) => {
-            let existed = out.exists();
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(out)
-                .map_err(open_err(out))?;
+            let mut outputs = Outputs::default();
+            let f = outputs.create(out, Existing::Overwrite)?.file;
             let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
             let name = out.display().to_string();
             let mut sink = if regular {
@@ -248,11 +381,9 @@ pub fn decrypt(
                     name,
                 }
             };
-            let result = opened.decrypt_into(&cipher, &mut sink, opts);
-            if result.is_err() && !existed {
-                let _ = std::fs::remove_file(out);
-            }
-            result.map(|bytes| DecryptReport { slot, bytes })
+            let bytes = opened.decrypt_into(&cipher, &mut sink, opts)?;
+            outputs.keep();
+            Ok(DecryptReport { slot, bytes })
         }
     }
 }

@@ -22,12 +22,13 @@ use std::path::Path;
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
+use super::output::{Existing, Outputs};
 use super::qcow2::{MAGIC, SECTOR};
 use super::{
-    Cleanup, EncryptOptions, EncryptReport, Error, StreamOptions, create_file, file_size, io_err,
-    open_err, refuse_same_file,
+    EncryptOptions, EncryptReport, Error, StreamOptions, file_size, io_err, open_err,
+    refuse_same_file,
 };
-use crate::crypto::cipher::SectorCipher;
+use crate::crypto::cipher::{CipherSpec, SectorCipher};
 use crate::crypto::kdf::KdfLimits;
 use crate::luks;
 use crate::secret::SecretBytes;
@@ -85,7 +86,39 @@ pub fn encrypt(
     }
     let params = options.resolve(size, false, limits)?;
     let created = luks::create(&params, passphrase.expose(), limits)?;
-    let cipher = SectorCipher::new(&params.cipher, created.volume_key.expose())?;
+    let mut outputs = Outputs::default();
+    let mut out = outputs.create(output, Existing::Overwrite)?.file;
+    in_file.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
+    let report = write_image(
+        (&mut in_file).take(size),
+        &input.display().to_string(),
+        size,
+        created,
+        &params.cipher,
+        &mut out,
+        output,
+        opts,
+    )?;
+    outputs.keep();
+    Ok(report)
+}
+
+/// Writes a qcow2-LUKS image of the `size` bytes of plaintext `reader` yields into `out`
+/// (a new, empty file), under the freshly `created` LUKS1 header. Plaintext exists only in
+/// memory here, a batch of clusters at a time; `image convert` passes a reader that decrypts
+/// another image.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_image<R: Read>(
+    mut reader: R,
+    input_name: &str,
+    size: u64,
+    created: luks::Created,
+    cipher_spec: &CipherSpec,
+    out: &mut File,
+    output: &Path,
+    opts: &StreamOptions,
+) -> Result<EncryptReport, Error> {
+    let cipher = SectorCipher::new(cipher_spec, created.volume_key.expose())?;
     let summary = created.header_summary.clone();
     // qemu records the LUKS header's length as its payload offset (header + key material).
     let luks_len = created.data_offset.max(created.header.len() as u64);
@@ -127,9 +160,7 @@ pub fn encrypt(
         .build()
         .map_err(|e| Error::Parameter(format!("cannot start {threads} worker threads: {e}")))?;
 
-    let mut cleanup = Cleanup::default();
-    cleanup.note(output);
-    let mut out = create_file(output)?;
+    let bar = super::stream::progress_bar(opts.progress, size);
     let result = (|| -> Result<u64, Error> {
         let werr = |e| Error::Io {
             path: output.display().to_string(),
@@ -144,12 +175,16 @@ pub fn encrypt(
         let mut next = data_base;
         let mut buf = Zeroizing::new(vec![0u8; BATCH_CLUSTERS * CLUSTER as usize]);
         let mut guest_cluster = 0u64;
-        in_file.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
         out.seek(SeekFrom::Start(data_base)).map_err(werr)?;
         let mut remaining = size;
         while remaining > 0 {
             let n = remaining.min(buf.len() as u64) as usize;
-            in_file.read_exact(&mut buf[..n]).map_err(io_err(input))?;
+            reader
+                .read_exact(&mut buf[..n])
+                .map_err(|source| Error::Io {
+                    path: input_name.to_string(),
+                    source,
+                })?;
             // Pad the last cluster with zeros (never read back: beyond the virtual size).
             let padded = (n as u64).div_ceil(CLUSTER) * CLUSTER;
             buf[n..padded as usize].fill(0);
@@ -183,6 +218,7 @@ pub fn encrypt(
             next += data.len() as u64;
             guest_cluster += padded / CLUSTER;
             remaining -= n as u64;
+            bar.set_position(size - remaining);
         }
 
         // Refcount blocks after the data: every cluster of the file (including the blocks)
@@ -256,8 +292,11 @@ pub fn encrypt(
         out.sync_all().map_err(werr)?;
         Ok(size)
     })();
+    match &result {
+        Ok(_) => bar.finish_and_clear(),
+        Err(_) => bar.abandon(),
+    }
     let n = result?;
-    cleanup.disarm();
     Ok(EncryptReport {
         summary,
         payload_bytes: n,

@@ -147,6 +147,26 @@ pub fn create(
 ) -> Result<Created, Error> {
     check_params(params)?;
     let volume_key = SecretBytes::new(random_vec(params.key_bytes)?);
+    create_with_key(params, volume_key, passphrase, limits)
+}
+
+/// Like [`create`], but around an existing volume key (its length must be
+/// `params.key_bytes`): `image convert` re-wraps the volume key of the image it reads, so
+/// the result is the same encrypted volume under a new header.
+pub fn create_with_key(
+    params: &NewContainer,
+    volume_key: SecretBytes,
+    passphrase: &[u8],
+    limits: &KdfLimits,
+) -> Result<Created, Error> {
+    check_params(params)?;
+    if volume_key.expose().len() != params.key_bytes {
+        return Err(Error::BadParameters(format!(
+            "volume key of {} bytes for a {}-byte key size",
+            volume_key.expose().len(),
+            params.key_bytes
+        )));
+    }
     let (header, data_offset) = if params.version == 1 {
         create_luks1(params, &volume_key, passphrase, limits)?
     } else {

@@ -21,7 +21,7 @@ use crate::crypto::kdf::KdfLimits;
 use crate::kind::Kind;
 use crate::secret::SecretBytes;
 
-pub use create::{Created, NewContainer, create};
+pub use create::{Created, NewContainer, create, create_with_key};
 pub use summary::Summary;
 
 /// `LUKS\xba\xbe`: magic of a LUKS1 header and of the primary LUKS2 copy.
