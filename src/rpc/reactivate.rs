@@ -227,7 +227,11 @@ async fn reactivate(
         let volume_id = planned.prepared().volume_id().to_owned();
         let id = volume_id.clone();
         let ctx = &ctx.and_after_kdf(move || {
-            tracing::info!(volume_id = id, kdf_mib, "re-activation unlocked, KDF share returned");
+            tracing::info!(
+                volume_id = id,
+                kdf_mib,
+                "re-activation unlocked, KDF share returned"
+            );
             drop(worker.lock().unwrap_or_else(|e| e.into_inner()).take());
         });
         tracing::info!(volume_id, kdf_mib, "re-activation started");

@@ -275,7 +275,11 @@ fn after_kdf_runs_once_between_the_unlock_and_the_mapping() {
         attach(&ctx, &Fixture::request("a")).unwrap().how,
         How::Opened
     );
-    assert_eq!(*seen.lock().unwrap(), vec![0], "called once, before the mapping");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![0],
+        "called once, before the mapping"
+    );
     assert_eq!(fx.sim.state().maps.len(), 1);
 
     let blank = Fixture::new(Content::Blank);
@@ -287,7 +291,11 @@ fn after_kdf_runs_once_between_the_unlock_and_the_mapping() {
         attach(&ctx, &Fixture::request("b")).unwrap().how,
         How::Formatted
     );
-    assert_eq!(*seen.lock().unwrap(), vec![0], "a format is not a userspace unlock");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![0],
+        "a format is not a userspace unlock"
+    );
 }
 
 /// A crash anywhere in a detach: after the restart the volume is either still attached

@@ -310,8 +310,7 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
                                 volume_id: volume_id.to_owned(),
                             });
                         }
-                        let Some(&(s, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed))
-                        else {
+                        let Some(&(s, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return Ok(run);
                         };
                         if let Err(e) = run.check(s, n) {
@@ -331,9 +330,8 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(invalid("a verify worker thread panicked".into()))
-                })
+                h.join()
+                    .unwrap_or_else(|_| Err(invalid("a verify worker thread panicked".into())))
             })
             .collect()
     });
