@@ -131,8 +131,8 @@ pub struct EncryptArgs {
     /// writes it (`encrypt.format=luks`; 64 KiB clusters, all-zero clusters unallocated).
     #[arg(long, value_enum, default_value = "raw")]
     pub format: ImageFormat,
-    #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
-    pub luks_type: Option<LuksType>,
+    #[command(flatten)]
+    pub keyslot: KeyslotArgs,
     /// Cipher specification, e.g. aes-xts-plain64, aes-cbc-essiv:sha256.
     #[arg(long, short = 'c', value_name = "SPEC")]
     pub cipher: Option<String>,
@@ -142,9 +142,28 @@ pub struct EncryptArgs {
     /// Encryption sector size (LUKS2: 512, 1024, 2048, 4096).
     #[arg(long, value_name = "BYTES")]
     pub sector_size: Option<u32>,
+    /// LUKS2 label.
+    #[arg(long)]
+    pub label: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+    #[command(flatten)]
+    pub glance: GlanceArgs,
+}
+
+/// The header and keyslot a written image gets (`encrypt`, `convert`): the options cryptsetup's
+/// `luksFormat` has for them.
+#[derive(Debug, Args)]
+pub struct KeyslotArgs {
+    /// LUKS version (encrypt: luks2; convert: the source's; qcow2 is always LUKS1).
+    #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
+    pub luks_type: Option<LuksType>,
     /// Hash for PBKDF2, the AF splitter and the key digest.
     #[arg(long, value_name = "HASH")]
     pub hash: Option<String>,
+    /// KDF of the keyslot (default: argon2id for LUKS2, pbkdf2 for LUKS1).
     #[arg(long, value_enum)]
     pub pbkdf: Option<PbkdfType>,
     /// Benchmark the KDF cost so that unlocking takes about MS milliseconds.
@@ -164,15 +183,25 @@ pub struct EncryptArgs {
     /// Argon2 parallel threads.
     #[arg(long, value_name = "N")]
     pub pbkdf_parallel: Option<u32>,
-    /// LUKS2 label.
-    #[arg(long)]
-    pub label: Option<String>,
-    #[command(flatten)]
-    pub limits: LimitArgs,
-    #[command(flatten)]
-    pub threads: ThreadArgs,
-    #[command(flatten)]
-    pub glance: GlanceArgs,
+}
+
+impl KeyslotArgs {
+    /// The encrypt options these set (the rest at their defaults).
+    fn options(self) -> EncryptOptions {
+        EncryptOptions {
+            version: self.luks_type.map(|t| match t {
+                LuksType::Luks1 => 1,
+                LuksType::Luks2 => 2,
+            }),
+            hash: self.hash,
+            pbkdf: self.pbkdf,
+            iter_time_ms: self.iter_time,
+            iterations: self.pbkdf_iterations,
+            memory_kib: self.pbkdf_memory,
+            parallel: self.pbkdf_parallel,
+            ..EncryptOptions::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -189,32 +218,8 @@ pub struct ConvertArgs {
     /// image with LUKS1 encryption as qemu writes it.
     #[arg(long, value_enum, default_value = "raw")]
     pub format: ImageFormat,
-    /// LUKS version of a raw result (default: the source's; qcow2 is always LUKS1).
-    #[arg(long = "type", value_enum, value_name = "luks1|luks2")]
-    pub luks_type: Option<LuksType>,
-    /// Hash for PBKDF2, the AF splitter and the key digest of the new header.
-    #[arg(long, value_name = "HASH")]
-    pub hash: Option<String>,
-    /// KDF of the new keyslot (defaults as `encrypt`: argon2id for LUKS2, pbkdf2 for LUKS1).
-    #[arg(long, value_enum)]
-    pub pbkdf: Option<PbkdfType>,
-    /// Benchmark the new keyslot's KDF cost so that unlocking takes about MS milliseconds.
-    #[arg(
-        long,
-        short = 'i',
-        value_name = "MS",
-        conflicts_with = "pbkdf_iterations"
-    )]
-    pub iter_time: Option<u64>,
-    /// Fixed KDF cost of the new keyslot: PBKDF2 iterations or Argon2 time cost.
-    #[arg(long, value_name = "N", alias = "pbkdf-force-iterations")]
-    pub pbkdf_iterations: Option<u32>,
-    /// Argon2 memory cost in KiB.
-    #[arg(long, value_name = "KIB")]
-    pub pbkdf_memory: Option<u32>,
-    /// Argon2 parallel threads.
-    #[arg(long, value_name = "N")]
-    pub pbkdf_parallel: Option<u32>,
+    #[command(flatten)]
+    pub keyslot: KeyslotArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -462,16 +467,10 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
                 key,
                 header,
                 format,
-                luks_type,
+                keyslot,
                 cipher,
                 key_size,
                 sector_size,
-                hash,
-                pbkdf,
-                iter_time,
-                pbkdf_iterations,
-                pbkdf_memory,
-                pbkdf_parallel,
                 label,
                 limits,
                 threads,
@@ -487,20 +486,11 @@ pub fn run(cmd: ImageCommand) -> Result<(), Error> {
             let opts = stream_options(&threads)?;
             let passphrase = key.passphrase()?;
             let options = EncryptOptions {
-                version: luks_type.map(|t| match t {
-                    LuksType::Luks1 => 1,
-                    LuksType::Luks2 => 2,
-                }),
                 cipher,
                 key_size_bits: key_size,
                 sector_size,
-                hash,
-                pbkdf,
-                iter_time_ms: iter_time,
-                iterations: pbkdf_iterations,
-                memory_kib: pbkdf_memory,
-                parallel: pbkdf_parallel,
                 label,
+                ..keyslot.options()
             };
             let report = match format {
                 ImageFormat::Raw => image::encrypt(
@@ -552,13 +542,7 @@ fn convert(args: ConvertArgs) -> Result<(), Error> {
         output,
         key,
         format,
-        luks_type,
-        hash,
-        pbkdf,
-        iter_time,
-        pbkdf_iterations,
-        pbkdf_memory,
-        pbkdf_parallel,
+        keyslot,
         limits,
         threads,
         glance,
@@ -574,19 +558,7 @@ fn convert(args: ConvertArgs) -> Result<(), Error> {
     }
     let opts = stream_options(&threads)?;
     let passphrase = key.passphrase()?;
-    let options = EncryptOptions {
-        version: luks_type.map(|t| match t {
-            LuksType::Luks1 => 1,
-            LuksType::Luks2 => 2,
-        }),
-        hash,
-        pbkdf,
-        iter_time_ms: iter_time,
-        iterations: pbkdf_iterations,
-        memory_kib: pbkdf_memory,
-        parallel: pbkdf_parallel,
-        ..EncryptOptions::default()
-    };
+    let options = keyslot.options();
     let target = match format {
         ImageFormat::Raw => image::Format::Luks,
         ImageFormat::Qcow2 => image::Format::Qcow2,
