@@ -192,8 +192,25 @@ pub fn convert(
         source,
     };
     let result = (|| -> Result<u64, Error> {
-        match (format, raw_src.as_mut(), qcow_src.as_mut()) {
-            (Format::Luks, src_raw, src_qcow) => {
+        // The source's plaintext, decrypted in memory a batch at a time.
+        let reader: Box<dyn Read + Send + '_> = match (raw_src.as_mut(), qcow_src.as_mut()) {
+            (Some((opened, offset, len)), _) => Box::new(
+                RawPlain::new(
+                    &mut opened.image,
+                    *offset,
+                    *len,
+                    &src_cipher,
+                    facts.sector_size as usize,
+                    opened.header.iv_tweak(),
+                    opts.threads,
+                )
+                .map_err(io_err(source))?,
+            ),
+            (None, Some(q)) => Box::new(q.plaintext(&src_cipher, opts.threads)?),
+            (None, None) => return Err(Error::Parameter("internal: no source".into())),
+        };
+        match format {
+            Format::Luks => {
                 let cipher = SectorCipher::new(&params.cipher, created.volume_key.expose())?;
                 // Until the payload is complete the target holds no header: an interrupted
                 // run leaves nothing that looks like a LUKS volume (on a device, the old
@@ -208,26 +225,8 @@ pub fn convert(
                 out.seek(SeekFrom::Start(header_len))
                     .map_err(io_err(target))?;
                 let sector = params.sector_size as usize;
-                let n = if let Some((opened, offset, len)) = src_raw {
-                    let reader = RawPlain::new(
-                        &mut opened.image,
-                        *offset,
-                        *len,
-                        &src_cipher,
-                        facts.sector_size as usize,
-                        opened.header.iv_tweak(),
-                        opts.threads,
-                    )
-                    .map_err(io_err(source))?;
-                    encrypt_to(reader, &mut out, &cipher, payload, sector, 0, opts)
-                        .map_err(stream_err)?
-                } else if let Some(q) = src_qcow {
-                    let reader = q.plaintext(&src_cipher, opts.threads)?;
-                    encrypt_to(reader, &mut out, &cipher, payload, sector, 0, opts)
-                        .map_err(stream_err)?
-                } else {
-                    return Err(Error::Parameter("internal: no source".into()));
-                };
+                let n = encrypt_to(reader, &mut out, &cipher, payload, sector, 0, opts)
+                    .map_err(stream_err)?;
                 drop(cipher);
                 out.sync_data().map_err(io_err(target))?;
                 out.write_all_at(&created.header, 0)
@@ -235,43 +234,17 @@ pub fn convert(
                 out.sync_all().map_err(io_err(target))?;
                 Ok(n)
             }
-            (Format::Qcow2, src_raw, src_qcow) => {
-                let report = if let Some((opened, offset, len)) = src_raw {
-                    let reader = RawPlain::new(
-                        &mut opened.image,
-                        *offset,
-                        *len,
-                        &src_cipher,
-                        facts.sector_size as usize,
-                        opened.header.iv_tweak(),
-                        opts.threads,
-                    )
-                    .map_err(io_err(source))?;
-                    qcow2_write::write_image(
-                        reader,
-                        &source_name,
-                        payload,
-                        created,
-                        &params.cipher,
-                        &mut out,
-                        target,
-                        opts,
-                    )?
-                } else if let Some(q) = src_qcow {
-                    let reader = q.plaintext(&src_cipher, opts.threads)?;
-                    qcow2_write::write_image(
-                        reader,
-                        &source_name,
-                        payload,
-                        created,
-                        &params.cipher,
-                        &mut out,
-                        target,
-                        opts,
-                    )?
-                } else {
-                    return Err(Error::Parameter("internal: no source".into()));
-                };
+            Format::Qcow2 => {
+                let report = qcow2_write::write_image(
+                    reader,
+                    &source_name,
+                    payload,
+                    created,
+                    &params.cipher,
+                    &mut out,
+                    target,
+                    opts,
+                )?;
                 Ok(report.payload_bytes)
             }
         }
