@@ -21,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -279,21 +279,13 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
     // the plaintext read (dm-crypt decrypting in the kernel) of one overlaps the ciphertext
     // read and userspace decryption of another: a single thread doing one after the other ran
     // at 0.4x the speed of reading the mapping alone.
-    let per_chunk = (CHUNK as u64 / ss).max(1);
-    let pieces: Vec<(u64, u64)> = extents
-        .iter()
-        .flat_map(|&(first, count)| {
-            (first..first + count)
-                .step_by(usize::try_from(per_chunk).unwrap_or(usize::MAX))
-                .map(move |s| (s, (first + count - s).min(per_chunk)))
-        })
-        .collect();
+    let pieces = Pieces::new(extents, (CHUNK as u64 / ss).max(1));
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, MAX_WORKERS)
-        .min(pieces.len().max(1));
+        .min(usize::try_from(pieces.len()).unwrap_or(usize::MAX).max(1));
     let limiter = opts.max_rate_mb.map(|mb| Mutex::new(RateLimit::new(mb)));
-    let next = AtomicUsize::new(0);
+    let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let runs: Vec<Result<Run<'_>, Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
@@ -310,7 +302,7 @@ pub fn verify(ctx: &Context<'_>, volume_id: &str, opts: &Options) -> Result<Repo
                                 volume_id: volume_id.to_owned(),
                             });
                         }
-                        let Some(&(s, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        let Some((s, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return Ok(run);
                         };
                         if let Err(e) = run.check(s, n) {
@@ -494,6 +486,42 @@ fn sample(sectors: u64, count: u64) -> Vec<u64> {
         out.push(lo + off);
     }
     out
+}
+
+/// The pieces of the extents to check, at most `per` sectors each, in order — computed from
+/// their index rather than listed: a full verify of a large volume has millions of them.
+struct Pieces {
+    /// (first sector, sectors)
+    extents: Vec<(u64, u64)>,
+    /// Pieces in the extents up to and including each one.
+    ends: Vec<u64>,
+    per: u64,
+}
+
+impl Pieces {
+    fn new(extents: Vec<(u64, u64)>, per: u64) -> Pieces {
+        let ends = extents
+            .iter()
+            .scan(0u64, |total, &(_, count)| {
+                *total += count.div_ceil(per);
+                Some(*total)
+            })
+            .collect();
+        Pieces { extents, ends, per }
+    }
+
+    fn len(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    /// Piece `i`: its first sector and its length in sectors.
+    fn get(&self, i: u64) -> Option<(u64, u64)> {
+        let e = self.ends.partition_point(|&end| end <= i);
+        let &(first, count) = self.extents.get(e)?;
+        let before = if e == 0 { 0 } else { self.ends[e - 1] };
+        let s = first + (i - before) * self.per;
+        Some((s, (first + count - s).min(self.per)))
+    }
 }
 
 /// One worker's share of a verify: its counts, its mismatches, and its read buffers (reused
@@ -735,6 +763,19 @@ mod tests {
         let second = Ripemd160::digest(b"Ahello");
         assert_eq!(&k.expose()[..20], &first[..]);
         assert_eq!(&k.expose()[20..], &second[..12]);
+    }
+
+    #[test]
+    fn pieces_cover_every_extent_in_order_in_pieces_of_at_most_per() {
+        let p = Pieces::new(vec![(0, 5), (10, 1), (20, 4)], 2);
+        let all: Vec<_> = (0..p.len()).map(|i| p.get(i).unwrap()).collect();
+        assert_eq!(all, [(0, 2), (2, 2), (4, 1), (10, 1), (20, 2), (22, 2)]);
+        assert_eq!(p.get(p.len()), None);
+        assert_eq!(Pieces::new(vec![], 8).get(0), None);
+        // A full verify of 16 TiB in 1 MiB pieces: no list of 16 million entries.
+        let big = Pieces::new(vec![(0, 1 << 35)], 2048);
+        assert_eq!(big.len(), 1 << 24);
+        assert_eq!(big.get((1 << 24) - 1), Some(((1 << 35) - 2048, 2048)));
     }
 
     #[test]
