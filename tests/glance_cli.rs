@@ -8,37 +8,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{check, code, qemu_img, random_bytes, run, tempdir, volcrypt};
+use common::{check, code, keystore_config, qemu_img, random_bytes, run, tempdir, volcrypt};
 use serde_json::Value;
 
 const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"];
 
 fn props_of(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-/// A keystore config with one symmetric secret `img-key`; returns the config path.
-fn keystore_config(dir: &Path) -> std::path::PathBuf {
-    let keys = dir.join("keys");
-    let key = dir.join("key.bin");
-    std::fs::write(&key, [0x42u8; 32]).unwrap();
-    check(
-        volcrypt(["keystore", "--dir"])
-            .arg(&keys)
-            .args(["add", "img-key", "--type", "symmetric", "--file"])
-            .arg(&key),
-    );
-    std::fs::remove_file(&key).unwrap();
-    let cfg = dir.join("volcrypt.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[key_manager.keystore]\ndir = \"{}\"\ncreate = false\n",
-            keys.display()
-        ),
-    )
-    .unwrap();
-    cfg
 }
 
 /// `encrypt --key-id` takes the secret from the key manager with the os-brick rule (a symmetric

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -375,30 +375,6 @@ fn refusals_name_the_problem_and_leave_no_output() {
     let out = convert(&plain, &out_path, &key, &[]);
     assert_ne!(code(&out), 0);
     assert_absent(&out_path, "plaintext source");
-}
-
-/// A keystore config with one symmetric secret `img-key` (32 bytes of 0x42).
-fn keystore_config(dir: &Path) -> PathBuf {
-    let keys = dir.join("keys");
-    let key = dir.join("key.bin");
-    std::fs::write(&key, [0x42u8; 32]).unwrap();
-    check(
-        volcrypt(["keystore", "--dir"])
-            .arg(&keys)
-            .args(["add", "img-key", "--type", "symmetric", "--file"])
-            .arg(&key),
-    );
-    std::fs::remove_file(&key).unwrap();
-    let cfg = dir.join("volcrypt.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[key_manager.keystore]\ndir = \"{}\"\ncreate = false\n",
-            keys.display()
-        ),
-    )
-    .unwrap();
-    cfg
 }
 
 /// `convert --key-id` takes the secret from the key manager (symmetric: its hex is the

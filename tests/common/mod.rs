@@ -280,3 +280,28 @@ pub fn read_request_head(reader: &mut impl std::io::BufRead) -> Option<(String, 
         headers.push(line.trim_end().to_owned());
     }
 }
+
+/// A keystore config in `dir` with one symmetric secret `img-key` (32 bytes of 0x42), for the
+/// `--key-id` image tests; returns the config path.
+pub fn keystore_config(dir: &Path) -> PathBuf {
+    let keys = dir.join("keys");
+    let key = dir.join("key.bin");
+    std::fs::write(&key, [0x42u8; 32]).unwrap();
+    check(
+        volcrypt(["keystore", "--dir"])
+            .arg(&keys)
+            .args(["add", "img-key", "--type", "symmetric", "--file"])
+            .arg(&key),
+    );
+    std::fs::remove_file(&key).unwrap();
+    let cfg = dir.join("volcrypt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[key_manager.keystore]\ndir = \"{}\"\ncreate = false\n",
+            keys.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
